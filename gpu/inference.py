@@ -1,0 +1,203 @@
+"""Running loaded models: sentence embeddings and text generation (torch, imported lazily).
+
+A :class:`LoadedModel` is what every loader returns and what the model cache holds: the torch module, its
+tokenizer and what the job bodies need to know about it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpu.errors import InferenceError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ModelKind(str, Enum):
+    """What a model is served for."""
+
+    EMBEDDING = "embedding"
+    CAUSAL_LM = "causal-lm"
+
+
+class Pooling(str, Enum):
+    """How token states become one sentence embedding (sentence-transformers' 1_Pooling/config.json)."""
+
+    MEAN = "mean"
+    CLS = "cls"
+    LAST = "last"
+
+
+@dataclass
+class LoadedModel:
+    """A model resident on a device, ready to answer."""
+
+    model_id: str
+    path: Path
+    kind: ModelKind
+    module: Any  # torch.nn.Module; Any keeps this module importable without torch
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    device: str
+    dtype: str
+    bytes: int  # parameters + buffers on the device
+    loader: str  # which load path produced it ("fast-safetensors", "from_pretrained", ...)
+    load_s: float = 0.0
+    pooling: Pooling = Pooling.MEAN
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CAUSAL_LM_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def detect_kind(model_dir: Path) -> ModelKind:
+    """Whether a model directory holds a causal LM or an encoder to embed with (from its config.json)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if any(str(arch).endswith(CAUSAL_LM_ARCH_SUFFIXES) for arch in architectures):
+        return ModelKind.CAUSAL_LM
+    return ModelKind.EMBEDDING
+
+
+def detect_pooling(model_dir: Path) -> Pooling:
+    """Pooling mode from sentence-transformers' ``1_Pooling/config.json``; mean pooling when absent."""
+    pooling_config = model_dir / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        data = json.loads(pooling_config.read_text())
+        if data.get("pooling_mode_cls_token"):
+            return Pooling.CLS
+        if data.get("pooling_mode_lasttoken"):
+            return Pooling.LAST
+    return Pooling.MEAN
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        key = tensor.data_ptr()
+        if key in seen and key != 0:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
+    """Sentence embeddings for ``texts`` (one vector per text).
+
+    Raises:
+        InferenceError: the model is not an embedding model or its forward failed.
+    """
+    import torch
+
+    if loaded.kind is not ModelKind.EMBEDDING:
+        raise InferenceError(
+            f"model {loaded.model_id!r} is a {loaded.kind.value} model; use fleet.generate, or embed with an "
+            "encoder such as sentence-transformers/all-MiniLM-L6-v2"
+        )
+    batch = loaded.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
+    with torch.inference_mode():
+        states = loaded.module(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        if loaded.pooling is Pooling.CLS:
+            pooled = states[:, 0]
+        elif loaded.pooling is Pooling.LAST:
+            last = batch["attention_mask"].sum(dim=1) - 1
+            pooled = states[torch.arange(states.shape[0], device=states.device), last]
+        else:
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        pooled = pooled.float()
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return [[float(x) for x in row] for row in pooled.cpu().tolist()]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Output of :func:`generate`."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
+
+
+def generate(
+    loaded: LoadedModel,
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Generation:
+    """Generate text from a prompt or chat messages.
+
+    Raises:
+        InferenceError: the model is not a causal LM, has no chat template for ``messages``, or its
+            generation failed.
+    """
+    import torch
+
+    if loaded.kind is not ModelKind.CAUSAL_LM:
+        raise InferenceError(
+            f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it"
+        )
+    tokenizer = loaded.tokenizer
+    if messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InferenceError(
+                f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'"
+            )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    input_ids = encoded["input_ids"].to(loaded.device)
+    attention_mask = encoded["attention_mask"].to(loaded.device)
+    prompt_tokens = int(input_ids.shape[1])
+    max_positions = getattr(loaded.module.config, "max_position_embeddings", None)
+    if max_positions is not None and prompt_tokens + max_new_tokens > max_positions:
+        raise InferenceError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+            f"{max_positions} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    sampling = temperature > 0
+    options: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens}
+    if sampling:
+        options.update(temperature=float(temperature), top_p=float(top_p))
+    else:
+        # Greedy: clear sampling knobs a checkpoint's generation_config may carry, so transformers does not warn.
+        options.update(temperature=None, top_p=None, top_k=None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator_state = None
+    if seed is not None:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+    try:
+        with torch.inference_mode():
+            output = loaded.module.generate(
+                input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id, **options
+            )
+    finally:
+        if generator_state is not None:
+            torch.random.set_rng_state(generator_state)
+    new_tokens = output[0, prompt_tokens:]
+    completion_tokens = int(new_tokens.shape[0])
+    eos_ids = loaded.module.generation_config.eos_token_id
+    eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    stopped = completion_tokens > 0 and int(new_tokens[-1]) in eos_set
+    finish = "stop" if stopped or completion_tokens < max_new_tokens else "length"
+    return Generation(
+        text=tokenizer.decode(new_tokens, skip_special_tokens=True),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason=finish,
+    )

@@ -1,0 +1,105 @@
+"""The Celery app and its configuration.
+
+Every setting here has a reason tied to GPU serving; see ``../shared/design.md`` ("Celery settings that matter").
+The app is built from :class:`tasks.settings.Settings` so producers, workers and tests configure it one way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from tasks.errors import SettingsError
+from tasks.settings import Settings, get_settings
+
+JSON_ONLY = ["json"]
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` (a plain dict, easy to inspect and test)."""
+    jobs, broker = settings.jobs, settings.broker
+    visibility = {"visibility_timeout": broker.visibility_timeout_s}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # JSON only, both ways: pickle over a broker is remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": JSON_ONLY,
+        "result_accept_content": JSON_ONLY,
+        # One job reserved per process, acknowledged after it finishes; a job whose process died is requeued
+        # (and dead-lettered after jobs.max_deliveries, see workers.jobs).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": jobs.soft_time_limit_s,
+        "task_time_limit": jobs.time_limit_s,
+        "result_expires": jobs.result_expires_s,
+        "result_extended": True,
+        "task_track_started": True,
+        # Redis redelivers unacked jobs after visibility_timeout; Celery reads it from all three places
+        # depending on the code path, and silently uses the 1 h default otherwise (celery#7651).
+        "visibility_timeout": broker.visibility_timeout_s,
+        "broker_transport_options": {
+            **visibility,
+            # Producer side: fail enqueuing after a few tries instead of hanging while the broker is down.
+            "max_retries": broker.publish_max_retries,
+            "interval_start": 0,
+            "interval_step": broker.publish_retry_interval_s,
+            "interval_max": max(broker.publish_retry_interval_s, 1.0),
+            "socket_connect_timeout": broker.connect_timeout_s,
+        },
+        "result_backend_transport_options": {
+            **visibility,
+            "retry_policy": {"max_retries": broker.publish_max_retries, "timeout": broker.connect_timeout_s},
+        },
+        "redis_socket_connect_timeout": broker.connect_timeout_s,
+        "broker_connection_timeout": broker.connect_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "task_publish_retry_policy": {
+            "max_retries": broker.publish_max_retries,
+            "interval_start": 0,
+            "interval_step": broker.publish_retry_interval_s,
+            "interval_max": max(broker.publish_retry_interval_s, 1.0),
+        },
+        # A late-ack job must not run twice after a broker blip.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # The pool child warms the GPU up before it reports alive.
+        "worker_proc_alive_timeout": settings.worker.proc_alive_timeout_s,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": "cpu",
+        "task_create_missing_queues": True,
+        "task_routes": ("tasks.routing.route_task",),
+        "worker_hijack_root_logger": False,
+    }
+
+
+def check_json_only(app: Celery) -> None:
+    """Refuse to run with any serializer but JSON (checked at worker and producer start-up).
+
+    Raises:
+        SettingsError: naming the offending setting.
+    """
+    for key in ("accept_content", "result_accept_content"):
+        accepted = list(app.conf.get(key) or [])
+        if accepted not in (["json"], ["application/json"]):
+            raise SettingsError(f"Celery setting {key} is {accepted!r}; gpufleet accepts JSON only (['json'])")
+    for key in ("task_serializer", "result_serializer"):
+        if app.conf.get(key) != "json":
+            raise SettingsError(f"Celery setting {key} is {app.conf.get(key)!r}; gpufleet sends JSON only")
+
+
+def create_app(settings: Settings | None = None, *, main: str = "gpufleet") -> Celery:
+    """Build a configured Celery app (producers and workers both use this).
+
+    Args:
+        settings: explicit settings; default :func:`get_settings` (environment).
+        main: the app's name.
+    """
+    settings = settings or get_settings()
+    app = Celery(main)
+    app.conf.update(celery_config(settings))
+    check_json_only(app)
+    return app

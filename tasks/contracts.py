@@ -1,0 +1,139 @@
+"""JSON request and result models shared by producers and workers.
+
+Requests are strict: wrong types, unknown fields and out-of-range values are refused with a message naming the
+field. Results are plain JSON (``model_dump(mode="json")``) so callers without gpufleet read them as dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+MAX_TEXTS = 1024
+MAX_TEXT_CHARS = 100_000
+MAX_NEW_TOKENS = 4096
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: StrictStr = Field(min_length=1, max_length=256, description="model id, e.g. 'org/name'")
+
+
+class EmbedRequest(_Request):
+    """``fleet.embed``: sentence embeddings for a batch of texts."""
+
+    texts: list[StrictStr] = Field(min_length=1, max_length=MAX_TEXTS)
+    normalize: StrictBool = True
+
+    @model_validator(mode="after")
+    def _texts_not_blank(self) -> EmbedRequest:
+        for index, text in enumerate(self.texts):
+            if not text.strip():
+                raise ValueError(f"texts[{index}] is empty: every text must contain something to embed")
+            if len(text) > MAX_TEXT_CHARS:
+                raise ValueError(f"texts[{index}] has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+        return self
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class GenerateRequest(_Request):
+    """``fleet.generate``: text generation from a prompt or a chat (exactly one of the two)."""
+
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    max_new_tokens: StrictInt = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
+    # 0 means greedy decoding (deterministic); above 0 samples with this temperature.
+    temperature: StrictFloat | StrictInt = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0.0, le=1.0)
+    seed: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("pass exactly one of 'prompt' (a string) or 'messages' (a list of {role, content})")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt is empty")
+        return self
+
+
+class LoadModelRequest(_Request):
+    """``fleet.load_model``: load a model into the worker's cache (optionally pinned)."""
+
+    priority: StrictBool = False
+
+
+class UnloadModelRequest(_Request):
+    """``fleet.unload_model``: drop a model from the worker's cache."""
+
+
+class SleepRequest(BaseModel):
+    """``fleet.diag.sleep``: hold the worker's process (liveness and limit checks)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seconds: StrictFloat | StrictInt = Field(ge=0, le=3600)
+
+
+class Timings(BaseModel):
+    """Where a job's time went, in seconds. ``queue_wait_s`` is None when the producer sent no timestamp."""
+
+    queue_wait_s: float | None = None
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    total_s: float = 0.0
+
+
+class _Result(BaseModel):
+    model: str
+    worker: str
+    device: str  # "cuda:0 (H100)" or "cpu"
+    gpu_type: str
+    timings: Timings
+
+
+class EmbedResult(_Result):
+    embeddings: list[list[float]]
+    dim: int
+    normalized: bool
+
+
+class GenerateResult(_Result):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class LoadModelResult(_Result):
+    action: Literal["loaded", "already-loaded", "restored"]
+    bytes: int
+    seconds: float
+    pinned: bool
+    loader: str  # which load path ran, e.g. "fast-safetensors" or "from_pretrained"
+    evicted: list[str] = Field(default_factory=list)
+
+
+class UnloadModelResult(_Result):
+    action: Literal["unloaded", "not-loaded"]
+    bytes: int
+    seconds: float
+
+
+class SleepResult(BaseModel):
+    worker: str
+    slept_s: float
+
+
+def dump(result: BaseModel) -> dict[str, Any]:
+    """A result as the JSON-ready dict a task returns."""
+    return result.model_dump(mode="json")

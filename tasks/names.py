@@ -1,0 +1,36 @@
+"""Stable task names and queue names: the wire contract producers rely on."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class TaskName(str, Enum):
+    """Task names producers pass to ``send_task``. Never rename one: callers hard-code these strings."""
+
+    EMBED = "fleet.embed"
+    GENERATE = "fleet.generate"
+    LOAD_MODEL = "fleet.load_model"
+    UNLOAD_MODEL = "fleet.unload_model"
+    # Holds the worker's process for a few seconds: for checking liveness, limits and control while busy.
+    SLEEP = "fleet.diag.sleep"
+
+
+CPU_QUEUE = "cpu"
+QUEUE_PREFIX = "gpu."
+
+
+def gpu_type_queue(gpu_type: str) -> str:
+    """Queue shared by every worker of a GPU type: ``H100`` -> ``gpu.h100``; ``cpu`` -> ``cpu``."""
+    slug = gpu_type.lower().replace("_", "-")
+    return CPU_QUEUE if slug == CPU_QUEUE else QUEUE_PREFIX + slug
+
+
+def worker_queue(gpu_type: str, worker_name: str) -> str:
+    """A worker's own direct queue: ``gpu.h100.h100-0@host`` (``cpu.cpu-0@host`` on CPU)."""
+    return f"{gpu_type_queue(gpu_type)}.{worker_name}"
+
+
+def boot_queue(worker_name: str) -> str:
+    """Placeholder queue a worker listens on until warm-up ends; nothing is ever sent to it."""
+    return f"fleet.boot.{worker_name}"

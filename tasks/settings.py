@@ -1,0 +1,150 @@
+"""Typed settings, bound to ``GPUFLEET_*`` environment variables and validated at start-up.
+
+Nested sections use ``__``: ``GPUFLEET_GPU__MEMORY_FRACTION=0.8``, ``GPUFLEET_GPU__WARMUP__SIZE=large``.
+Lists take JSON (``["a/b","c/d"]``) or a comma-separated string (``a/b,c/d``). Every variable is listed, with its
+default, in the README's configuration table (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gpu.config import GpuConfig
+from tasks.errors import SettingsError
+
+ENV_PREFIX = "GPUFLEET_"
+ENV_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobLimits(_Section):
+    """``GPUFLEET_JOBS__*``: time limits and result lifetime. Every job has a soft and a hard limit."""
+
+    soft_time_limit_s: float = Field(default=300.0, gt=0)
+    time_limit_s: float = Field(default=330.0, gt=0)
+    # Loading a large checkpoint from cold storage can take longer than answering.
+    load_soft_time_limit_s: float = Field(default=900.0, gt=0)
+    load_time_limit_s: float = Field(default=960.0, gt=0)
+    result_expires_s: int = Field(default=3600, gt=0)
+    # A job whose worker process died is redelivered; after this many deliveries it is failed, not retried,
+    # so one poison job cannot kill workers forever.
+    max_deliveries: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _soft_below_hard(self) -> JobLimits:
+        if self.soft_time_limit_s >= self.time_limit_s:
+            raise ValueError("jobs.soft_time_limit_s must be below jobs.time_limit_s")
+        if self.load_soft_time_limit_s >= self.load_time_limit_s:
+            raise ValueError("jobs.load_soft_time_limit_s must be below jobs.load_time_limit_s")
+        return self
+
+    @property
+    def longest_hard_limit_s(self) -> float:
+        return max(self.time_limit_s, self.load_time_limit_s)
+
+
+class BrokerOptions(_Section):
+    """``GPUFLEET_BROKER__*``: how producers and workers talk to the broker."""
+
+    # Redis redelivers an unacknowledged job after this long; it must exceed every hard time limit, or a
+    # long job runs twice. Applied to broker and result-backend transport options alike (celery#7651).
+    visibility_timeout_s: int = Field(default=3600, gt=0)
+    # Producer side: give up enqueuing after this many connection retries instead of hanging.
+    publish_max_retries: int = Field(default=3, ge=0)
+    publish_retry_interval_s: float = Field(default=0.2, ge=0)
+    connect_timeout_s: float = Field(default=4.0, gt=0)
+
+
+class WorkerOptions(_Section):
+    """``GPUFLEET_WORKER__*``: the worker process."""
+
+    # The pool child warms the GPU up (and preloads priority models) before it reports alive; the parent
+    # waits this long for it (Celery's default of 4 s would kill a warming child).
+    proc_alive_timeout_s: float = Field(default=600.0, gt=0)
+    # Where a worker's child publishes its state for the control commands its parent answers.
+    state_dir: Path | None = None
+    loglevel: str = "INFO"
+
+
+class Settings(BaseSettings):
+    """All of gpufleet's settings. Build with :func:`get_settings` (cached) or :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="ignore",
+        frozen=True,
+    )
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    model_root: Path | None = None
+    # Offline Hugging Face cache to fall back on; unset means the default hub cache location.
+    hf_cache: Path | None = None
+    priority_models: Annotated[tuple[str, ...], NoDecode] = ()
+    trust_remote_code: bool = False
+    gpu: GpuConfig = GpuConfig()
+    jobs: JobLimits = JobLimits()
+    broker: BrokerOptions = BrokerOptions()
+    worker: WorkerOptions = WorkerOptions()
+
+    @field_validator("priority_models", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return tuple(json.loads(text))
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _has_scheme(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"{value!r} is not a URL: use e.g. redis://:password@127.0.0.1:6379/0")
+        return value
+
+    @model_validator(mode="after")
+    def _visibility_covers_limits(self) -> Settings:
+        if self.broker.visibility_timeout_s <= self.jobs.longest_hard_limit_s:
+            raise ValueError(
+                f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}) must exceed the longest hard "
+                f"time limit ({self.jobs.longest_hard_limit_s:g} s), or Redis redelivers long jobs while they run"
+            )
+        return self
+
+
+def env_name(location: tuple[int | str, ...]) -> str:
+    """The environment variable behind a pydantic error location: ``('gpu','warmup','size')`` -> name."""
+    parts = [str(part) for part in location if not isinstance(part, int)]
+    return ENV_PREFIX + ENV_DELIMITER.join(parts).upper() if parts else ENV_PREFIX + "*"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings from the environment (plus keyword overrides).
+
+    Raises:
+        SettingsError: naming each invalid variable and why.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise SettingsError(f"invalid gpufleet settings: {problems}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once. Tests call ``get_settings.cache_clear()`` after changing env."""
+    return load_settings()
