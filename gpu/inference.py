@@ -147,15 +147,11 @@ def generate(
     import torch
 
     if loaded.kind is not ModelKind.CAUSAL_LM:
-        raise InferenceError(
-            f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it"
-        )
+        raise InferenceError(f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it")
     tokenizer = loaded.tokenizer
     if messages is not None:
         if not getattr(tokenizer, "chat_template", None):
-            raise InferenceError(
-                f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'"
-            )
+            raise InferenceError(f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:

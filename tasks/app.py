@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 
 from tasks.errors import SettingsError
+from tasks.routing import FleetRouter
 from tasks.settings import Settings, get_settings
 
 JSON_ONLY = ["json"]
@@ -71,7 +72,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "task_default_queue": "cpu",
         "task_create_missing_queues": True,
-        "task_routes": ("tasks.routing.route_task",),
+        "task_routes": (FleetRouter(settings),),
         "worker_hijack_root_logger": False,
     }
 
@@ -103,3 +104,12 @@ def create_app(settings: Settings | None = None, *, main: str = "gpufleet") -> C
     app.conf.update(celery_config(settings))
     check_json_only(app)
     return app
+
+
+def __getattr__(name: str) -> Any:
+    """``tasks.app:app`` for the celery CLI (Flower): built from the environment on first use, not at import."""
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

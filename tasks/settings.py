@@ -74,6 +74,31 @@ class WorkerOptions(_Section):
     loglevel: str = "INFO"
 
 
+class FleetOptions(_Section):
+    """``GPUFLEET_FLEET__*``: what the fleet has, for the producer-side router."""
+
+    # GPU types (catalog names, e.g. H100,L4 or cpu) that have workers; the router plans only onto these.
+    # Empty means every GPU type in the catalog (not cpu).
+    gpu_types: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("gpu_types", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_list(value)
+
+
+def split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string for tuple settings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return tuple(json.loads(text))
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return value
+
+
 class Settings(BaseSettings):
     """All of gpufleet's settings. Build with :func:`get_settings` (cached) or :func:`load_settings`."""
 
@@ -95,18 +120,12 @@ class Settings(BaseSettings):
     jobs: JobLimits = JobLimits()
     broker: BrokerOptions = BrokerOptions()
     worker: WorkerOptions = WorkerOptions()
+    fleet: FleetOptions = FleetOptions()
 
     @field_validator("priority_models", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return tuple(json.loads(text))
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return value
+        return split_list(value)
 
     @field_validator("broker_url", "result_backend")
     @classmethod

@@ -1,0 +1,576 @@
+"""A byte-weighted LRU cache of loaded models: priority pins, idle expiry, an eviction hook (no torch).
+
+Modelled on vLLM's ``utils/cache.py`` ``LRUCache``: capacity is counted in bytes rather than entries, pinned
+entries are never evicted, every removal goes through one hook (here ``on_evict``, which is where the worker
+frees device memory and releases the pool reservation), and :meth:`ModelCache.stats` reports a hit ratio.
+
+Two choices differ from a plain LRU and are worth knowing:
+
+* **Feasibility first.** :meth:`ModelCache.make_room` decides the whole eviction plan before it evicts
+  anything. If the plan cannot succeed (the model is bigger than the budget, or what is left is pinned), it
+  raises and the cache is untouched: a job that cannot run must not cost every other job its warm model.
+* **Idle expiry.** ``ttl_s`` is an *idle* time-to-live: an entry expires ``ttl_s`` seconds after it was last
+  used, so a model in steady use never expires and one nobody asked for is unloaded. Pinned entries never
+  expire. Expired entries are evicted lazily (on :meth:`~ModelCache.get`, :meth:`~ModelCache.make_room` or
+  :meth:`~ModelCache.expire`), never by a background thread.
+
+Every method takes one re-entrant lock, so remote-control commands may read :meth:`~ModelCache.stats` and
+:meth:`~ModelCache.entries` while a job runs. The hook is called while the lock is held (so no other thread
+sees bytes as free before the hook has freed them); it may call back into the cache from the same thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Generic, Literal, TypeVar, cast
+
+from gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpu.units import fmt_bytes
+
+__all__ = ["EVICT_REASONS", "CacheStats", "EvictReason", "ModelCache"]
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+EvictReason = Literal["lru", "expired", "unload", "oom", "capacity"]
+"""Why an entry left the cache, as passed to ``on_evict``:
+
+* ``"lru"`` — evicted to make room for another model;
+* ``"expired"`` — idle longer than its ``ttl_s``;
+* ``"unload"`` — removed on request (:meth:`ModelCache.pop`, :meth:`ModelCache.clear`) or replaced by
+  :meth:`ModelCache.put`;
+* ``"oom"`` — dropped after the device ran out of memory (:meth:`ModelCache.evict_unpinned`);
+* ``"capacity"`` — the budget shrank or a measured size grew (:meth:`ModelCache.set_capacity`,
+  :meth:`ModelCache.resize`).
+"""
+
+EVICT_REASONS: tuple[str, ...] = ("lru", "expired", "unload", "oom", "capacity")
+
+
+@dataclass
+class _Entry(Generic[V]):
+    value: V
+    size_bytes: int
+    pinned: bool
+    ttl_s: float | None
+    loaded_at: float  # clock() when put
+    last_used: float  # clock() when put or last hit
+    load_s: float
+    hits: int = 0
+
+    def expired(self, now: float) -> bool:
+        return not self.pinned and self.ttl_s is not None and now - self.last_used >= self.ttl_s
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters and occupancy of a :class:`ModelCache` at one moment.
+
+    ``evictions`` counts removals the cache chose (reasons ``lru``, ``capacity`` and ``oom``); ``expirations``
+    and ``unloads`` (explicit removals) are counted apart so an operator can tell thrashing from housekeeping.
+    """
+
+    hits: int
+    misses: int
+    evictions: int
+    expirations: int
+    unloads: int
+    loads: int
+    load_s_total: float
+    entries: int
+    pinned: int
+    pinned_bytes: int
+    used_bytes: int
+    capacity_bytes: int
+    hit_ratio: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stats as a JSON-ready dict."""
+        return asdict(self)
+
+
+class ModelCache(Generic[V]):
+    """Byte-weighted LRU of loaded models with pins, idle TTL and an eviction hook.
+
+    Args:
+        capacity_bytes: how many bytes the cached values may hold together (the device budget for models).
+        on_evict: called as ``on_evict(key, value, reason)`` for every entry that leaves the cache, with
+            ``reason`` one of :data:`EVICT_REASONS`. Exceptions it raises are logged, not propagated: by then
+            the entry is gone, and one failed cleanup must not fail the job that needed the room.
+        clock: monotonic seconds; tests pass a fake one to drive expiry.
+
+    Raises:
+        ConfigError: ``capacity_bytes`` is not positive.
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        on_evict: Callable[[str, V, str], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check_capacity(capacity_bytes)
+        self._capacity_bytes = capacity_bytes
+        self._on_evict = on_evict
+        self._clock = clock
+        self._lock = threading.RLock()
+        # Oldest (least recently used) first: move_to_end on every hit keeps the order without a heap.
+        self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
+        self._used_bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._expirations = 0
+        self._unloads = 0
+        self._loads = 0
+        self._load_s_total = 0.0
+
+    # ----------------------------------------------------------------------------------------- occupancy
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The byte budget."""
+        return self._capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held by cached values (may exceed the budget after a :meth:`resize` blocked by pins)."""
+        with self._lock:
+            return self._used_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        """Budget not held by cached values; never negative."""
+        with self._lock:
+            return max(0, self._capacity_bytes - self._used_bytes)
+
+    def set_capacity(self, capacity_bytes: int) -> list[str]:
+        """Change the budget; when it shrinks, evict least-recently-used unpinned entries to fit.
+
+        Args:
+            capacity_bytes: the new budget in bytes.
+
+        Returns:
+            The evicted keys (reason ``"capacity"``). Pinned entries stay even if that leaves the cache over
+            budget.
+
+        Raises:
+            ConfigError: ``capacity_bytes`` is not positive.
+        """
+        self._check_capacity(capacity_bytes)
+        with self._lock:
+            self._capacity_bytes = capacity_bytes
+            return self._shrink_to_capacity(keep=None)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def keys(self) -> list[str]:
+        """Cached keys in LRU order, least recently used first (a copy, safe to iterate)."""
+        with self._lock:
+            return list(self._entries)
+
+    def is_pinned(self, key: str) -> bool:
+        """Whether ``key`` is cached and pinned."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.pinned
+
+    def size_of(self, key: str) -> int | None:
+        """The bytes recorded for ``key``, or None when it is not cached."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.size_bytes
+
+    # --------------------------------------------------------------------------------------------- reads
+
+    def get(self, key: str) -> V | None:
+        """The cached value for ``key``, marking it most recently used.
+
+        An expired entry is evicted (reason ``"expired"``) and counts as a miss.
+
+        Args:
+            key: the model id.
+
+        Returns:
+            The value, or None on a miss.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._misses += 1
+                return None
+            now = self._clock()
+            if entry.expired(now):
+                self._remove(key, "expired")
+                self._misses += 1
+                return None
+            entry.hits += 1
+            entry.last_used = now
+            self._entries.move_to_end(key)
+            self._hits += 1
+            return entry.value
+
+    def peek(self, key: str) -> V | None:
+        """The cached value for ``key`` without counting a hit, touching LRU order or expiring it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.value
+
+    # -------------------------------------------------------------------------------------------- writes
+
+    def make_room(self, size_bytes: int, *, for_key: str) -> list[str]:
+        """Evict until ``size_bytes`` fit: expired entries first, then least-recently-used unpinned ones.
+
+        Nothing is evicted unless the whole plan succeeds. ``for_key`` itself is never evicted; if it is
+        already cached, its current bytes are not counted as free (use :meth:`put` to replace it).
+
+        Args:
+            size_bytes: bytes the incoming model needs.
+            for_key: the model the room is for (named in error messages).
+
+        Returns:
+            The evicted keys, in eviction order.
+
+        Raises:
+            CapacityError: ``size_bytes`` exceeds the whole budget; no eviction can help.
+            AllPinnedError: even after evicting every unpinned entry the model would not fit.
+        """
+        with self._lock:
+            return self._make_room(size_bytes, for_key=for_key, replacing_bytes=0)
+
+    def put(
+        self,
+        key: str,
+        value: V,
+        size_bytes: int,
+        *,
+        pinned: bool = False,
+        ttl_s: float | None = None,
+        load_s: float = 0.0,
+    ) -> list[str]:
+        """Cache ``value`` under ``key``, evicting others to make room.
+
+        Replacing an existing key with a *different* value passes the old value to ``on_evict`` with reason
+        ``"unload"``; putting the same object again only updates its size, pin, TTL and recency.
+
+        Args:
+            key: the model id.
+            value: the loaded model.
+            size_bytes: bytes it holds on the device (an estimate is fine; correct it with :meth:`resize`).
+            pinned: never evict or expire it (priority models).
+            ttl_s: idle seconds after which it expires; None never expires.
+            load_s: how long loading took, for the load statistics.
+
+        Returns:
+            The keys evicted to make room.
+
+        Raises:
+            ConfigError: ``size_bytes`` is negative or ``ttl_s`` is not positive.
+            CapacityError: ``size_bytes`` exceeds the whole budget.
+            AllPinnedError: the rest of the cache is pinned and too little is free.
+        """
+        if size_bytes < 0:
+            raise ConfigError(f"size_bytes for {key!r} must be >= 0, got {size_bytes}")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ConfigError(f"ttl_s for {key!r} must be positive or None, got {ttl_s}")
+        with self._lock:
+            old = self._entries.get(key)
+            replacing_bytes = old.size_bytes if old is not None else 0
+            evicted = self._make_room(size_bytes, for_key=key, replacing_bytes=replacing_bytes)
+            now = self._clock()
+            same_value = old is not None and old.value is value
+            if old is not None and not same_value:
+                self._remove(key, "unload")
+            elif old is not None:
+                self._used_bytes -= old.size_bytes
+                del self._entries[key]
+            self._entries[key] = _Entry(
+                value=value,
+                size_bytes=size_bytes,
+                pinned=pinned,
+                ttl_s=ttl_s,
+                loaded_at=old.loaded_at if same_value and old is not None else now,
+                last_used=now,
+                load_s=load_s if not same_value or old is None else old.load_s,
+                hits=old.hits if same_value and old is not None else 0,
+            )
+            self._used_bytes += size_bytes
+            if not same_value:
+                self._loads += 1
+                self._load_s_total += load_s
+            return evicted
+
+    def resize(self, key: str, size_bytes: int) -> list[str]:
+        """Correct the bytes recorded for ``key`` (an estimate reconciled with the measured size).
+
+        If the cache is then over budget, least-recently-used unpinned *other* entries are evicted (reason
+        ``"capacity"``) until it fits again; ``key`` itself is never evicted, since it is already loaded. If
+        pins prevent that, the cache stays over budget and a warning is logged.
+
+        Args:
+            key: the cached model id.
+            size_bytes: its measured bytes.
+
+        Returns:
+            The evicted keys.
+
+        Raises:
+            KeyError: ``key`` is not cached.
+            ConfigError: ``size_bytes`` is negative.
+        """
+        if size_bytes < 0:
+            raise ConfigError(f"size_bytes for {key!r} must be >= 0, got {size_bytes}")
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise KeyError(f"{key!r} is not cached; put it before resizing it")
+            self._used_bytes += size_bytes - entry.size_bytes
+            entry.size_bytes = size_bytes
+            return self._shrink_to_capacity(keep=key)
+
+    def pop(self, key: str) -> V | None:
+        """Remove ``key`` on request (pinned or not), passing it to ``on_evict`` with reason ``"unload"``.
+
+        Args:
+            key: the model id.
+
+        Returns:
+            The removed value, or None when it was not cached.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._remove(key, "unload")
+            return entry.value
+
+    def clear(self) -> list[str]:
+        """Remove every entry, pinned ones included (reason ``"unload"``), e.g. at worker shutdown.
+
+        Returns:
+            The removed keys, least recently used first.
+        """
+        with self._lock:
+            keys = list(self._entries)
+            for key in keys:
+                self._remove(key, "unload")
+            return keys
+
+    def pin(self, key: str) -> None:
+        """Never evict or expire ``key`` until :meth:`unpin`.
+
+        Raises:
+            KeyError: ``key`` is not cached.
+        """
+        with self._lock:
+            self._require(key).pinned = True
+
+    def unpin(self, key: str) -> None:
+        """Make ``key`` evictable again; its idle time counts from now, so it does not expire at once.
+
+        Raises:
+            KeyError: ``key`` is not cached.
+        """
+        with self._lock:
+            entry = self._require(key)
+            if entry.pinned:
+                entry.pinned = False
+                entry.last_used = self._clock()
+
+    def evict_unpinned(self, reason: str = "oom") -> list[str]:
+        """Evict every unpinned entry, e.g. after the device ran out of memory mid-job.
+
+        Args:
+            reason: passed to ``on_evict``; one of :data:`EVICT_REASONS`.
+
+        Returns:
+            The evicted keys, least recently used first.
+
+        Raises:
+            ConfigError: ``reason`` is not one of :data:`EVICT_REASONS`.
+        """
+        if reason not in EVICT_REASONS:
+            raise ConfigError(f"eviction reason {reason!r} is not one of {', '.join(EVICT_REASONS)}")
+        with self._lock:
+            keys = [key for key, entry in self._entries.items() if not entry.pinned]
+            for key in keys:
+                self._remove(key, cast(EvictReason, reason))
+            return keys
+
+    def expire(self) -> list[str]:
+        """Evict every expired entry now (reason ``"expired"``); a worker may call it between jobs.
+
+        Returns:
+            The expired keys.
+        """
+        with self._lock:
+            now = self._clock()
+            keys = [key for key, entry in self._entries.items() if entry.expired(now)]
+            for key in keys:
+                self._remove(key, "expired")
+            return keys
+
+    # ------------------------------------------------------------------------------------------- reports
+
+    def stats(self) -> CacheStats:
+        """Counters and occupancy now."""
+        with self._lock:
+            lookups = self._hits + self._misses
+            pinned = [entry for entry in self._entries.values() if entry.pinned]
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                expirations=self._expirations,
+                unloads=self._unloads,
+                loads=self._loads,
+                load_s_total=self._load_s_total,
+                entries=len(self._entries),
+                pinned=len(pinned),
+                pinned_bytes=sum(entry.size_bytes for entry in pinned),
+                used_bytes=self._used_bytes,
+                capacity_bytes=self._capacity_bytes,
+                hit_ratio=self._hits / lookups if lookups else 0.0,
+            )
+
+    def entries(self) -> list[dict[str, Any]]:
+        """A JSON-ready snapshot of every entry, most recently used first.
+
+        Returns:
+            One dict per entry: ``key``, ``size_bytes``, ``pinned``, ``hits``, ``last_used_s_ago``,
+            ``loaded_s_ago``, ``expires_in_s`` (None when it never expires; 0 when already expired) and
+            ``load_s``.
+        """
+        with self._lock:
+            now = self._clock()
+            snapshot = []
+            for key, entry in reversed(self._entries.items()):
+                expires_in_s = None
+                if entry.ttl_s is not None and not entry.pinned:
+                    expires_in_s = max(0.0, entry.last_used + entry.ttl_s - now)
+                snapshot.append(
+                    {
+                        "key": key,
+                        "size_bytes": entry.size_bytes,
+                        "pinned": entry.pinned,
+                        "hits": entry.hits,
+                        "last_used_s_ago": now - entry.last_used,
+                        "loaded_s_ago": now - entry.loaded_at,
+                        "expires_in_s": expires_in_s,
+                        "load_s": entry.load_s,
+                    }
+                )
+            return snapshot
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _check_capacity(capacity_bytes: int) -> None:
+        if capacity_bytes <= 0:
+            raise ConfigError(f"cache capacity must be a positive number of bytes, got {capacity_bytes}")
+
+    def _require(self, key: str) -> _Entry[V]:
+        entry = self._entries.get(key)
+        if entry is None:
+            raise KeyError(f"{key!r} is not cached")
+        return entry
+
+    def _make_room(self, size_bytes: int, *, for_key: str, replacing_bytes: int) -> list[str]:
+        """Plan, check, then evict; ``replacing_bytes`` are held by ``for_key``'s old entry, freed by put."""
+        if size_bytes > self._capacity_bytes:
+            raise CapacityError(
+                f"model {for_key!r} needs {fmt_bytes(size_bytes)}; the whole budget of this cache is "
+                f"{fmt_bytes(self._capacity_bytes)}, so no eviction can make it fit; try a quantized variant "
+                "or route it to a GPU with more memory"
+            )
+        now = self._clock()
+        free = self._capacity_bytes - self._used_bytes + replacing_bytes
+        expired = [k for k, e in self._entries.items() if k != for_key and e.expired(now)]
+        plan: list[tuple[str, EvictReason]] = [(k, "expired") for k in expired]
+        # Expired entries go whether or not they are needed: they are dead weight, and the next get would
+        # evict them anyway.
+        free += sum(self._entries[k].size_bytes for k in expired)
+        if free < size_bytes:
+            for key, entry in self._entries.items():  # least recently used first
+                if key == for_key or entry.pinned or key in expired:
+                    continue
+                plan.append((key, "lru"))
+                free += entry.size_bytes
+                if free >= size_bytes:
+                    break
+        if free < size_bytes:
+            raise self._no_room_error(size_bytes, for_key=for_key, free_after=free)
+        for key, reason in plan:
+            self._remove(key, reason)
+        return [key for key, _ in plan]
+
+    def _no_room_error(self, size_bytes: int, *, for_key: str, free_after: int) -> CapacityError:
+        pinned = [(k, e.size_bytes) for k, e in self._entries.items() if e.pinned and k != for_key]
+        free_now = max(0, self._capacity_bytes - self._used_bytes)
+        if not pinned:
+            # Only possible when for_key itself (cached, unpinned) holds the rest of the budget.
+            return CapacityError(
+                f"model {for_key!r} needs {fmt_bytes(size_bytes)}; {fmt_bytes(free_now)} of "
+                f"{fmt_bytes(self._capacity_bytes)} is free and {for_key!r} is already cached; replace it "
+                "with put() instead of making room beside it"
+            )
+        names = ", ".join(f"{k} ({fmt_bytes(b)})" for k, b in pinned)
+        return AllPinnedError(
+            f"model {for_key!r} needs {fmt_bytes(size_bytes)}; this cache has {fmt_bytes(free_now)} free of "
+            f"{fmt_bytes(self._capacity_bytes)} and at most {fmt_bytes(max(0, free_after))} after evicting "
+            f"every unpinned model, because pinned models hold the rest: {names}; unpin or unload one of "
+            f"them, or route {for_key!r} to another worker"
+        )
+
+    def _shrink_to_capacity(self, *, keep: str | None) -> list[str]:
+        evicted: list[str] = []
+        for key in list(self._entries):
+            if self._used_bytes <= self._capacity_bytes:
+                break
+            entry = self._entries[key]
+            if key == keep or entry.pinned:
+                continue
+            self._remove(key, "capacity")
+            evicted.append(key)
+        if self._used_bytes > self._capacity_bytes:
+            logger.warning(
+                "model cache holds %s, over its budget of %s, and only pinned models (or the one just "
+                "resized) are left to evict",
+                fmt_bytes(self._used_bytes),
+                fmt_bytes(self._capacity_bytes),
+            )
+        return evicted
+
+    def _remove(self, key: str, reason: EvictReason) -> None:
+        entry = self._entries.pop(key)
+        self._used_bytes -= entry.size_bytes
+        if reason == "expired":
+            self._expirations += 1
+        elif reason == "unload":
+            self._unloads += 1
+        else:
+            self._evictions += 1
+        if self._on_evict is None:
+            return
+        try:
+            self._on_evict(key, entry.value, reason)
+        except Exception:
+            # The entry is already gone; failing the caller (often a job that only needed room) would not
+            # bring it back. Log loudly so a leaking unload hook is noticed.
+            logger.exception("on_evict hook failed for %r (reason %s)", key, reason)

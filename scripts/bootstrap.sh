@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up everything a fresh machine lacks, idempotently: redis-server (Debian package), a virtual environment in
+# .venv with torch (the CPU build on machines without a GPU) and gpufleet[dev] installed editable.
+# Sourced or run by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "bootstrap: installing redis-server" >&2
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.gpufleet-installed
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing gpufleet[dev] into .venv (first run takes a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    # 2.13.0's CPU build lies on this workplace's disk; elsewhere pip fetches it (or set GPUFLEET_TORCH).
+    .venv/bin/python -m pip install -q "${GPUFLEET_TORCH:-torch==2.13.0}"
+  fi
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,44 @@
+"""Shared fixtures: a real redis-server per session, the demo model root, settings isolation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.settings import get_settings
+from workers.local_redis import LocalRedis
+
+# No hub at run time: anything that tries the network fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests see only the GPUFLEET_* variables they set."""
+    for key in list(os.environ):
+        if key.startswith("GPUFLEET_"):
+            monkeypatch.delenv(key)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A private redis-server (AOF on, password) on a free port, for the whole session."""
+    with LocalRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model root holding the demo models (real MiniLM, generated tiny-chat)."""
+    from gpu.demo_models import make_demo_models
+
+    root = tmp_path_factory.mktemp("models")
+    make_demo_models(root)
+    return root

@@ -1,0 +1,91 @@
+"""Integration fixtures: workers started as the README says (`gpufleet worker --cpu`) on a real Redis."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.client import FleetClient
+from tasks.settings import Settings, load_settings
+from workers.launch import spawn_worker, stop_process, wait_until_ready
+from workers.local_redis import LocalRedis
+
+pytestmark = pytest.mark.integration
+_db = itertools.count(2)
+
+
+@dataclass
+class RunningWorker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+    client: FleetClient
+    settings: Settings
+
+    @property
+    def direct_queue(self) -> str:
+        return f"cpu.{self.name}"
+
+    def send(self, task: str, queue: str = "cpu", **options: Any) -> Any:
+        """Send raw kwargs, bypassing the client's validation (as a foreign producer would)."""
+        return self.client.app.send_task(task, queue=queue, **options)
+
+
+def _worker_env(redis: LocalRedis, model_root: Path, broker_db: int, extra: dict[str, str]) -> dict[str, str]:
+    return {
+        "GPUFLEET_BROKER_URL": redis.url(broker_db),
+        "GPUFLEET_RESULT_BACKEND": redis.url(broker_db + 100),
+        "GPUFLEET_MODEL_ROOT": str(model_root),
+        "GPUFLEET_FLEET__GPU_TYPES": "cpu",
+        "GPUFLEET_GPU__WARMUP__SIZE": "small",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
+
+
+WorkerFactory = Callable[..., RunningWorker]
+
+
+@pytest.fixture(scope="session")
+def worker_factory(
+    redis_server: LocalRedis, model_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerFactory]:
+    """Start CPU workers, each on its own Redis database (so tests never see each other's jobs)."""
+    started: list[RunningWorker] = []
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def start(env: dict[str, str] | None = None, *, wait: bool = True, db: int | None = None) -> RunningWorker:
+        broker_db = db if db is not None else next(_db)
+        full_env = _worker_env(redis_server, model_root, broker_db, env or {})
+        name = f"cpu-{broker_db}@test"
+        settings = load_settings(
+            broker_url=full_env["GPUFLEET_BROKER_URL"],
+            result_backend=full_env["GPUFLEET_RESULT_BACKEND"],
+            model_root=model_root,
+            fleet={"gpu_types": ("cpu",)},  # the producer routes onto the CPU fleet these tests run
+        )
+        client = FleetClient(settings=settings)
+        log_path = logs / f"{name}.log"
+        process = spawn_worker(full_env, log_path, name=name)
+        worker = RunningWorker(name, process, log_path, full_env, client, settings)
+        started.append(worker)
+        if wait:
+            wait_until_ready(client, name, process, log_path)
+        return worker
+
+    yield start
+    for worker in started:
+        stop_process(worker.process)
+
+
+@pytest.fixture(scope="session")
+def worker(worker_factory: WorkerFactory) -> RunningWorker:
+    """One shared CPU worker for the tests that only send jobs."""
+    return worker_factory()

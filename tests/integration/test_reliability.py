@@ -1,0 +1,152 @@
+"""What GPU serving needs from Celery, checked on real processes: answers while busy, hard limits, a killed
+child's job requeued, readiness before consuming, the OOM path, the broker going down and coming back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import redis as redis_client
+
+from tasks.client import FleetClient
+from tasks.errors import BrokerUnavailableError
+from tasks.settings import load_settings
+from tests.integration.conftest import RunningWorker, WorkerFactory
+from workers.local_redis import LocalRedis, free_port
+
+pytestmark = pytest.mark.integration
+
+EMBED = "sentence-transformers/all-MiniLM-L6-v2"
+CHAT = "gpufleet/tiny-chat"
+
+
+def pool_child_pid(worker: RunningWorker) -> int:
+    return int(worker.client.status("gpu_status")[worker.name]["pid"])
+
+
+def test_control_answers_while_a_job_runs(worker: RunningWorker) -> None:
+    busy = worker.send("fleet.diag.sleep", kwargs={"seconds": 4}, queue=worker.direct_queue)
+    deadline = time.monotonic() + 10
+    while busy.state != "STARTED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert busy.state == "STARTED"
+    started = time.monotonic()
+    pong = worker.client.app.control.ping(destination=[worker.name], timeout=2.0)
+    status = worker.client.status("gpu_status", timeout_s=2.0)
+    assert time.monotonic() - started < 3.0
+    assert pong and worker.name in pong[0]
+    assert status[worker.name]["ready"] is True
+    assert busy.get(timeout=30)["slept_s"] >= 4
+
+
+def test_hard_time_limit_kills_the_job_and_the_worker_recovers(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory()
+    before = pool_child_pid(worker)
+    stuck = worker.send("fleet.diag.sleep", kwargs={"seconds": 60}, time_limit=2, soft_time_limit=None)
+    with pytest.raises(Exception, match="TimeLimitExceeded|time limit") as raised:
+        stuck.get(timeout=30)
+    assert "TimeLimitExceeded" in type(raised.value).__name__ or "limit" in str(raised.value)
+    ok = worker.client.embed(EMBED, ["after the kill"]).get(timeout=120)
+    assert ok["dim"] == 384
+    assert pool_child_pid(worker) != before, "the hard limit replaces the pool child"
+
+
+def test_soft_time_limit_gives_a_clear_error(worker: RunningWorker) -> None:
+    slow = worker.send("fleet.diag.sleep", kwargs={"seconds": 30}, soft_time_limit=1, time_limit=20)
+    with pytest.raises(Exception, match="soft time limit"):
+        slow.get(timeout=30)
+
+
+def test_job_of_a_killed_child_is_requeued_and_completes(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory()
+    job = worker.send("fleet.diag.sleep", kwargs={"seconds": 3})
+    deadline = time.monotonic() + 10
+    while job.state != "STARTED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pool_child_pid(worker), signal.SIGKILL)
+    assert job.get(timeout=120)["slept_s"] >= 3
+
+
+def test_no_job_is_consumed_before_warm_up_ends(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory({"GPUFLEET_FAULTS": "slow:warmup:4"}, wait=False)
+    enqueued_at = time.time()
+    job = worker.client.embed(EMBED, ["sent before the worker was warm"])
+    time.sleep(2.0)  # the worker is up and answering control commands, but still warming
+    queues = worker.client.app.control.inspect(destination=[worker.name], timeout=2.0).active_queues() or {}
+    names = {queue["name"] for queue in queues.get(worker.name, [])}
+    assert names and "cpu" not in names, f"consuming {names} while warming"
+    result = job.get(timeout=180)
+    ready_at = worker.client.status("gpu_status")[worker.name]["ready_at"]
+    job_started_at = enqueued_at + result["timings"]["queue_wait_s"]
+    assert ready_at is not None
+    assert job_started_at >= ready_at - 0.05, "the job started before warm-up had ended"
+
+
+def test_oom_evicts_and_retries_once(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory({"GPUFLEET_FAULTS": f"oom:infer:{CHAT}:1"})
+    worker.client.embed(EMBED, ["resident before the OOM"]).get(timeout=120)
+    result = worker.client.generate(CHAT, prompt="after an OOM", max_new_tokens=4).get(timeout=120)
+    assert result["completion_tokens"] >= 1
+    cache = worker.client.status("cache_status")[worker.name]["stats"]
+    assert cache["evictions"] >= 1, "the OOM path evicts unpinned models before retrying"
+
+
+def test_repeated_oom_reroutes_to_the_next_gpu_type_of_the_plan(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory({"GPUFLEET_FAULTS": f"oom:load:{CHAT}:9", "GPUFLEET_FLEET__GPU_TYPES": "cpu,T4"})
+    job = worker.send("fleet.generate", kwargs={"model": CHAT, "prompt": "x", "max_new_tokens": 2})
+    broker = redis_client.Redis.from_url(worker.env["GPUFLEET_BROKER_URL"])
+    deadline = time.monotonic() + 60
+    while broker.llen("gpu.t4") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broker.llen("gpu.t4") == 1, "the job was re-sent to the next GPU type's queue"
+    assert job.state in ("PENDING", "STARTED"), "the caller's result now waits for the re-sent job"
+
+
+def test_oom_with_no_fallback_fails_clearly(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory({"GPUFLEET_FAULTS": f"oom:load:{CHAT}:9"})
+    job = worker.send("fleet.generate", kwargs={"model": CHAT, "prompt": "x", "max_new_tokens": 2})
+    with pytest.raises(Exception, match="quantized variant") as raised:
+        job.get(timeout=120)
+    assert type(raised.value).__name__ == "CapacityError"
+    assert worker.client.embed(EMBED, ["still serving"]).get(timeout=120)["dim"] == 384
+
+
+def test_enqueue_with_the_broker_down_fails_fast() -> None:
+    port = free_port()
+    settings = load_settings(
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        result_backend=f"redis://127.0.0.1:{port}/1",
+        fleet={"gpu_types": ("cpu",)},
+        broker={"publish_max_retries": 1, "publish_retry_interval_s": 0.1, "connect_timeout_s": 0.5},
+    )
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError, match="GPUFLEET_BROKER_URL"):
+        FleetClient(settings=settings).embed(EMBED, ["nobody listens"])
+    assert time.monotonic() - started < 15
+
+
+def test_queued_jobs_survive_a_redis_restart(
+    tmp_path_factory: pytest.TempPathFactory, worker_factory: WorkerFactory, model_root: object
+) -> None:
+    """Append-only Redis: jobs enqueued before a restart are served after it (nothing lost)."""
+    del model_root
+    server = LocalRedis(tmp_path_factory.mktemp("redis-restart")).start()
+    try:
+        settings = load_settings(
+            broker_url=server.url(0), result_backend=server.url(1), fleet={"gpu_types": ("cpu",)}
+        )
+        client = FleetClient(settings=settings)
+        jobs = [client.embed(EMBED, [f"before restart {i}"]) for i in range(3)]
+        time.sleep(1.2)  # appendfsync everysec
+        server.restart()
+        worker = _worker_on(worker_factory, server)
+        assert [job.get(timeout=180)["dim"] for job in jobs] == [384, 384, 384]
+        assert worker.name
+    finally:
+        server.stop()
+
+
+def _worker_on(worker_factory: WorkerFactory, server: LocalRedis) -> RunningWorker:
+    return worker_factory({"GPUFLEET_BROKER_URL": server.url(0), "GPUFLEET_RESULT_BACKEND": server.url(1)})

@@ -1,0 +1,393 @@
+"""ModelCache: byte-weighted LRU with pins, idle expiry, feasibility-first eviction, hooks and stats."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpu.model_cache import ModelCache
+from gpu.units import GiB
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def __call__(self, key: str, value: str, reason: str) -> None:
+        self.calls.append((key, value, reason))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def hook() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def cache(clock: FakeClock, hook: Recorder) -> ModelCache[str]:
+    return ModelCache(100, on_evict=hook, clock=clock)
+
+
+def test_put_get_and_occupancy(cache: ModelCache[str]) -> None:
+    assert cache.put("a", "A", 30) == []
+    assert cache.put("b", "B", 20) == []
+    assert cache.get("a") == "A"
+    assert "a" in cache and "z" not in cache
+    assert len(cache) == 2
+    assert (cache.used_bytes, cache.free_bytes, cache.capacity_bytes) == (50, 50, 100)
+    assert cache.size_of("b") == 20 and cache.size_of("z") is None
+
+
+def test_lru_order_follows_get_not_peek(cache: ModelCache[str]) -> None:
+    for key in "abc":
+        cache.put(key, key.upper(), 10)
+    assert cache.keys() == ["a", "b", "c"]
+    cache.get("a")
+    assert cache.keys() == ["b", "c", "a"]
+    assert cache.peek("b") == "B"
+    assert cache.keys() == ["b", "c", "a"]
+    assert cache.stats().hits == 1  # peek does not count
+
+
+def test_eviction_takes_least_recently_used_until_it_fits(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("a", "A", 40)
+    cache.put("b", "B", 40)
+    cache.get("a")  # b is now the oldest
+    evicted = cache.put("c", "C", 50)
+    assert evicted == ["b"]
+    assert hook.calls == [("b", "B", "lru")]
+    assert cache.keys() == ["a", "c"]
+    assert cache.used_bytes == 90
+
+
+def test_make_room_evicts_several_and_returns_them_in_order(cache: ModelCache[str]) -> None:
+    for key in "abcd":
+        cache.put(key, key, 25)
+    assert cache.make_room(60, for_key="new") == ["a", "b", "c"]
+    assert cache.free_bytes == 75
+
+
+def test_pinned_entries_are_never_evicted(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("priority", "P", 40, pinned=True)
+    cache.put("b", "B", 40)
+    assert cache.put("c", "C", 50) == ["b"]
+    assert cache.is_pinned("priority")
+    assert "priority" in cache
+    assert hook.calls == [("b", "B", "lru")]
+
+
+def test_all_pinned_error_has_no_side_effects(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("p1", "P1", 30, pinned=True)
+    cache.put("p2", "P2", 30, pinned=True)
+    cache.put("u", "U", 20)
+    with pytest.raises(AllPinnedError) as info:
+        cache.make_room(50, for_key="big")
+    message = str(info.value)
+    assert "'big'" in message and "p1" in message and "p2" in message
+    assert "30 B" in message and "50 B" in message  # sizes of the pinned, and the need
+    assert "unpin" in message and "route" in message
+    # The unpinned one would have been evicted had the plan been carried out: it must still be there.
+    assert cache.keys() == ["p1", "p2", "u"]
+    assert hook.calls == []
+    assert cache.stats().evictions == 0
+
+
+def test_capacity_error_when_bigger_than_whole_budget(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("a", "A", 10)
+    with pytest.raises(CapacityError) as info:
+        cache.put("huge", "H", 101)
+    assert not isinstance(info.value, AllPinnedError)
+    assert "whole budget" in str(info.value) and "quantized" in str(info.value)
+    assert cache.keys() == ["a"] and hook.calls == []
+
+
+def test_capacity_error_message_in_gib() -> None:
+    cache: ModelCache[str] = ModelCache(80 * GiB)
+    with pytest.raises(CapacityError, match=r"needs 140\.0 GiB.*80\.0 GiB"):
+        cache.make_room(140 * GiB, for_key="org/big")
+
+
+def test_expired_entries_go_first_even_if_recently_used(
+    cache: ModelCache[str], clock: FakeClock, hook: Recorder
+) -> None:
+    cache.put("old", "O", 40)
+    cache.put("short", "S", 40, ttl_s=5)
+    clock.advance(10)  # "short" is now expired although more recently used than "old"
+    assert cache.put("new", "N", 30) == ["short"]
+    assert hook.calls == [("short", "S", "expired")]
+    assert cache.keys() == ["old", "new"]
+    assert cache.stats().expirations == 1
+
+
+def test_ttl_is_idle_time_and_get_refreshes_it(cache: ModelCache[str], clock: FakeClock) -> None:
+    cache.put("a", "A", 10, ttl_s=10)
+    clock.advance(8)
+    assert cache.get("a") == "A"
+    clock.advance(8)  # 16 s since put, 8 s since last use
+    assert cache.get("a") == "A"
+    clock.advance(10)
+    assert cache.get("a") is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.expirations, stats.entries) == (2, 1, 1, 0)
+
+
+def test_pinned_entries_do_not_expire_and_unpin_restarts_idle_time(cache: ModelCache[str], clock: FakeClock) -> None:
+    cache.put("p", "P", 10, pinned=True, ttl_s=5)
+    clock.advance(100)
+    assert cache.expire() == []
+    cache.unpin("p")
+    assert cache.get("p") == "P"
+    clock.advance(6)
+    assert cache.expire() == ["p"]
+
+
+def test_expire_sweeps_only_expired(cache: ModelCache[str], clock: FakeClock, hook: Recorder) -> None:
+    cache.put("a", "A", 10, ttl_s=1)
+    cache.put("b", "B", 10)
+    clock.advance(2)
+    assert cache.expire() == ["a"]
+    assert hook.calls == [("a", "A", "expired")]
+
+
+def test_failed_make_room_does_not_evict_expired_either(cache: ModelCache[str], clock: FakeClock) -> None:
+    cache.put("p", "P", 80, pinned=True)
+    cache.put("e", "E", 10, ttl_s=1)
+    clock.advance(5)
+    with pytest.raises(AllPinnedError):
+        cache.make_room(50, for_key="x")
+    assert cache.keys() == ["p", "e"]
+
+
+def test_put_replaces_existing_key(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("a", "A1", 60)
+    cache.put("b", "B", 30)
+    # The old "a" bytes count as free: 60 + 30 used, replacing a with 70 fits without evicting b.
+    assert cache.put("a", "A2", 70) == []
+    assert hook.calls == [("a", "A1", "unload")]
+    assert cache.peek("a") == "A2"
+    assert cache.used_bytes == 100
+    assert cache.keys() == ["b", "a"]
+
+
+def test_put_same_object_updates_metadata_without_hook(cache: ModelCache[str], hook: Recorder) -> None:
+    value = "A"
+    cache.put("a", value, 10, load_s=2.0)
+    cache.get("a")
+    cache.put("a", value, 12, pinned=True)
+    assert hook.calls == []
+    assert cache.is_pinned("a") and cache.used_bytes == 12
+    stats = cache.stats()
+    assert stats.loads == 1 and stats.load_s_total == 2.0
+    assert cache.entries()[0]["hits"] == 1
+
+
+def test_make_room_never_evicts_for_key(cache: ModelCache[str]) -> None:
+    cache.put("a", "A", 60)
+    cache.put("b", "B", 30)
+    assert cache.make_room(40, for_key="a") == ["b"]
+    with pytest.raises(CapacityError, match="put"):
+        cache.make_room(50, for_key="a")
+    assert cache.keys() == ["a"]
+
+
+def test_resize_evicts_others_never_the_resized(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("a", "A", 30)
+    cache.put("b", "B", 30)
+    cache.put("c", "C", 30)
+    # The estimate for "a" was low; measured it holds 60 bytes: 120 > 100.
+    assert cache.resize("a", 60) == ["b"]
+    assert hook.calls == [("b", "B", "capacity")]
+    assert cache.used_bytes == 90
+    assert cache.keys() == ["a", "c"]
+    assert cache.resize("a", 20) == []
+    assert cache.used_bytes == 50
+
+
+def test_resize_blocked_by_pins_stays_over_budget(cache: ModelCache[str], caplog: pytest.LogCaptureFixture) -> None:
+    cache.put("p", "P", 60, pinned=True)
+    cache.put("a", "A", 30)
+    assert cache.resize("a", 70) == []
+    assert cache.used_bytes == 130 and cache.free_bytes == 0
+    assert "over its budget" in caplog.text
+    with pytest.raises(KeyError):
+        cache.resize("missing", 1)
+
+
+def test_set_capacity_shrinks_with_capacity_reason(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("a", "A", 40)
+    cache.put("b", "B", 40)
+    assert cache.set_capacity(50) == ["a"]
+    assert hook.calls == [("a", "A", "capacity")]
+    assert cache.capacity_bytes == 50
+    with pytest.raises(ConfigError):
+        cache.set_capacity(0)
+
+
+def test_pop_unloads_even_pinned(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("p", "P", 10, pinned=True)
+    assert cache.pop("p") == "P"
+    assert cache.pop("p") is None
+    assert hook.calls == [("p", "P", "unload")]
+    assert cache.stats().unloads == 1 and cache.used_bytes == 0
+
+
+def test_evict_unpinned_for_oom(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("p", "P", 10, pinned=True)
+    cache.put("a", "A", 10)
+    cache.put("b", "B", 10)
+    assert cache.evict_unpinned() == ["a", "b"]
+    assert [reason for _, _, reason in hook.calls] == ["oom", "oom"]
+    assert cache.keys() == ["p"]
+    with pytest.raises(ConfigError):
+        cache.evict_unpinned("because")
+
+
+def test_clear_removes_everything(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("p", "P", 10, pinned=True)
+    cache.put("a", "A", 10)
+    assert cache.clear() == ["p", "a"]
+    assert len(cache) == 0 and cache.used_bytes == 0
+    assert {reason for _, _, reason in hook.calls} == {"unload"}
+
+
+def test_pin_unpin_missing_key(cache: ModelCache[str]) -> None:
+    with pytest.raises(KeyError):
+        cache.pin("nope")
+    with pytest.raises(KeyError):
+        cache.unpin("nope")
+
+
+def test_hook_failure_is_logged_not_raised(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(key: str, value: str, reason: str) -> None:
+        raise RuntimeError("cleanup failed")
+
+    cache: ModelCache[str] = ModelCache(10, on_evict=broken, clock=clock)
+    cache.put("a", "A", 10)
+    assert cache.put("b", "B", 10) == ["a"]
+    assert "on_evict hook failed" in caplog.text
+    assert cache.keys() == ["b"]
+
+
+def test_hook_may_reenter_the_cache(clock: FakeClock) -> None:
+    seen: list[int] = []
+    cache: ModelCache[str]
+
+    def reentrant(key: str, value: str, reason: str) -> None:
+        seen.append(cache.used_bytes)
+
+    cache = ModelCache(10, on_evict=reentrant, clock=clock)
+    cache.put("a", "A", 10)
+    cache.put("b", "B", 5)
+    assert seen == [0]
+
+
+def test_stats_and_hit_ratio(cache: ModelCache[str]) -> None:
+    assert cache.stats().hit_ratio == 0.0
+    cache.put("a", "A", 10, pinned=True, load_s=1.5)
+    cache.put("b", "B", 20, load_s=0.5)
+    cache.get("a")
+    cache.get("a")
+    cache.get("b")
+    cache.get("missing")
+    stats = cache.stats()
+    assert (stats.hits, stats.misses) == (3, 1)
+    assert stats.hit_ratio == pytest.approx(0.75)
+    assert stats.loads == 2 and stats.load_s_total == pytest.approx(2.0)
+    assert (stats.entries, stats.pinned, stats.pinned_bytes) == (2, 1, 10)
+    assert (stats.used_bytes, stats.capacity_bytes) == (30, 100)
+    data = stats.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert set(data) >= {"hits", "misses", "evictions", "expirations", "loads", "load_s_total", "entries"}
+
+
+def test_entries_snapshot_most_recent_first(cache: ModelCache[str], clock: FakeClock) -> None:
+    cache.put("a", "A", 10, ttl_s=60, load_s=1.0)
+    clock.advance(5)
+    cache.put("b", "B", 20, pinned=True, ttl_s=60)
+    clock.advance(2)
+    cache.get("a")
+    clock.advance(1)
+    snapshot = cache.entries()
+    assert [entry["key"] for entry in snapshot] == ["a", "b"]
+    a, b = snapshot
+    assert a == {
+        "key": "a",
+        "size_bytes": 10,
+        "pinned": False,
+        "hits": 1,
+        "last_used_s_ago": 1.0,
+        "loaded_s_ago": 8.0,
+        "expires_in_s": 59.0,
+        "load_s": 1.0,
+    }
+    assert b["pinned"] is True and b["expires_in_s"] is None
+    assert json.loads(json.dumps(snapshot)) == snapshot
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ConfigError):
+        ModelCache(0)
+    cache: ModelCache[str] = ModelCache(10)
+    with pytest.raises(ConfigError):
+        cache.put("a", "A", -1)
+    with pytest.raises(ConfigError):
+        cache.put("a", "A", 1, ttl_s=0)
+
+
+def test_thread_safety_smoke() -> None:
+    evicted: list[str] = []
+    cache: ModelCache[int] = ModelCache(1000, on_evict=lambda key, value, reason: evicted.append(key))
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            for i in range(300):
+                key = f"m{(offset + i) % 40}"
+                if cache.get(key) is None:
+                    cache.put(key, i, 25 + (i % 3) * 25)
+                cache.stats()
+                cache.entries()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n * 7,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert cache.used_bytes <= cache.capacity_bytes
+    assert cache.used_bytes == sum(entry["size_bytes"] for entry in cache.entries())
+    stats = cache.stats()
+    assert stats.hits + stats.misses == 8 * 300
+    assert stats.loads - stats.evictions - stats.unloads == len(cache)
+
+
+def test_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import gpu.model_cache; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.strip() == "ok", result.stderr

@@ -1,0 +1,176 @@
+"""GPUWarmupManager on the CPU: the device warm-up path, model warm-up on tiny random models, usage stats."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu.config import WarmupConfig, WarmupOp, WarmupSize
+from gpu.demo_models import demo_tokenizer, make_tiny_causal_lm
+from gpu.errors import ConfigError, InferenceError
+from gpu.inference import LoadedModel, ModelKind
+from gpu.loader import PretrainedLoader
+from gpu.warmup import GPUWarmupManager, WarmupReport
+
+
+def test_cpu_warm_up_runs_every_op_for_every_dtype() -> None:
+    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32", "bfloat16"))
+    assert not manager.is_warm
+    report = manager.warm_up()
+    assert manager.is_warm
+    assert isinstance(report, WarmupReport)
+    assert report.device == "cpu" and report.size == "medium" and report.skipped is None
+    ops = [(step.op, step.detail.split()[0]) for step in report.steps]
+    assert ops[0][0] == "context"
+    for dtype in ("float32", "bfloat16"):
+        for op in ("matmul", "linear", "attention"):
+            assert (op, dtype) in ops
+    assert ("conv2d", "float32") in ops
+    assert ops[-1][0] == "memory"
+    assert all(step.seconds >= 0 and step.skipped is None for step in report.steps)
+    assert report.total_s >= sum(step.seconds for step in report.steps)
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_only_configured_operations_run() -> None:
+    config = WarmupConfig(operations=(WarmupOp.MEMORY,), size=WarmupSize.LARGE)
+    report = GPUWarmupManager("cpu", config).warm_up()
+    assert [step.op for step in report.steps] == ["context", "memory"]
+    assert report.size == "large"
+    assert "8 MiB" in report.steps[1].detail  # CPU shapes stay small whatever the size
+
+
+def test_disabled_warm_up_is_skipped_with_a_reason() -> None:
+    manager = GPUWarmupManager("cpu", WarmupConfig(enabled=False))
+    report = manager.warm_up()
+    assert report.skipped is not None and "disabled" in report.skipped
+    assert report.steps == () and report.total_s == 0.0
+    assert not manager.is_warm
+
+
+def test_invalid_device_and_dtype() -> None:
+    with pytest.raises(ConfigError, match="mps"):
+        GPUWarmupManager("mps", WarmupConfig())
+    with pytest.raises(ConfigError, match="int8"):
+        GPUWarmupManager("cpu", WarmupConfig(), dtypes=("int8",))
+    with pytest.raises(ConfigError):
+        GPUWarmupManager("cpu", WarmupConfig(), dtypes=())
+
+
+def test_cuda_without_cuda_is_a_clear_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="--cpu"):
+        GPUWarmupManager("cuda", WarmupConfig()).warm_up()
+
+
+def make_tiny_bert(path: Path) -> Path:
+    """A 2-layer random BERT encoder with the demo tokenizer, built from a config (no download)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = demo_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    BertModel(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    path = make_tiny_causal_lm(tmp_path_factory.mktemp("llama") / "tiny-llama", arch="llama")
+    return PretrainedLoader().load("test/tiny-llama", path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    path = make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
+    return PretrainedLoader().load("test/tiny-bert", path, device="cpu", dtype="float32")
+
+
+def test_warm_model_causal_lm(tiny_llama: LoadedModel) -> None:
+    assert tiny_llama.kind is ModelKind.CAUSAL_LM
+    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
+    seconds = manager.warm_model(tiny_llama)
+    assert seconds > 0
+    assert manager.usage()["test/tiny-llama"]["warm_s"] == seconds
+
+
+def test_warm_model_embedding(tiny_bert: LoadedModel) -> None:
+    assert tiny_bert.kind is ModelKind.EMBEDDING
+    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
+    assert manager.warm_model(tiny_bert) > 0
+
+
+def test_warm_model_failure_is_an_inference_error(tiny_bert: LoadedModel) -> None:
+    class Broken:
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            raise RuntimeError("shape mismatch in layer 3")
+
+    broken = LoadedModel(
+        model_id="test/broken",
+        path=tiny_bert.path,
+        kind=ModelKind.EMBEDDING,
+        module=Broken(),
+        tokenizer=tiny_bert.tokenizer,
+        device="cpu",
+        dtype="float32",
+        bytes=0,
+        loader="test",
+    )
+    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
+    with pytest.raises(InferenceError, match=r"test/broken.*shape mismatch"):
+        manager.warm_model(broken)
+
+
+def test_usage_stats() -> None:
+    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
+    before = time.time()
+    manager.record_load("a", 1.5)
+    manager.record_use("a", hit=False)
+    manager.record_use("a", hit=True)
+    manager.record_use("a", hit=True)
+    manager.record_load("a", 0.5)
+    manager.record_use("b", hit=True)
+    usage = manager.usage()
+    assert set(usage) == {"a", "b"}
+    a = usage["a"]
+    assert (a["loads"], a["hits"], a["misses"]) == (2, 2, 1)
+    assert a["last_load_s"] == 0.5 and a["load_s_total"] == 2.0
+    assert a["last_use"] >= before
+    assert usage["b"]["loads"] == 0 and usage["b"]["last_load_s"] is None
+    assert json.loads(json.dumps(usage)) == usage
+
+
+def test_cpu_memory_report() -> None:
+    report = GPUWarmupManager("cpu", WarmupConfig()).memory_report()
+    assert report["device"] == "cpu"
+    assert 0 < report["free_bytes"] <= report["total_bytes"]
+    assert report["process_rss_bytes"] > 0
+
+
+def test_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import gpu.warmup, gpu.memory_pool; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.strip() == "ok", result.stderr

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from tasks.errors import SettingsError
+from tasks.settings import get_settings, load_settings
+
+
+def test_defaults_are_valid() -> None:
+    settings = load_settings()
+    assert settings.gpu.memory_fraction == 0.90
+    assert settings.broker.visibility_timeout_s > settings.jobs.longest_hard_limit_s
+    assert settings.trust_remote_code is False
+
+
+def test_nested_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_GPU__MEMORY_FRACTION", "0.5")
+    monkeypatch.setenv("GPUFLEET_GPU__WARMUP__OPERATIONS", '["matmul"]')
+    monkeypatch.setenv("GPUFLEET_GPU__MEMORY_POOL__COMMON_SIZES_MB", "[128, 512]")
+    monkeypatch.setenv("GPUFLEET_PRIORITY_MODELS", "org/a, org/b")
+    monkeypatch.setenv("GPUFLEET_FLEET__GPU_TYPES", '["H100","L4"]')
+    monkeypatch.setenv("GPUFLEET_MODEL_ROOT", "/models")
+    settings = get_settings()
+    assert settings.gpu.memory_fraction == 0.5
+    assert [op.value for op in settings.gpu.warmup.operations] == ["matmul"]
+    assert settings.gpu.memory_pool.common_sizes_mb == (128, 512)
+    assert settings.priority_models == ("org/a", "org/b")
+    assert settings.fleet.gpu_types == ("H100", "L4")
+    assert str(settings.model_root) == "/models"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GPUFLEET_GPU__MEMORY_FRACTION", "1.5"),
+        ("GPUFLEET_GPU__PRECISION", "fp8"),
+        ("GPUFLEET_GPU__WARMUP__SIZE", "huge"),
+        ("GPUFLEET_GPU__MEMORY_POOL__COMMON_SIZES_MB", "[0]"),
+        ("GPUFLEET_BROKER_URL", "localhost"),
+        ("GPUFLEET_JOBS__TIME_LIMIT_S", "-1"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
+
+
+def test_visibility_timeout_must_cover_the_longest_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_BROKER__VISIBILITY_TIMEOUT_S", "600")
+    with pytest.raises(SettingsError, match="visibility_timeout_s"):
+        load_settings()
+
+
+def test_soft_limit_below_hard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_JOBS__SOFT_TIME_LIMIT_S", "400")
+    with pytest.raises(SettingsError, match="soft_time_limit_s"):
+        load_settings()

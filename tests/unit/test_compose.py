@@ -1,0 +1,274 @@
+"""docker-compose.yml: valid for Compose, and it keeps the promises in ../shared/design.md.
+
+The structural checks read the YAML as Compose would before interpolation (anchors and ``<<`` merges resolved by
+PyYAML) and always run. The Compose validation needs a ``docker-compose`` binary (Debian: ``apt-get install
+--no-install-recommends docker-compose``) or the ``docker compose`` plugin; neither needs a running engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.settings import JobLimits
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the project supports 3.10, whose stdlib has no tomllib
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+ENV_EXAMPLE = REPO / ".env.example"
+TEST_ENV = {"REDIS_PASSWORD": "s3cret-for-tests", "FLOWER_USER": "admin", "FLOWER_PASSWORD": "flower-pw"}
+PROFILES = ("cpu", "setup")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return [str(part) for part in command] if isinstance(command, list) else str(command).split()
+
+
+def _workers(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services.items() if _command(s)[:2] == ["gpufleet", "worker"]}
+
+
+def _option(command: list[str], flag: str) -> str | None:
+    """The value of ``--flag value`` or ``--flag=value`` in a command list."""
+    for i, part in enumerate(command):
+        if part == flag and i + 1 < len(command):
+            return command[i + 1]
+        if part.startswith(flag + "="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration (``6m``, ``1m30s``, ``400s``) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"unparsable duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _compose_tool() -> list[str] | None:
+    binary = shutil.which("docker-compose")
+    if binary:
+        return [binary]
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def _run_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    tool = _compose_tool()
+    if tool is None:
+        pytest.skip("no docker-compose binary or `docker compose` plugin on PATH (apt-get install docker-compose)")
+    profiles = [arg for profile in PROFILES for arg in ("--profile", profile)]
+    return subprocess.run(
+        [*tool, "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), *profiles, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    base = {key: value for key, value in os.environ.items() if key not in TEST_ENV}
+    return {**base, **extra}
+
+
+# --- Compose itself ---------------------------------------------------------------------------------------
+
+
+def test_compose_config_is_valid() -> None:
+    result = _run_compose("config", "-q", env=_env(**TEST_ENV))
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_interpolates_the_password_into_every_url() -> None:
+    result = _run_compose("config", env=_env(**TEST_ENV))
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)["services"]
+    password = TEST_ENV["REDIS_PASSWORD"]
+    assert _option(_command(rendered["redis"]), "--requirepass") == password
+    for name, service in rendered.items():
+        env = service.get("environment") or {}
+        if "GPUFLEET_BROKER_URL" in env:
+            assert env["GPUFLEET_BROKER_URL"] == f"redis://:{password}@redis:6379/0", name
+            assert env["GPUFLEET_RESULT_BACKEND"] == f"redis://:{password}@redis:6379/1", name
+    auth = _option(_command(rendered["flower"]), "--basic-auth")
+    assert auth == f"{TEST_ENV['FLOWER_USER']}:{TEST_ENV['FLOWER_PASSWORD']}"
+
+
+def test_compose_refuses_to_start_without_a_redis_password() -> None:
+    result = _run_compose("config", "-q", env=_env(FLOWER_USER="admin", FLOWER_PASSWORD="pw"))
+    assert result.returncode != 0
+    assert "REDIS_PASSWORD" in result.stderr
+
+
+# --- Redis ------------------------------------------------------------------------------------------------
+
+
+def test_redis_is_durable_and_password_protected(services: dict[str, dict[str, Any]]) -> None:
+    command = _command(services["redis"])
+    assert command[0] == "redis-server"
+    assert _option(command, "--appendonly") == "yes"
+    assert _option(command, "--appendfsync") == "everysec"
+    assert _option(command, "--maxmemory-policy") == "noeviction"
+    assert (_option(command, "--requirepass") or "").startswith("${REDIS_PASSWORD:?")
+
+
+def test_redis_has_a_healthcheck_and_a_data_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    assert any(str(volume).split(":")[1] == "/data" for volume in redis["volumes"])
+    assert "redis-data" in compose["volumes"]
+
+
+# --- Flower -----------------------------------------------------------------------------------------------
+
+
+def test_flower_requires_basic_auth(services: dict[str, dict[str, Any]]) -> None:
+    command = _command(services["flower"])
+    assert command[:4] == ["celery", "--app", "tasks.app:app", "flower"]
+    auth = _option(command, "--basic-auth") or _option(command, "--basic_auth")
+    assert auth is not None, "flower must run with --basic-auth"
+    # Both halves required (``:?``): Compose refuses to start Flower with an empty user or password.
+    assert re.fullmatch(r"\$\{FLOWER_USER:\?[^}]*\}:\$\{FLOWER_PASSWORD:\?[^}]*\}", auth), auth
+
+
+def test_flower_flag_spelling_is_what_flower_accepts() -> None:
+    flower_options = pytest.importorskip("flower.options")
+    # tornado.options stores names with '-' and reads either spelling from the command line.
+    assert "basic-auth" in flower_options.default_options._options
+
+
+def test_flower_app_path_exists() -> None:
+    import importlib
+
+    module = importlib.import_module("tasks.app")
+    assert hasattr(module, "app"), "the Flower command names tasks.app:app; expose a module-level `app`"
+
+
+# --- workers ----------------------------------------------------------------------------------------------
+
+
+def test_each_gpu_worker_reserves_one_distinct_nvidia_device(services: dict[str, dict[str, Any]]) -> None:
+    gpu_workers = {name: s for name, s in _workers(services).items() if "--gpu" in _command(s)}
+    assert len(gpu_workers) >= 2
+    device_ids: list[str] = []
+    for name, service in gpu_workers.items():
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        (device,) = devices
+        assert device["driver"] == "nvidia", name
+        assert "gpu" in device["capabilities"], name
+        assert "count" not in device, f"{name}: reserve by device_ids, not count"
+        assert len(device["device_ids"]) == 1, name
+        device_ids.append(str(device["device_ids"][0]))
+        # The container sees only its reserved GPU, as index 0.
+        assert _option(_command(service), "--gpu") == "0", name
+    assert len(set(device_ids)) == len(device_ids), f"GPU workers share a device: {device_ids}"
+
+
+def test_workers_have_distinct_hostnames(services: dict[str, dict[str, Any]]) -> None:
+    hostnames = [s.get("hostname") for s in _workers(services).values()]
+    assert all(hostnames), "worker names are <gpu-type>-<index>@<hostname>: every worker needs a hostname"
+    assert len(set(hostnames)) == len(hostnames)
+
+
+def test_cpu_worker_is_behind_the_cpu_profile(services: dict[str, dict[str, Any]]) -> None:
+    cpu_workers = [s for s in _workers(services).values() if "--cpu" in _command(s)]
+    assert len(cpu_workers) == 1
+    (cpu,) = cpu_workers
+    assert cpu["profiles"] == ["cpu"]
+    assert "deploy" not in cpu
+
+
+def test_every_worker_reads_the_shared_model_volume(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in _workers(services).items():
+        assert "models:/models:ro" in service["volumes"], name
+        assert service["environment"]["GPUFLEET_MODEL_ROOT"] == "/models", name
+
+
+def test_worker_stop_grace_outlasts_the_hard_time_limit(services: dict[str, dict[str, Any]]) -> None:
+    hard_limit_s = JobLimits().time_limit_s
+    for name, service in _workers(services).items():
+        assert _seconds(str(service["stop_grace_period"])) > hard_limit_s, name
+        assert service.get("stop_signal", "SIGTERM") == "SIGTERM", name  # Celery's warm shutdown
+
+
+def test_broker_urls_carry_the_password(services: dict[str, dict[str, Any]]) -> None:
+    users = {
+        name: s["environment"] for name, s in services.items() if "GPUFLEET_BROKER_URL" in s.get("environment", {})
+    }
+    assert set(_workers(services)) | {"flower"} <= set(users)
+    for name, env in users.items():
+        for key, db in (("GPUFLEET_BROKER_URL", 0), ("GPUFLEET_RESULT_BACKEND", 1)):
+            assert re.fullmatch(rf"redis://:\$\{{REDIS_PASSWORD(:\?[^}}]*)?\}}@redis:6379/{db}", env[key]), (name, key)
+
+
+def test_models_setup_service_fills_the_volume(services: dict[str, dict[str, Any]]) -> None:
+    models = services["models"]
+    assert models["profiles"] == ["setup"]
+    assert _command(models) == ["gpufleet", "models", "make-demo", "/models"]
+    assert "models:/models" in models["volumes"]
+
+
+def test_workers_wait_for_a_healthy_redis(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in {**_workers(services), "flower": services["flower"]}.items():
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_shared_settings_live_in_extension_fields(compose: dict[str, Any]) -> None:
+    extensions = [key for key in compose if key.startswith("x-")]
+    assert extensions, "shared worker settings belong in x- extension fields (YAML anchors)"
+    # Written once: the broker URL appears in exactly one place in the file.
+    assert COMPOSE_FILE.read_text().count("GPUFLEET_BROKER_URL:") == 1
+
+
+# --- image and environment ------------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_the_extras_pyproject_defines() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.12-slim\b", text, re.MULTILINE)
+    match = re.search(r"pip install \"?\.\[([a-z,]+)\]", text)
+    assert match, "the Dockerfile must pip install the project with its extras"
+    extras = set(match.group(1).split(","))
+    assert extras == {"worker", "monitor", "demo"}
+    defined = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras <= set(defined)
+
+
+def test_env_example_names_every_required_variable() -> None:
+    required = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):\?", COMPOSE_FILE.read_text()))
+    assert required >= {"REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD"}
+    documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    assert required <= documented, f"add to .env.example: {sorted(required - documented)}"

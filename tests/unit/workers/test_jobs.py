@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+import gpu.errors as gpu_errors
+from tasks import errors
+from tasks.contracts import EmbedRequest
+from workers.jobs import job_errors, parse
+
+
+def test_parse_refuses_positional_and_names_fields() -> None:
+    with pytest.raises(errors.InvalidRequestError, match="keyword arguments only"):
+        parse(EmbedRequest, ("a/b",), {})
+    with pytest.raises(errors.InvalidRequestError, match=r"texts.*at least 1"):
+        parse(EmbedRequest, (), {"model": "a/b", "texts": []})
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (gpu_errors.UnsafeModelIdError("x"), errors.InvalidRequestError),
+        (gpu_errors.ModelNotFoundError("x"), errors.ModelNotFoundError),
+        (gpu_errors.ModelLoadError("x"), errors.ModelLoadError),
+        (gpu_errors.AllPinnedError("x"), errors.CapacityError),
+        (gpu_errors.InferenceError("x"), errors.InferenceError),
+        (gpu_errors.PlanningError("x"), errors.JobError),
+    ],
+)
+def test_gpu_errors_map_to_contract_errors(raised: Exception, expected: type[Exception]) -> None:
+    with pytest.raises(expected), job_errors("fleet.embed", 10.0):
+        raise raised
+
+
+def test_soft_time_limit_message() -> None:
+    with pytest.raises(errors.JobError, match="GPUFLEET_JOBS__SOFT_TIME_LIMIT_S"), job_errors("fleet.embed", 5.0):
+        raise SoftTimeLimitExceeded()

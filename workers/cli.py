@@ -1,0 +1,287 @@
+"""The ``gpufleet`` command line: worker, submit, load, unload, status, plan, models, bench, demo.
+
+Each command imports what it needs when it runs, so producer-side commands (submit, status, plan) work on a
+machine without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """A result for a person: long embedding lists shortened."""
+    shown = dict(result)
+    if "embeddings" in shown:
+        shown["embeddings"] = [[round(x, 4) for x in vector[:4]] + ["..."] for vector in shown["embeddings"]]
+    return shown
+
+
+def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dict[str, Any]:
+    from tasks.errors import FleetError
+
+    deadline = time.monotonic() + timeout_s
+    while not async_result.ready():
+        if time.monotonic() > deadline:
+            raise FleetError(
+                f"no result for job {async_result.id} within {timeout_s:g} s; is a worker consuming its queue? "
+                "(`gpufleet status`)"
+            )
+        if progress and async_result.state == "PROGRESS" and isinstance(async_result.info, dict):
+            done, total = async_result.info.get("bytes_done", 0), async_result.info.get("bytes_total", 1)
+            width = 30
+            filled = int(width * done / max(total, 1))
+            sys.stderr.write(
+                f"\rloading [{'#' * filled}{'.' * (width - filled)}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB"
+            )
+            sys.stderr.flush()
+        time.sleep(0.1)
+    if progress:
+        sys.stderr.write("\n")
+    value: dict[str, Any] = async_result.get(timeout=1.0, propagate=True)
+    return value
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run_worker
+
+    run_worker(gpu=args.gpu, cpu=args.cpu, name=args.name, loglevel=args.loglevel)
+    return 0
+
+
+def _client() -> Any:
+    from tasks.client import FleetClient
+
+    return FleetClient()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client()
+    if args.kind == "embed":
+        result = client.embed(args.model, list(args.texts), normalize=not args.no_normalize, queue=args.queue)
+    else:
+        options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+        if args.seed is not None:
+            options["seed"] = args.seed
+        if args.message:
+            options["messages"] = [_message(m) for m in args.message]
+        else:
+            options["prompt"] = args.prompt
+        result = client.generate(args.model, queue=args.queue, **options)
+    if args.no_wait:
+        print(result.id)
+        return 0
+    value = _wait(result, args.timeout)
+    _print_json(value if args.json else _summarise(value))
+    return 0
+
+
+def _message(text: str) -> dict[str, str]:
+    role, sep, content = text.partition(":")
+    if not sep:
+        raise SystemExit(f"--message takes ROLE:CONTENT (e.g. user:Hello), got {text!r}")
+    return {"role": role.strip(), "content": content.strip()}
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    result = _client().load_model(args.model, priority=args.priority, queue=args.queue)
+    _print_json(_wait(result, args.timeout, progress=not args.json))
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    result = _client().unload_model(args.model, queue=args.queue)
+    _print_json(_wait(result, args.timeout))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client()
+    report = {
+        command: client.status(command, timeout_s=args.timeout)
+        for command in ("gpu_status", "models_status", "cache_status")
+    }
+    if args.json:
+        _print_json(report)
+        return 0
+    workers = report["gpu_status"]
+    if not workers:
+        print("no workers answered (are they running, and on this broker?)")
+        return EXIT_FAILED
+    for name, gpu in sorted(workers.items()):
+        models = report["models_status"].get(name, {}).get("loaded", [])
+        cache = (report["cache_status"].get(name, {}) or {}).get("stats", {})
+        print(
+            f"{name}: {'ready' if gpu.get('ready') else 'NOT READY'}  {gpu.get('device')}  "
+            f"dtype={gpu.get('dtype')}  jobs={gpu.get('jobs_done')}"
+        )
+        print(f"  queues: {', '.join(gpu.get('queues', []))}")
+        for model in models:
+            print(
+                f"  model {model.get('key')}: {model.get('size_bytes', 0) / 2**20:.1f} MiB"
+                f"{' (pinned)' if model.get('pinned') else ''}"
+            )
+        if cache:
+            print(
+                f"  cache: hits={cache.get('hits')} misses={cache.get('misses')} "
+                f"evictions={cache.get('evictions')} hit_ratio={cache.get('hit_ratio')}"
+            )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gpu.plan_report import render_placement
+    from gpu.selection import plan
+
+    target: str | Path = Path(args.model) if Path(args.model).exists() else args.model
+    placement = plan(target, context_length=args.context_length, batch_size=args.batch_size, prefer=args.prefer)
+    if args.json:
+        _print_json(placement.to_dict())
+    else:
+        print(render_placement(placement))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "make-demo":
+        from gpu.demo_models import make_demo_models
+
+        for model in make_demo_models(Path(args.root), force=args.force):
+            print(f"{model.model_id}: {model.path} ({model.kind.value}, {model.bytes / 2**20:.1f} MiB)")
+        return 0
+    from gpu.repository import list_models
+    from tasks.settings import get_settings
+
+    root = Path(args.root) if args.root else get_settings().model_root
+    if root is None:
+        print("no model root: pass ROOT or set GPUFLEET_MODEL_ROOT", file=sys.stderr)
+        return EXIT_USAGE
+    for model_id in list_models(root):
+        print(model_id)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gpu.bench import main as bench_main
+
+    return int(bench_main(args.bench_args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir), gpu=args.gpu, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpufleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run a worker pinned to one GPU (or the CPU)")
+    device = worker.add_mutually_exclusive_group(required=True)
+    device.add_argument("--gpu", type=int, metavar="N", help="physical GPU index (NVML / PCI order)")
+    device.add_argument("--cpu", action="store_true", help="serve on the CPU (queue 'cpu')")
+    worker.add_argument("--name", help="worker name (default <gpu-type>-<index>@<host>)")
+    worker.add_argument("--loglevel", help="Celery log level (default GPUFLEET_WORKER__LOGLEVEL)")
+    worker.set_defaults(func=cmd_worker)
+
+    def add_wait_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--queue", help="send to this queue instead of the routed one")
+        sub.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the result")
+        sub.add_argument("--json", action="store_true", help="print the full JSON result")
+
+    submit = commands.add_parser("submit", help="enqueue an inference job and print its result")
+    kinds = submit.add_subparsers(dest="kind", required=True)
+    embed = kinds.add_parser("embed", help="fleet.embed")
+    embed.add_argument("model")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--no-normalize", action="store_true")
+    generate = kinds.add_parser("generate", help="fleet.generate")
+    generate.add_argument("model")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--message", action="append", metavar="ROLE:CONTENT", help="a chat turn; repeatable")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int)
+    for sub in (embed, generate):
+        add_wait_options(sub)
+        sub.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.set_defaults(func=cmd_submit)
+
+    load = commands.add_parser("load", help="load a model on a worker (fleet.load_model), with progress")
+    load.add_argument("model")
+    load.add_argument("--priority", action="store_true", help="pin it: never evicted")
+    add_wait_options(load)
+    load.set_defaults(func=cmd_load)
+
+    unload = commands.add_parser("unload", help="drop a model from a worker (fleet.unload_model)")
+    unload.add_argument("model")
+    add_wait_options(unload)
+    unload.set_defaults(func=cmd_unload)
+
+    status = commands.add_parser("status", help="gpu, models and cache status of every worker")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for replies")
+    status.set_defaults(func=cmd_status)
+
+    plan = commands.add_parser("plan", help="which GPU type can serve a model (no torch needed)")
+    plan.add_argument("model", metavar="MODEL_OR_DIR")
+    plan.add_argument("--context-length", type=int)
+    plan.add_argument("--batch-size", type=int, default=1)
+    plan.add_argument("--prefer", choices=("cost", "memory"), default="cost")
+    plan.add_argument("--json", action="store_true", help="print the Placement as JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    models = commands.add_parser("models", help="local model root tools")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    make_demo = model_actions.add_parser("make-demo", help="fill ROOT with the demo models")
+    make_demo.add_argument("root")
+    make_demo.add_argument("--force", action="store_true", help="recreate models that exist")
+    listing = model_actions.add_parser("list", help="list the models under ROOT")
+    listing.add_argument("root", nargs="?")
+    models.set_defaults(func=cmd_models)
+
+    bench = commands.add_parser("bench", help="loading benchmark (see gpu.bench --help)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+
+    demo = commands.add_parser("demo", help="start redis + a worker, serve real embed and generate jobs")
+    demo.add_argument("--workdir", default=".demo", help="where models, logs and the redis data go")
+    demo.add_argument("--gpu", type=int, metavar="N", help="run the worker on GPU N instead of the CPU")
+    demo.add_argument("--keep", action="store_true", help="leave redis and the worker running")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gpufleet`` console script."""
+    from gpu.errors import GpuError
+    from tasks.errors import FleetError
+    from workers.errors import WorkerError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (FleetError, GpuError, WorkerError) as exc:
+        print(f"gpufleet {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
