@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loader": args.loader,
                 }
                 result = run_child("cycles", spec, env={"PYTORCH_CUDA_ALLOC_CONF": alloc_conf})
-                cycles.append({"mode": mode, **result})
+                cycles.append({"mode": mode if device == "cuda" else "cpu (no caching allocator)", **result})
         report["cycles"] = {"model_bytes": sizes, "total_bytes": total, "budget_bytes": budget, "runs": cycles}
 
     print("(c) cache-hit overhead", flush=True)

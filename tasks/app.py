@@ -106,6 +106,9 @@ def create_app(settings: Settings | None = None, *, main: str = "gpufleet") -> C
     return app
 
 
+app: Celery  # ``tasks.app:app``: declared here, built on first access by __getattr__ below
+
+
 def __getattr__(name: str) -> Any:
     """``tasks.app:app`` for the celery CLI (Flower): built from the environment on first use, not at import."""
     if name == "app":

@@ -73,6 +73,15 @@ class FleetClient:
                 f"could not enqueue {name.value}: the broker at {_redact(self.app.conf.broker_url)} did not "
                 f"answer ({exc}); start it or point GPUFLEET_BROKER_URL at a running one"
             ) from exc
+        except RuntimeError as exc:
+            # The Redis result backend subscribes for the result while sending and, when it cannot connect,
+            # raises a bare RuntimeError ("Retry limit exceeded ... result store") from the connection error.
+            if not _caused_by_connection_failure(exc):
+                raise
+            raise BrokerUnavailableError(
+                f"could not enqueue {name.value}: the result backend at {_redact(str(self.app.conf.result_backend))} "
+                "did not answer; start it or point GPUFLEET_RESULT_BACKEND at a running one"
+            ) from exc
 
     def embed(self, model: str, texts: list[str], *, normalize: bool = True, queue: str | None = None) -> AsyncResult:
         """Enqueue ``fleet.embed``."""
@@ -97,6 +106,18 @@ class FleetClient:
         for reply in replies or []:
             merged.update(reply)
         return merged
+
+
+def _caused_by_connection_failure(exc: BaseException) -> bool:
+    """Whether a connection error (socket, redis or kombu) is somewhere in ``exc``'s cause chain."""
+    seen: BaseException | None = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, (OSError, OperationalError)) or any(
+            cls.__name__ in ("ConnectionError", "TimeoutError") for cls in type(seen).__mro__
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _redact(url: str) -> str:

@@ -91,6 +91,8 @@ class SleepRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seconds: StrictFloat | StrictInt = Field(ge=0, le=3600)
+    # Keep sleeping through the soft time limit, like a stuck CUDA kernel: only the hard limit ends it.
+    uninterruptible: StrictBool = False
 
 
 class Timings(BaseModel):

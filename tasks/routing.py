@@ -12,9 +12,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from gpu.selection import Placement, plan
-
 from gpu.errors import GpuError
+from gpu.selection import Placement, plan
 from tasks.errors import RoutingError
 from tasks.names import gpu_type_queue
 from tasks.settings import Settings, get_settings

@@ -172,13 +172,26 @@ def _with_oom_recovery(task: Task, runtime: WorkerRuntime, model: str, body: Cal
 T = TypeVar("T")
 
 
+TaskBody = Callable[..., dict[str, Any]]
+
+
+def _register(app: Celery, name: TaskName, **options: Any) -> Callable[[TaskBody], TaskBody]:
+    """``@app.task(bind=True)`` with a type mypy can see (Celery's decorator is untyped)."""
+
+    def decorator(body: TaskBody) -> TaskBody:
+        app.task(name=name.value, bind=True, **options)(body)
+        return body
+
+    return decorator
+
+
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Register the fleet's task bodies on ``app`` (worker side only)."""
     limits = settings.jobs
     infer = {"soft_time_limit": limits.soft_time_limit_s, "time_limit": limits.time_limit_s}
     load = {"soft_time_limit": limits.load_soft_time_limit_s, "time_limit": limits.load_time_limit_s}
 
-    @app.task(name=TaskName.EMBED.value, bind=True, **infer)
+    @_register(app, TaskName.EMBED, **infer)
     def embed_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         started = time.time()
         runtime = process.runtime()
@@ -209,7 +222,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         )
         return dump(result)
 
-    @app.task(name=TaskName.GENERATE.value, bind=True, **infer)
+    @_register(app, TaskName.GENERATE, **infer)
     def generate_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         started = time.time()
         runtime = process.runtime()
@@ -250,7 +263,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         )
         return dump(result)
 
-    @app.task(name=TaskName.LOAD_MODEL.value, bind=True, **load)
+    @_register(app, TaskName.LOAD_MODEL, **load)
     def load_model_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         started = time.time()
         runtime = process.runtime()
@@ -287,7 +300,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         )
         return dump(result)
 
-    @app.task(name=TaskName.UNLOAD_MODEL.value, bind=True, **infer)
+    @_register(app, TaskName.UNLOAD_MODEL, **infer)
     def unload_model_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         started = time.time()
         runtime = process.runtime()
@@ -304,11 +317,17 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         )
         return dump(result)
 
-    @app.task(name=TaskName.SLEEP.value, bind=True, **infer)
+    @_register(app, TaskName.SLEEP, **infer)
     def sleep_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         runtime = process.runtime()
         with job_errors(self.name, limits.soft_time_limit_s):
             request = parse(SleepRequest, args, kwargs)
             started = time.perf_counter()
-            time.sleep(float(request.seconds))
+            deadline = started + float(request.seconds)
+            while (left := deadline - time.perf_counter()) > 0:
+                try:
+                    time.sleep(left)
+                except SoftTimeLimitExceeded:
+                    if not request.uninterruptible:
+                        raise
         return dump(SleepResult(worker=runtime.identity.name, slept_s=time.perf_counter() - started))

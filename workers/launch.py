@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from workers.errors import WorkerStartError
 
@@ -34,11 +34,12 @@ def spawn_worker(
     if name:
         command += ["--name", name]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file: IO[bytes] = log_path.open("ab")
-    # A new session, so stopping it (and its pool child) never signals the caller.
-    return subprocess.Popen(
-        command, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    # The child keeps its own copy of the descriptor; ours is closed when Popen returns.
+    with log_path.open("ab") as log_file:
+        # A new session, so stopping it (and its pool child) never signals the caller.
+        return subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def wait_until_ready(

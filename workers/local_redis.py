@@ -71,6 +71,8 @@ class LocalRedis:
             "noeviction",
             "--save",
             "",
+            "--databases",
+            "64",
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.memory_pool import GPUMemoryPool, configure_allocator
-from gpu.warmup import GPUWarmupManager
-
 from gpu.errors import DeviceOutOfMemoryError
 from gpu.inference import LoadedModel
 from gpu.loader import ModelLoader, PretrainedLoader
+from gpu.memory_pool import GPUMemoryPool, configure_allocator
 from gpu.model_cache import ModelCache
 from gpu.repository import ResolvedModel, default_hf_cache, resolve_model
+from gpu.warmup import GPUWarmupManager
 from tasks.settings import Settings
 from workers.faults import Faults
 from workers.identity import WorkerIdentity
@@ -73,7 +72,7 @@ def choose_dtype(identity: WorkerIdentity, settings: Settings) -> str:
 def default_loader(settings: Settings) -> ModelLoader:
     """The fastest loader available, falling back to ``from_pretrained`` for what it does not handle."""
     try:
-        from gpu.loader import FastSafetensorsLoader  # type: ignore[attr-defined,unused-ignore]
+        from gpu.loader import FastSafetensorsLoader
     except ImportError:
         return PretrainedLoader(trust_remote_code=settings.trust_remote_code)
     loader: ModelLoader = FastSafetensorsLoader(trust_remote_code=settings.trust_remote_code)
@@ -121,6 +120,10 @@ class WorkerRuntime:
         self.parked = self._make_parked_store()
         if self.settings.gpu.warmup.enabled and self.settings.gpu.warmup.on_startup:
             self.warmup_report = _as_dict(self.warmup.warm_up())
+        # Importing transformers' model classes costs seconds; pay it here, not on the first user's job.
+        import transformers  # noqa: F401
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
         self.faults.delay("warmup")
         for model_id in self.settings.priority_models:
             self.acquire(model_id, pinned=True)
@@ -214,15 +217,9 @@ class WorkerRuntime:
         return loaded, "loaded", evicted
 
     def _call_loader(self, resolved: ResolvedModel, progress: ProgressFn | None) -> LoadedModel:
-        if progress is None:
-            return self.loader.load(resolved.model_id, resolved.path, device=self.device, dtype=self.dtype)
-        load: Any = self.loader.load  # older loaders may not take progress
-        try:
-            return load(resolved.model_id, resolved.path, device=self.device, dtype=self.dtype, progress=progress)
-        except TypeError as exc:
-            if "progress" not in str(exc):
-                raise
-            return self.loader.load(resolved.model_id, resolved.path, device=self.device, dtype=self.dtype)
+        return self.loader.load(
+            resolved.model_id, resolved.path, device=self.device, dtype=self.dtype, progress=progress
+        )
 
     def unload(self, model_id: str) -> int | None:
         """Drop a model (and any parked copy); returns the bytes freed, or None if it was not loaded."""
@@ -250,15 +247,18 @@ class WorkerRuntime:
     def _on_evict(self, model_id: str, loaded: LoadedModel, reason: str) -> None:
         if self.pool is not None:
             self.pool.release(model_id)
+        parked = False
         if self.parked is not None and reason in ("lru", "expired", "capacity", "oom"):
             try:
-                self.parked.park(loaded)
+                parked = bool(self.parked.park(loaded))
             except Exception:  # parking is an optimisation; an eviction must still free the device
                 log.exception("could not park %s; dropping it", model_id)
-        loaded.module = None
+        if not parked:
+            loaded.module = None  # drop the last reference even if a caller still holds the LoadedModel
+        # No empty_cache() here: the caching allocator reuses the freed blocks for the next load; only the OOM
+        # path (relieve_memory) hands memory back to the driver.
         gc.collect()
-        _empty_device_cache(self.device)
-        log.info("evicted %s (%s)", model_id, reason)
+        log.info("evicted %s (%s%s)", model_id, reason, ", parked" if parked else "")
 
     # -- state --------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from workers.launch import spawn_worker, stop_process, wait_until_ready
 from workers.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
-_db = itertools.count(2)
+_db = itertools.count(2, 2)  # broker on an even database, results on the next one
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RunningWorker:
 def _worker_env(redis: LocalRedis, model_root: Path, broker_db: int, extra: dict[str, str]) -> dict[str, str]:
     return {
         "GPUFLEET_BROKER_URL": redis.url(broker_db),
-        "GPUFLEET_RESULT_BACKEND": redis.url(broker_db + 100),
+        "GPUFLEET_RESULT_BACKEND": redis.url(broker_db + 1),
         "GPUFLEET_MODEL_ROOT": str(model_root),
         "GPUFLEET_FLEET__GPU_TYPES": "cpu",
         "GPUFLEET_GPU__WARMUP__SIZE": "small",

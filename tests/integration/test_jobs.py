@@ -50,7 +50,8 @@ def test_generate_prompt_and_chat(worker: RunningWorker) -> None:
     assert again["text"] == first["text"], "greedy decoding must be deterministic"
     assert again["timings"]["load_s"] == 0.0, "the second job must hit the cache"
     chat = worker.client.generate(
-        CHAT, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        CHAT,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
         max_new_tokens=8,
     ).get(timeout=RESULT_TIMEOUT_S)
     assert chat["prompt_tokens"] > first["prompt_tokens"]
@@ -101,7 +102,7 @@ def test_bad_input_fails_clearly_and_the_worker_keeps_serving(
     worker: RunningWorker, task: str, kwargs: dict[str, Any], error: str
 ) -> None:
     result = worker.send(task, kwargs=kwargs)
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - the class is rebuilt by Celery; checked below
+    with pytest.raises(Exception) as raised:
         result.get(timeout=RESULT_TIMEOUT_S)
     assert type(raised.value).__name__ == error, f"{type(raised.value).__name__}: {raised.value}"
     assert len(str(raised.value)) > 20
@@ -141,7 +142,10 @@ def test_status_cli(worker: RunningWorker) -> None:
 
     done = subprocess.run(
         [*gpufleet_command(), "status", "--json"],
-        env={**os.environ, **worker.env}, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **worker.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -47,8 +47,10 @@ def test_binding_after_torch_import_is_refused() -> None:
 
 
 def test_binding_sets_visible_devices_in_pci_order() -> None:
-    code = "import os\nfrom workers.identity import bind_gpu\nbind_gpu(3)\n" \
+    code = (
+        "import os\nfrom workers.identity import bind_gpu\nbind_gpu(3)\n"
         "print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['CUDA_DEVICE_ORDER'])"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["3", "PCI_BUS_ID"], done.stderr
 

@@ -1,0 +1,97 @@
+"""WorkerRuntime on the CPU with real (tiny) models: budget, eviction, parking, pins, reconciliation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpu.demo_models import make_tiny_causal_lm
+from gpu.errors import AllPinnedError, ModelNotFoundError
+from tasks.settings import Settings, load_settings
+from workers.identity import cpu_identity
+from workers.runtime import WorkerRuntime
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-models")
+    for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):
+        make_tiny_causal_lm(root / "org" / name, arch=arch)
+    return root
+
+
+def model_bytes(root: Path, name: str) -> int:
+    return (root / "org" / name / "model.safetensors").stat().st_size
+
+
+def runtime_for(root: Path, tmp_path: Path, **overrides: object) -> WorkerRuntime:
+    base: dict[str, object] = {"model_root": root, "worker": {"state_dir": tmp_path}}
+    settings: Settings = load_settings(**{**base, **overrides})
+    runtime = WorkerRuntime(cpu_identity(name="cpu-0@unit"), settings)
+    runtime.start()
+    return runtime
+
+
+def two_model_budget(root: Path) -> int:
+    """Room for any two of the tiny models but not all three."""
+    sizes = sorted(model_bytes(root, n) for n in "abc")
+    return sizes[1] + sizes[2] + sizes[0] // 2
+
+
+def test_hit_after_load_and_measured_size_reconciled(tiny_root: Path, tmp_path: Path) -> None:
+    runtime = runtime_for(tiny_root, tmp_path, gpu={"warmup": {"size": "small"}})
+    first = runtime.acquire("org/a")
+    assert first.action == "loaded" and first.loaded.bytes > 0
+    again = runtime.acquire("org/a")
+    assert again.action == "hit" and again.loaded is first.loaded
+    assert runtime.pool is not None and runtime.pool.reservations()["org/a"] == first.loaded.bytes
+    snapshot = runtime.snapshot()
+    assert snapshot["ready"] is True and snapshot["cache"]["stats"]["hits"] == 1
+    assert snapshot["models"]["loaded"][0]["key"] == "org/a"
+
+
+def test_eviction_parks_and_restore_comes_back(tiny_root: Path, tmp_path: Path) -> None:
+    runtime = runtime_for(
+        tiny_root,
+        tmp_path,
+        gpu={"memory_pool": {"budget_bytes": two_model_budget(tiny_root), "host_budget_bytes": 64 * MiB}},
+    )
+    a = runtime.acquire("org/a")
+    logits_before = a.loaded.module(a.loaded.tokenizer("hello", return_tensors="pt")["input_ids"]).logits
+    runtime.acquire("org/b")
+    third = runtime.acquire("org/c")
+    assert third.evicted == ("org/a",), "the least recently used model makes room"
+    assert runtime.parked is not None and "org/a" in runtime.parked
+    back = runtime.acquire("org/a")
+    assert back.action == "restored" and back.loaded.loader == "parked-restore"
+    logits_after = back.loaded.module(back.loaded.tokenizer("hello", return_tensors="pt")["input_ids"]).logits
+    assert (logits_after == logits_before).all()
+    assert runtime.snapshot()["cache"]["parked"]["stats"]["restores"] == 1
+
+
+def test_pinned_models_are_never_evicted(tiny_root: Path, tmp_path: Path) -> None:
+    budget = two_model_budget(tiny_root)
+    runtime = runtime_for(tiny_root, tmp_path, gpu={"memory_pool": {"budget_bytes": budget}})
+    runtime.acquire("org/a", pinned=True)
+    runtime.acquire("org/b", pinned=True)
+    with pytest.raises(AllPinnedError, match="org/a"):
+        runtime.acquire("org/c")
+    assert runtime.cache is not None and set(runtime.cache.keys()) == {"org/a", "org/b"}
+    assert runtime.unload("org/b") is not None
+    assert runtime.acquire("org/c").action == "loaded"
+
+
+def test_priority_models_preload_pinned(tiny_root: Path, tmp_path: Path) -> None:
+    runtime = runtime_for(tiny_root, tmp_path, priority_models=("org/b",))
+    assert runtime.cache is not None and runtime.cache.is_pinned("org/b")
+
+
+def test_unknown_model_and_unload_of_absent(tiny_root: Path, tmp_path: Path) -> None:
+    runtime = runtime_for(tiny_root, tmp_path)
+    with pytest.raises(ModelNotFoundError):
+        runtime.acquire("org/absent")
+    assert runtime.unload("org/a") is None
+    assert runtime.pool is not None and runtime.pool.reservations() == {}
