@@ -79,8 +79,9 @@ class FleetClient:
             if not _caused_by_connection_failure(exc):
                 raise
             raise BrokerUnavailableError(
-                f"could not enqueue {name.value}: the result backend at {_redact(str(self.app.conf.result_backend))} "
-                "did not answer; start it or point GPUFLEET_RESULT_BACKEND at a running one"
+                f"could not enqueue {name.value} (nothing was sent): the result backend at "
+                f"{_redact(str(self.app.conf.result_backend))} did not answer; start it or point "
+                "GPUFLEET_RESULT_BACKEND (and GPUFLEET_BROKER_URL, usually the same Redis) at a running one"
             ) from exc
 
     def embed(self, model: str, texts: list[str], *, normalize: bool = True, queue: str | None = None) -> AsyncResult:
