@@ -13,8 +13,8 @@ writes ``benchmarks/results/runtime-<machine>-<date>.json`` and ``.md``. Three m
     ``ModelCache`` + ``GPUMemoryPool`` + a real loader, one fresh subprocess per allocator mode:
     ``expandable`` (expandable_segments:True), ``default`` (expandable_segments:False), ``prealloc`` (default
     allocator plus preallocated common sizes), each with and without ``torch.cuda.empty_cache()`` on eviction
-    (the worker runtime empties it). Targets: no OOM, allocator reserved ≤ 1.05 x allocated at the end, no
-    growth of the reserved-minus-allocated overhead across cycles.
+    (the worker runtime empties it only on its OOM path). Targets: no OOM, allocator reserved ≤ 1.05 x allocated
+    at the end, no growth of the reserved-minus-allocated overhead across cycles.
 (c) **cache-hit overhead** per job: ``ModelCache.get`` + ``GPUWarmupManager.record_use``, in microseconds.
     Target ≤ 1 ms.
 

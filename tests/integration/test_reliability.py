@@ -125,7 +125,7 @@ def test_enqueue_with_the_broker_down_fails_fast() -> None:
         broker={"publish_max_retries": 1, "publish_retry_interval_s": 0.1, "connect_timeout_s": 0.5},
     )
     started = time.monotonic()
-    with pytest.raises(BrokerUnavailableError, match="GPUFLEET_BROKER_URL"):
+    with pytest.raises(BrokerUnavailableError, match="GPUFLEET_BROKER_URL"):  # names both settings
         FleetClient(settings=settings).embed(EMBED, ["nobody listens"])
     assert time.monotonic() - started < 15
 
