@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
 import gpu.errors as gpu_errors
-from gpu.inference import embed, generate
+from gpu.inference import LoadedModel, embed, generate
 from tasks import errors
 from tasks.contracts import (
     EmbedRequest,
@@ -46,6 +46,7 @@ MAX_OOM_HOPS = 2
 ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 PROGRESS_EVERY_S = 0.25
 RequestT = TypeVar("RequestT", bound=BaseModel)
+T = TypeVar("T")
 
 
 def parse(model: type[RequestT], args: tuple[Any, ...], kwargs: dict[str, Any]) -> RequestT:
@@ -107,7 +108,14 @@ def _queue_wait_s(task: Task, started: float) -> float | None:
         return None
 
 
-def _common(runtime: WorkerRuntime, model: str, timings: Timings) -> dict[str, Any]:
+def _finish(
+    task: Task, runtime: WorkerRuntime, model: str, started: float, *, load_s: float = 0.0, compute_s: float = 0.0
+) -> dict[str, Any]:
+    """Count the job and return the fields every result carries (model, worker, device, timings)."""
+    runtime.job_done()
+    timings = Timings(
+        queue_wait_s=_queue_wait_s(task, started), load_s=load_s, compute_s=compute_s, total_s=time.time() - started
+    )
     return {
         "model": model,
         "worker": runtime.identity.name,
@@ -115,6 +123,21 @@ def _common(runtime: WorkerRuntime, model: str, timings: Timings) -> dict[str, A
         "gpu_type": runtime.identity.gpu_type,
         "timings": timings,
     }
+
+
+def _infer(
+    task: Task, runtime: WorkerRuntime, model: str, compute: Callable[[LoadedModel], T]
+) -> tuple[T, float, float]:
+    """Get the model and run ``compute`` on it, with the OOM path; returns (output, load_s, compute_s)."""
+
+    def run() -> tuple[T, float, float]:
+        acquired = runtime.acquire(model)
+        runtime.faults.check("infer", model)
+        compute_started = time.perf_counter()
+        output = compute(acquired.loaded)
+        return output, acquired.load_s, time.perf_counter() - compute_started
+
+    return _with_oom_recovery(task, runtime, model, run)
 
 
 def _count_delivery(task: Task, settings: Settings) -> None:
@@ -169,9 +192,6 @@ def _with_oom_recovery(task: Task, runtime: WorkerRuntime, model: str, body: Cal
         return _reroute_after_oom(task, runtime, model, exc)  # type: ignore[no-any-return]
 
 
-T = TypeVar("T")
-
-
 TaskBody = Callable[..., dict[str, Any]]
 
 
@@ -198,29 +218,11 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         with job_errors(self.name, limits.soft_time_limit_s):
             _count_delivery(self, settings)
             request = parse(EmbedRequest, args, kwargs)
-
-            def run() -> tuple[list[list[float]], float, float]:
-                acquired = runtime.acquire(request.model)
-                runtime.faults.check("infer", request.model)
-                compute_started = time.perf_counter()
-                vectors = embed(acquired.loaded, request.texts, normalize=request.normalize)
-                return vectors, acquired.load_s, time.perf_counter() - compute_started
-
-            vectors, load_s, compute_s = _with_oom_recovery(self, runtime, request.model, run)
-        runtime.job_done()
-        timings = Timings(
-            queue_wait_s=_queue_wait_s(self, started),
-            load_s=load_s,
-            compute_s=compute_s,
-            total_s=time.time() - started,
-        )
-        result = EmbedResult(
-            embeddings=vectors,
-            dim=len(vectors[0]),
-            normalized=request.normalize,
-            **_common(runtime, request.model, timings),
-        )
-        return dump(result)
+            vectors, load_s, compute_s = _infer(
+                self, runtime, request.model, lambda loaded: embed(loaded, request.texts, normalize=request.normalize)
+            )
+        common = _finish(self, runtime, request.model, started, load_s=load_s, compute_s=compute_s)
+        return dump(EmbedResult(embeddings=vectors, dim=len(vectors[0]), normalized=request.normalize, **common))
 
     @_register(app, TaskName.GENERATE, **infer)
     def generate_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -230,36 +232,27 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             _count_delivery(self, settings)
             request = parse(GenerateRequest, args, kwargs)
             messages = None if request.messages is None else [m.model_dump() for m in request.messages]
-
-            def run() -> tuple[Any, float, float]:
-                acquired = runtime.acquire(request.model)
-                runtime.faults.check("infer", request.model)
-                compute_started = time.perf_counter()
-                output = generate(
-                    acquired.loaded,
+            output, load_s, compute_s = _infer(
+                self,
+                runtime,
+                request.model,
+                lambda loaded: generate(
+                    loaded,
                     prompt=request.prompt,
                     messages=messages,
                     max_new_tokens=request.max_new_tokens,
                     temperature=float(request.temperature),
                     top_p=float(request.top_p),
                     seed=request.seed,
-                )
-                return output, acquired.load_s, time.perf_counter() - compute_started
-
-            output, load_s, compute_s = _with_oom_recovery(self, runtime, request.model, run)
-        runtime.job_done()
-        timings = Timings(
-            queue_wait_s=_queue_wait_s(self, started),
-            load_s=load_s,
-            compute_s=compute_s,
-            total_s=time.time() - started,
-        )
+                ),
+            )
+        common = _finish(self, runtime, request.model, started, load_s=load_s, compute_s=compute_s)
         result = GenerateResult(
             text=output.text,
             prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens,
-            finish_reason=output.finish_reason,
-            **_common(runtime, request.model, timings),
+            finish_reason=output.finish_reason,  # type: ignore[arg-type]
+            **common,
         )
         return dump(result)
 
@@ -284,11 +277,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
                 request.model,
                 lambda: runtime.acquire(request.model, pinned=request.priority, progress=progress),
             )
-        runtime.job_done()
         action = {"hit": "already-loaded", "loaded": "loaded", "restored": "restored"}[acquired.action]
-        timings = Timings(
-            queue_wait_s=_queue_wait_s(self, started), load_s=acquired.load_s, total_s=time.time() - started
-        )
+        common = _finish(self, runtime, request.model, started, load_s=acquired.load_s)
         result = LoadModelResult(
             action=action,  # type: ignore[arg-type]
             bytes=acquired.loaded.bytes,
@@ -296,7 +286,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             pinned=request.priority,
             loader=acquired.loaded.loader,
             evicted=list(acquired.evicted),
-            **_common(runtime, request.model, timings),
+            **common,
         )
         return dump(result)
 
@@ -307,13 +297,12 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         with job_errors(self.name, limits.soft_time_limit_s):
             request = parse(UnloadModelRequest, args, kwargs)
             freed = runtime.unload(request.model)
-        runtime.job_done()
-        seconds = time.time() - started
+        common = _finish(self, runtime, request.model, started)
         result = UnloadModelResult(
             action="not-loaded" if freed is None else "unloaded",
             bytes=freed or 0,
-            seconds=seconds,
-            **_common(runtime, request.model, Timings(queue_wait_s=_queue_wait_s(self, started), total_s=seconds)),
+            seconds=common["timings"].total_s,
+            **common,
         )
         return dump(result)
 

@@ -151,3 +151,14 @@ def test_queued_jobs_survive_a_redis_restart(
 
 def _worker_on(worker_factory: WorkerFactory, server: LocalRedis) -> RunningWorker:
     return worker_factory({"GPUFLEET_BROKER_URL": server.url(0), "GPUFLEET_RESULT_BACKEND": server.url(1)})
+
+
+def test_a_poison_job_is_failed_after_max_deliveries(worker_factory: WorkerFactory) -> None:
+    """A job that kills its process every time is requeued (acks_late + reject_on_worker_lost), counted, and
+    failed once it exceeds GPUFLEET_JOBS__MAX_DELIVERIES, instead of killing workers forever."""
+    worker = worker_factory({"GPUFLEET_FAULTS": f"crash:infer:{CHAT}:99", "GPUFLEET_JOBS__MAX_DELIVERIES": "2"})
+    job = worker.send("fleet.generate", kwargs={"model": CHAT, "prompt": "poison", "max_new_tokens": 2})
+    with pytest.raises(Exception, match="delivered 3 times") as raised:
+        job.get(timeout=180)
+    assert type(raised.value).__name__ == "JobError"
+    assert worker.client.embed(EMBED, ["the worker survived the poison job"]).get(timeout=120)["dim"] == 384

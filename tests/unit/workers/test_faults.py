@@ -28,6 +28,6 @@ def test_injected_oom_counts_down(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unreadable_fault_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GPUFLEET_FAULTS", "crash:load:a:1")
+    monkeypatch.setenv("GPUFLEET_FAULTS", "boom:load:a:1")
     with pytest.raises(ValueError, match="GPUFLEET_FAULTS"):
         Faults.from_env()

@@ -65,3 +65,46 @@ def test_gpu_flag_without_nvidia_gpu_says_use_cpu() -> None:
         pass
     with pytest.raises(WorkerStartError, match="--cpu"):
         build_identity(gpu=0, cpu=False, name=None)
+
+
+class FakeNvml:
+    """Stands in for pynvml on a machine without a GPU: two devices, as NVML would report them."""
+
+    class NVMLError(Exception):
+        pass
+
+    DEVICES = (("NVIDIA H100 80GB HBM3", 85_520_809_984), ("NVIDIA L4", 24_152_899_584))
+
+    def nvmlInit(self) -> None: ...
+
+    def nvmlShutdown(self) -> None: ...
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.DEVICES)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return self.DEVICES[handle][0].encode()
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return f"GPU-{handle:04d}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
+        total = self.DEVICES[handle][1]
+        return type("Memory", (), {"total": total, "used": 0, "free": total})()
+
+
+def test_gpu_identity_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.identity import gpu_identity
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    h100 = gpu_identity(0)
+    assert h100.gpu_type == "h100" and h100.name.startswith("h100-0@")
+    assert h100.queues == ("gpu.h100", f"gpu.h100.{h100.name}")
+    assert h100.device == "cuda:0" and h100.device_label == "cuda:0 (NVIDIA H100 80GB HBM3)"
+    l4 = gpu_identity(1, name="l4-1@box")
+    assert l4.gpu_type == "l4" and l4.queues == ("gpu.l4", "gpu.l4.l4-1@box")
+    with pytest.raises(WorkerStartError, match=r"--gpu 0\.\.1"):
+        gpu_identity(2)
