@@ -76,6 +76,8 @@ def run_worker(*, gpu: int | None, cpu: bool, name: str | None = None, loglevel:
         settings = load_settings()
     except SettingsError as exc:
         raise WorkerStartError(str(exc)) from exc
+    if gpu is not None and not settings.gpu.enabled:
+        raise WorkerStartError("GPUFLEET_GPU__ENABLED is false: start this worker with --cpu, or enable the GPU")
     identity = build_identity(gpu=gpu, cpu=cpu, name=name)
     check_priority_models(settings)
 

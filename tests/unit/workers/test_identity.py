@@ -108,3 +108,11 @@ def test_gpu_identity_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert l4.gpu_type == "l4" and l4.queues == ("gpu.l4", "gpu.l4.l4-1@box")
     with pytest.raises(WorkerStartError, match=r"--gpu 0\.\.1"):
         gpu_identity(2)
+
+
+def test_gpu_disabled_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.main import run_worker
+
+    monkeypatch.setenv("GPUFLEET_GPU__ENABLED", "false")
+    with pytest.raises(WorkerStartError, match="GPUFLEET_GPU__ENABLED"):
+        run_worker(gpu=0, cpu=False)
