@@ -12,11 +12,18 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tasks.app import create_app
-from tasks.contracts import EmbedRequest, GenerateRequest, LoadModelRequest, SleepRequest, UnloadModelRequest
-from tasks.errors import BrokerUnavailableError, InvalidRequestError
+from tasks.contracts import (
+    EmbedRequest,
+    GenerateRequest,
+    LoadModelRequest,
+    SleepRequest,
+    UnloadModelRequest,
+    validate_request,
+)
+from tasks.errors import BrokerUnavailableError
 from tasks.names import TaskName
 from tasks.settings import Settings
 
@@ -59,10 +66,7 @@ class FleetClient:
             BrokerUnavailableError: the broker did not answer after the configured retries.
         """
         name = TaskName(task)
-        try:
-            request = _REQUESTS[name].model_validate(kwargs)
-        except ValidationError as exc:
-            raise InvalidRequestError(f"invalid {name.value} request: {exc}") from None
+        request = validate_request(_REQUESTS[name], kwargs)
         options: dict[str, Any] = {"headers": {ENQUEUED_AT_HEADER: time.time()}}
         if queue:
             options["queue"] = queue

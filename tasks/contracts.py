@@ -6,7 +6,7 @@ field. Results are plain JSON (``model_dump(mode="json")``) so callers without g
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -16,12 +16,16 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
     model_validator,
 )
+
+from tasks.errors import InvalidRequestError
 
 MAX_TEXTS = 1024
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
 class _Request(BaseModel):
@@ -143,6 +147,21 @@ class UnloadModelResult(_Result):
 class SleepResult(BaseModel):
     worker: str
     slept_s: float
+
+
+def validate_request(model: type[RequestT], kwargs: dict[str, Any]) -> RequestT:
+    """Validate a job's keyword arguments against its contract.
+
+    Raises:
+        InvalidRequestError: naming every wrong field and why (``texts: List should have at least 1 item``).
+    """
+    try:
+        return model.model_validate(kwargs)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidRequestError(f"invalid {model.__name__}: {problems}") from None
 
 
 def dump(result: BaseModel) -> dict[str, Any]:

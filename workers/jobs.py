@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 import gpu.errors as gpu_errors
 from gpu.inference import LoadedModel, embed, generate
@@ -34,6 +34,7 @@ from tasks.contracts import (
     UnloadModelRequest,
     UnloadModelResult,
     dump,
+    validate_request,
 )
 from tasks.names import TaskName
 from tasks.settings import Settings
@@ -50,23 +51,17 @@ T = TypeVar("T")
 
 
 def parse(model: type[RequestT], args: tuple[Any, ...], kwargs: dict[str, Any]) -> RequestT:
-    """Validate a job's arguments against its contract.
+    """Validate a job's arguments against its contract (keyword arguments only).
 
     Raises:
-        InvalidRequestError: naming every field that is wrong.
+        InvalidRequestError: positional arguments, or naming every field that is wrong.
     """
     if args:
         raise errors.InvalidRequestError(
             f"{model.__name__} takes keyword arguments only; got {len(args)} positional argument(s): "
             "send kwargs={...} with send_task"
         )
-    try:
-        return model.model_validate(kwargs)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
-        )
-        raise errors.InvalidRequestError(f"invalid {model.__name__}: {problems}") from None
+    return validate_request(model, kwargs)
 
 
 _GPU_TO_JOB: tuple[tuple[type[Exception], type[errors.JobError]], ...] = (
