@@ -1,9 +1,14 @@
-"""Fault injection for tests of failure paths (CUDA OOM) that cannot be provoked on a CPU.
+"""Fault injection for tests of failure paths (CUDA OOM, crashes) that cannot be provoked on a CPU.
 
-Off unless ``GPUFLEET_FAULTS`` is set, e.g. ``oom:load:gpufleet/tiny-chat:1,oom:infer:*:2`` — raise a device
-out-of-memory error the first N times that model loads (or runs); ``slow:warmup:3`` makes warm-up take 3 s
-longer (to observe a worker that is not ready yet); ``crash:infer:<model>:<count>`` kills the pool child with
-SIGKILL when it runs that model (a poison job). Used by the integration tests; never set it in production.
+Off unless ``GPUFLEET_FAULTS`` is set to a comma-separated list of:
+
+- ``oom:load|infer:<model or *>:<count>``: raise a device out-of-memory error the first N times that model
+  loads (or runs);
+- ``crash:load|infer:<model or *>:<count>``: kill the pool child with SIGKILL instead (a poison job);
+- ``slow:warmup|load:<seconds>``: make warm-up (or each disk load) take that much longer, to observe a worker
+  that is not ready yet or a load in progress.
+
+Used by the integration tests; never set it in production.
 """
 
 from __future__ import annotations

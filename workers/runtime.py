@@ -210,6 +210,9 @@ class WorkerRuntime:
                 restored = self.parked.restore(model_id, self.device)
                 if restored is not None:
                     return restored, "restored", evicted
+            if progress is not None:
+                progress(0, estimate)  # the caller sees the load start before the first bytes arrive
+            self.faults.delay("load")
             loaded = self._call_loader(resolved, progress)
         except BaseException:
             pool.release(model_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from tests.integration.conftest import RunningWorker
+from tests.integration.conftest import RunningWorker, WorkerFactory
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +162,18 @@ def test_no_result_is_lost_waiting(worker: RunningWorker) -> None:
     except CeleryTimeout:  # pragma: no cover - diagnostic
         pytest.fail("jobs did not complete")
     assert dims == [384] * 8
+
+
+def test_load_reports_progress_then_the_result(worker_factory: WorkerFactory) -> None:
+    worker = worker_factory({"GPUFLEET_FAULTS": "slow:load:2"})
+    job = worker.client.load_model(EMBED)
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    while not job.ready() and time.monotonic() < deadline:
+        if job.state == "PROGRESS":
+            seen.append(dict(job.info))
+        time.sleep(0.05)
+    result = job.get(timeout=10)
+    assert seen, "no PROGRESS state was observed during a 2 s load"
+    assert seen[0]["bytes_total"] > 50 * 2**20 and seen[0]["bytes_done"] <= seen[0]["bytes_total"]
+    assert result["action"] == "loaded" and result["loader"] == "fast-safetensors"
