@@ -48,12 +48,20 @@ def flower(worker: RunningWorker, tmp_path_factory: pytest.TempPathFactory) -> I
     port = free_port()
     log_path = tmp_path_factory.mktemp("flower") / "flower.log"
     command = [
-        *celery_command(), "--app", "tasks.app:app", "flower",
-        f"--port={port}", "--address=127.0.0.1", f"--basic-auth={USER}:{PASSWORD}",
+        *celery_command(),
+        "--app",
+        "tasks.app:app",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        f"--basic-auth={USER}:{PASSWORD}",
     ]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            command, env={**os.environ, **worker.env}, stdout=log_file, stderr=subprocess.STDOUT,
+            command,
+            env={**os.environ, **worker.env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
