@@ -27,10 +27,9 @@ from gpu.repository import list_models, resolve_model
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo-models")
-    make_demo_models(root)
-    return root
+def demo_root(model_root: Path) -> Path:
+    """The session's demo model root (tests/conftest.py), built once for unit and integration tests alike."""
+    return model_root
 
 
 @pytest.fixture(scope="session")
