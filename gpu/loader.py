@@ -9,17 +9,13 @@ so in :attr:`LoadedModel.loader`.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import queue
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +23,32 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu.errors import ModelLoadError
 from gpu.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
+from gpu.safetensors_io import (
+    CHUNK_ALIGN_BYTES,
+    SAFETENSORS_DTYPES,
+    Piece,
+    StagedReader,
+    TensorEntry,
+    interleave_files,
+    read_safetensors_header,
+    safetensors_files,
+)
 from gpu.units import MiB
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = [
+    "FastSafetensorsLoader",
+    "ModelLoader",
+    "PretrainedLoader",
+    "ProgressFn",
+    "TensorEntry",
+    "load_tokenizer",
+    "read_safetensors_header",  # re-exported from gpu.safetensors_io
+    "safetensors_files",  # re-exported from gpu.safetensors_io
+    "torch_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,101 +177,6 @@ class PretrainedLoader:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# safetensors headers
-
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-CHUNK_ALIGN_BYTES = 4096
-_WORKER_DONE = -1  # what a reader thread puts on the progress queue when it stops
-# Bigger headers than this mean a corrupt or hostile file (the format's own readers cap it the same way).
-MAX_HEADER_BYTES = 100 * MiB
-
-# safetensors dtype names → torch dtype attribute names. Anything else (fp8, fp4, ...) goes to the fallback.
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes live in a safetensors file."""
-
-    file: Path
-    dtype: str  # safetensors name: "BF16", "F32", ...
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-
-def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header: an 8-byte little-endian length, then JSON naming dtype, shape and offsets.
-
-    Args:
-        file: a ``.safetensors`` file.
-
-    Returns:
-        Tensor name → :class:`TensorEntry` (``__metadata__`` left out).
-
-    Raises:
-        ModelLoadError: the file is unreadable, truncated or not a safetensors file.
-    """
-    try:
-        with file.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise ModelLoadError(f"{file} is too short to be a safetensors file; re-download the weights")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise ModelLoadError(
-                    f"{file} declares a {header_len}-byte header; the file is corrupt, re-download the weights"
-                )
-            raw = handle.read(header_len)
-        header = json.loads(raw)
-        file_bytes = file.stat().st_size
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the safetensors header of {file}: {exc}; re-download the weights") from exc
-    data_start = 8 + header_len
-    entries: dict[str, TensorEntry] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = (int(x) for x in meta["data_offsets"])
-        entry = TensorEntry(
-            file=file,
-            dtype=str(meta["dtype"]),
-            shape=tuple(int(d) for d in meta["shape"]),
-            offset=data_start + begin,
-            nbytes=end - begin,
-        )
-        if entry.offset + entry.nbytes > file_bytes or end < begin:
-            raise ModelLoadError(
-                f"{file} is truncated: tensor {name!r} ends past the end of the file; re-download the weights"
-            )
-        entries[name] = entry
-    return entries
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """The safetensors files of a model directory (the index's shards, or ``model.safetensors``); [] if none."""
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return [path / name for name in sorted(set(weight_map.values()))]
-    single = path / SAFETENSORS_SINGLE
-    return [single] if single.is_file() else []
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The fast loader
 
 
@@ -261,22 +184,9 @@ class _Fallback(Exception):
     """Internal: the fast path does not handle this checkpoint; the message is the reason."""
 
 
-@dataclass
-class _Piece:
-    """One read: ``nbytes`` at ``offset`` of ``fd`` into elements [start, start + count) of ``dest``."""
-
-    fd: int
-    offset: int
-    nbytes: int
-    dest: Any  # a flat, contiguous torch tensor on the target device
-    start: int  # first element of dest written (in dest's dtype)
-    count: int  # elements written
-    src_dtype: Any  # torch dtype of the bytes on disk
-
-
 @dataclass(frozen=True)
 class _Plan:
-    pieces: list[_Piece]
+    pieces: list[Piece]
     total_bytes: int
     unexpected_keys: int
 
@@ -310,22 +220,6 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _address_view(tensor: torch.Tensor, byte_offset: int, nbytes: int) -> memoryview:
-    """A writable memoryview over ``nbytes`` of a CPU tensor's memory, for ``os.preadv`` to read into."""
-    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr() + byte_offset)
-    return memoryview(array).cast("B")
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` (pread may return short counts)."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += got
-
-
 class FastSafetensorsLoader:
     """Safetensors straight to the device: meta skeleton, parallel ``pread`` into reused staging buffers.
 
@@ -334,7 +228,7 @@ class FastSafetensorsLoader:
     when it is free again). Pieces of all shards go through one queue, so shards are read in parallel. On the
     CPU the bytes are read straight into the parameters' memory. Host memory used beyond the staging buffers
     is a tensor's worth at most while converting dtypes on the CPU: the model is never copied whole in host
-    memory.
+    memory. The reading itself is :class:`gpu.safetensors_io.StagedReader`'s; this class decides what to read.
 
     Falls back to :class:`PretrainedLoader` (and names why in ``LoadedModel.loader``) for checkpoints without
     safetensors, quantized ones, custom code, weights transformers converts on load, and keys it cannot match.
@@ -373,7 +267,7 @@ class FastSafetensorsLoader:
         self.fallback: ModelLoader = (
             fallback if fallback is not None else PretrainedLoader(trust_remote_code=trust_remote_code)
         )
-        self._staging: list[torch.Tensor] = []  # pinned, reused across loads
+        self._reader = StagedReader(read_threads=self.read_threads, chunk_bytes=self.chunk_bytes)
         self._lock = threading.Lock()  # one load at a time: the skeleton patch and the staging are shared
 
     def load(
@@ -404,7 +298,7 @@ class FastSafetensorsLoader:
     def release_staging(self) -> None:
         """Free the pinned staging buffers (they are allocated again by the next CUDA load)."""
         with self._lock:
-            self._staging = []
+            self._reader.release_staging()
 
     # -- the fast path --------------------------------------------------------------------------------------
 
@@ -439,7 +333,7 @@ class FastSafetensorsLoader:
         try:
             plan = self._plan(module, entries, fds, target)
             try:
-                self._run(plan, target, progress)
+                self._reader.read(plan.pieces, plan.total_bytes, target, progress)
             except OSError as exc:
                 raise ModelLoadError(
                     f"reading the weights of {model_id!r} from {path} failed: {exc}; check the files are "
@@ -479,14 +373,14 @@ class FastSafetensorsLoader:
 
         matches = _match_keys(module, _renamed_entries(module, entries))
         replacements: dict[int, torch.Tensor] = {}
-        pieces: list[_Piece] = []
+        pieces: list[Piece] = []
         for meta, entry in matches.values():
-            src_dtype = getattr(torch, _SAFETENSORS_DTYPES[entry.dtype])
+            src_dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
             dest = torch.empty(tuple(meta.shape), dtype=meta.dtype, device=target)
             if isinstance(meta, torch.nn.Parameter):
                 dest = torch.nn.Parameter(dest, requires_grad=meta.requires_grad)
             replacements[id(meta)] = dest
-            pieces.extend(self._cut(entry, fds[entry.file], dest.detach().view(-1), src_dtype))
+            pieces.extend(self._reader.cut(entry, fds[entry.file], dest.detach().view(-1), src_dtype))
         for owner in module.modules():
             for name, param in owner._parameters.items():
                 if param is not None and id(param) in replacements:
@@ -494,171 +388,10 @@ class FastSafetensorsLoader:
             for name, buffer in owner._buffers.items():
                 if buffer is not None and id(buffer) in replacements:
                     owner._buffers[name] = replacements[id(buffer)]
-        # Shards are interleaved so several files are read at once.
-        rank: dict[int, int] = {}
-        ranked = []
-        for piece in pieces:
-            rank[piece.fd] = rank.get(piece.fd, -1) + 1
-            ranked.append((rank[piece.fd], piece.fd, piece))
-        pieces = [piece for _, _, piece in sorted(ranked, key=lambda r: (r[0], r[1]))]
+        pieces = interleave_files(pieces)  # several files are read at once
         used = {id(entry) for _, entry in matches.values()}
         unexpected = sum(1 for entry in entries.values() if id(entry) not in used)
         return _Plan(pieces, sum(p.nbytes for p in pieces), unexpected)
-
-    def _cut(self, entry: TensorEntry, fd: int, dest: torch.Tensor, src_dtype: torch.dtype) -> list[_Piece]:
-        """Split one tensor's bytes into reads of at most ``chunk_bytes``, on element boundaries."""
-        per_piece = max(1, self.chunk_bytes // src_dtype.itemsize)
-        count = dest.numel()
-        return [
-            _Piece(
-                fd=fd,
-                offset=entry.offset + start * src_dtype.itemsize,
-                nbytes=min(per_piece, count - start) * src_dtype.itemsize,
-                dest=dest,
-                start=start,
-                count=min(per_piece, count - start),
-                src_dtype=src_dtype,
-            )
-            for start in range(0, count, per_piece)
-        ]
-
-    def _run(self, plan: _Plan, target: torch.device, progress: ProgressFn | None) -> None:
-        """Read every piece with the thread pool, reporting progress from this (the calling) thread."""
-        work: queue.SimpleQueue[_Piece | None] = queue.SimpleQueue()
-        for piece in plan.pieces:
-            work.put(piece)
-        n_threads = min(self.read_threads, max(1, len(plan.pieces)))
-        for _ in range(n_threads):
-            work.put(None)
-        done: queue.SimpleQueue[int] = queue.SimpleQueue()
-        stop = threading.Event()
-        cuda = target.type == "cuda"
-        staging = self._staging_buffers(n_threads) if cuda else []
-        worker = self._cuda_worker if cuda else self._cpu_worker
-        with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="fast-load") as pool:
-            futures: list[Future[None]] = [
-                pool.submit(worker, work, done, stop, target, staging[2 * i : 2 * i + 2]) for i in range(n_threads)
-            ]
-            reported = 0
-            step = max(1, plan.total_bytes // 100)  # about a hundred progress calls per load
-            bytes_done = 0
-            finished = 0
-            while finished < n_threads:
-                n_bytes = done.get()
-                if n_bytes == _WORKER_DONE:
-                    finished += 1
-                    continue
-                bytes_done += n_bytes
-                if progress is not None and bytes_done - reported >= step and bytes_done < plan.total_bytes:
-                    progress(bytes_done, plan.total_bytes)
-                    reported = bytes_done
-            for future in futures:
-                future.result()  # re-raises a reader's error
-        if progress is not None:
-            progress(plan.total_bytes, plan.total_bytes)
-
-    def _staging_buffers(self, n_threads: int) -> list[torch.Tensor]:
-        import torch
-
-        if len(self._staging) < 2 * n_threads:
-            self._staging = [
-                torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2 * n_threads)
-            ]
-        return self._staging
-
-    @staticmethod
-    def _cpu_worker(
-        work: queue.SimpleQueue[_Piece | None],
-        done: queue.SimpleQueue[int],
-        stop: threading.Event,
-        target: torch.device,
-        _staging: list[torch.Tensor],
-    ) -> None:
-        import torch
-
-        scratch: torch.Tensor | None = None
-        try:
-            while (piece := work.get()) is not None and not stop.is_set():
-                dest = piece.dest
-                if piece.src_dtype == dest.dtype:
-                    # Same dtype on the CPU: the parameter's own memory is the read buffer.
-                    byte_offset = piece.start * dest.element_size()
-                    _pread_full(piece.fd, _address_view(dest, byte_offset, piece.nbytes), piece.offset)
-                else:
-                    if scratch is None or scratch.numel() < piece.nbytes:
-                        scratch = torch.empty(piece.nbytes, dtype=torch.uint8)
-                    _pread_full(piece.fd, _address_view(scratch, 0, piece.nbytes), piece.offset)
-                    src = scratch[: piece.nbytes].view(piece.src_dtype)
-                    dest[piece.start : piece.start + piece.count].copy_(src)
-                done.put(piece.nbytes)
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            done.put(_WORKER_DONE)
-
-    @staticmethod
-    def _cuda_worker(
-        work: queue.SimpleQueue[_Piece | None],
-        done: queue.SimpleQueue[int],
-        stop: threading.Event,
-        target: torch.device,
-        staging: list[torch.Tensor],
-    ) -> None:
-        import torch
-
-        try:
-            with torch.cuda.device(target):
-                stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-                try:
-                    _cuda_copy_loop(work, stop=stop, target=target, staging=staging, stream=stream, done=done)
-                finally:
-                    # Also on errors: no copy may still read a staging buffer the next load reuses.
-                    stream.synchronize()
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            done.put(_WORKER_DONE)
-
-
-def _cuda_copy_loop(
-    work: queue.SimpleQueue[_Piece | None],
-    *,
-    stop: threading.Event,
-    target: torch.device,
-    staging: list[torch.Tensor],
-    stream: torch.cuda.Stream,
-    done: queue.SimpleQueue[int],
-) -> None:
-    """Read pieces into two pinned buffers in turn, each copied to the device on ``stream`` as soon as read."""
-    import torch
-
-    events: list[torch.cuda.Event | None] = [None, None]
-    scratch: torch.Tensor | None = None  # device bytes for dtype conversion on the GPU
-    slot = 0
-    with torch.cuda.stream(stream):
-        while (piece := work.get()) is not None and not stop.is_set():
-            event = events[slot]
-            if event is not None:
-                event.synchronize()  # this buffer's previous copy has finished
-            buffer = staging[slot][: piece.nbytes]
-            _pread_full(piece.fd, _address_view(buffer, 0, piece.nbytes), piece.offset)
-            dest = piece.dest[piece.start : piece.start + piece.count]
-            if piece.src_dtype == dest.dtype:
-                dest.view(torch.uint8).copy_(buffer, non_blocking=True)
-            else:
-                # Convert on the device: the stream orders the next use of scratch after this one.
-                if scratch is None:
-                    scratch = torch.empty(staging[slot].numel(), dtype=torch.uint8, device=target)
-                raw = scratch[: piece.nbytes]
-                raw.copy_(buffer, non_blocking=True)
-                dest.copy_(raw.view(piece.src_dtype))
-            recorded = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            recorded.record(stream)
-            events[slot] = recorded
-            slot = 1 - slot
-            done.put(piece.nbytes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -690,7 +423,7 @@ def _check_supported(module: torch.nn.Module, entries: dict[str, TensorEntry], d
     """Raise :class:`_Fallback` for what only ``from_pretrained`` does right."""
     import torch
 
-    odd = sorted({e.dtype for e in entries.values()} - set(_SAFETENSORS_DTYPES))
+    odd = sorted({e.dtype for e in entries.values()} - set(SAFETENSORS_DTYPES))
     if odd:
         raise _Fallback(f"checkpoint dtypes {', '.join(odd)} are not handled")
     if getattr(module, "_keep_in_fp32_modules_strict", None) and dtype in (torch.float16, torch.bfloat16):
@@ -764,7 +497,7 @@ def _match_keys(
             raise _Fallback(
                 f"shape of {source!r} is {list(entry.shape)} in the checkpoint, {list(meta.shape)} in the model"
             )
-        itemsize = getattr(torch, _SAFETENSORS_DTYPES[entry.dtype]).itemsize
+        itemsize = getattr(torch, SAFETENSORS_DTYPES[entry.dtype]).itemsize
         if entry.nbytes != meta.numel() * itemsize:
             raise ModelLoadError(
                 f"{entry.file}: tensor {source!r} holds {entry.nbytes} bytes, its shape and dtype need "
