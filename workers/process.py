@@ -53,6 +53,7 @@ def on_process_init(**_: Any) -> None:
         return  # a worker not started through `gpufleet worker`; nothing to do
     started = time.perf_counter()
     _runtime = WorkerRuntime(_identity, _settings)
+    _runtime.publish()  # "not ready" at once: a replaced child must not leave its predecessor's "ready" behind
     _runtime.start()
     log.info("%s warm and ready in %.2f s", _identity.name, time.perf_counter() - started)
     announce_ready(_app, _identity)
