@@ -84,7 +84,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(result.id)
         return 0
-    value = _wait(result, args.timeout)
+    # A job whose model is not resident reports its load as PROGRESS: shown as a bar unless --json.
+    value = _wait(result, args.timeout, progress=not args.json)
     _print_json(value if args.json else _summarise(value))
     return 0
 

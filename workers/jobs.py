@@ -120,13 +120,31 @@ def _finish(
     }
 
 
+def _progress_reporter(task: Task) -> Callable[[int, int], None]:
+    """Publish a load's progress as Celery state ``PROGRESS`` (bytes done/total), at most every 0.25 s."""
+    last_report_s = [0.0]
+
+    def report(done_bytes: int, total_bytes: int) -> None:
+        now = time.monotonic()
+        if now - last_report_s[0] >= PROGRESS_EVERY_S or done_bytes >= total_bytes:
+            last_report_s[0] = now
+            task.update_state(state="PROGRESS", meta={"bytes_done": done_bytes, "bytes_total": total_bytes})
+
+    return report
+
+
 def _infer(
     task: Task, runtime: WorkerRuntime, model: str, compute: Callable[[LoadedModel], T]
 ) -> tuple[T, float, float]:
-    """Get the model and run ``compute`` on it, with the OOM path; returns (output, load_s, compute_s)."""
+    """Get the model (reporting load progress) and run ``compute`` on it, with the OOM path.
+
+    Returns:
+        (output, load_s, compute_s).
+    """
+    progress = _progress_reporter(task)
 
     def run() -> tuple[T, float, float]:
-        acquired = runtime.acquire(model)
+        acquired = runtime.acquire(model, progress=progress)
         runtime.faults.check("infer", model)
         compute_started = time.perf_counter()
         output = compute(acquired.loaded)
@@ -255,14 +273,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def load_model_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         started = time.time()
         runtime = process.runtime()
-        last_report = [0.0]
-
-        def progress(done_bytes: int, total_bytes: int) -> None:
-            now = time.monotonic()
-            if now - last_report[0] >= PROGRESS_EVERY_S or done_bytes >= total_bytes:
-                last_report[0] = now
-                self.update_state(state="PROGRESS", meta={"bytes_done": done_bytes, "bytes_total": total_bytes})
-
         with job_errors(self.name, limits.load_soft_time_limit_s):
             _count_delivery(self, settings)
             request = parse(LoadModelRequest, args, kwargs)
@@ -270,7 +280,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
                 self,
                 runtime,
                 request.model,
-                lambda: runtime.acquire(request.model, pinned=request.priority, progress=progress),
+                lambda: runtime.acquire(request.model, pinned=request.priority, progress=_progress_reporter(self)),
             )
         action = {"hit": "already-loaded", "loaded": "loaded", "restored": "restored"}[acquired.action]
         common = _finish(self, runtime, request.model, started, load_s=acquired.load_s)
