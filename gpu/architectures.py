@@ -312,18 +312,11 @@ def generic_counts(
     if checkpoint_bytes:
         bytes_per_param = _DTYPE_BYTES.get(dtype, 2.0) if quantization is None else quantization.bits / 8
         params = int(checkpoint_bytes / bytes_per_param)
-        shape = reference_shape(params / 1e9)
-        return Counts(
-            total=params,
-            active=params,
-            quantizable=int(params * 0.9),
-            layers=shape.layers,
-            hidden=shape.hidden,
-            mlp_width=shape.hidden * 4,
-            kv_heads=shape.kv_heads,
-            head_dim=shape.head_dim,
-            vocab=vocab,
-            tied=False,
+        return _typical_shape_counts(
+            params,
+            params,
+            params,
+            vocab,
             note=(
                 f"unknown architecture {c.model_type!r} without sizes: parameters from the checkpoint size on "
                 "disk, KV cache from a typical shape"
@@ -331,18 +324,11 @@ def generic_counts(
         )
     sized = size_from_name(label)
     if sized is not None:
-        shape = reference_shape(sized.per_expert_params / 1e9)
-        return Counts(
-            total=sized.params,
-            active=sized.active,
-            quantizable=int(sized.params * 0.9),
-            layers=shape.layers,
-            hidden=shape.hidden,
-            mlp_width=shape.hidden * 4,
-            kv_heads=shape.kv_heads,
-            head_dim=shape.head_dim,
-            vocab=vocab,
-            tied=False,
+        return _typical_shape_counts(
+            sized.params,
+            sized.active,
+            sized.per_expert_params,
+            vocab,
             num_experts=sized.num_experts,
             experts_per_token=sized.experts_per_token,
             note=f"unknown architecture {c.model_type!r} without sizes: parameters from the name ({sized.text})",
@@ -351,6 +337,28 @@ def generic_counts(
         f"config for {label!r} has unknown architecture {c.model_type!r} and no hidden_size/num_hidden_layers, "
         f"no weights on disk and no size in its name: add the weights or the sizes, or plan by a name with a "
         f"size (like '7B'); known architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _typical_shape_counts(
+    total: int, active: int, shape_params: int, vocab: int, *, note: str, **experts: Any
+) -> Counts:
+    """Counts for a model known only by its size: a typical dense shape of ``shape_params`` parameters (per
+    expert for MoE) gives layers, widths and KV geometry; 90% of the weights are taken as quantizable."""
+    shape = reference_shape(shape_params / 1e9)
+    return Counts(
+        total=total,
+        active=active,
+        quantizable=int(total * 0.9),
+        layers=shape.layers,
+        hidden=shape.hidden,
+        mlp_width=shape.hidden * 4,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        vocab=vocab,
+        tied=False,
+        note=note,
+        **experts,
     )
 
 
