@@ -23,7 +23,7 @@ from gpu.inference import LoadedModel
 from gpu.loader import ModelLoader, PretrainedLoader
 from gpu.memory_pool import GPUMemoryPool, configure_allocator
 from gpu.model_cache import ModelCache
-from gpu.repository import ResolvedModel, default_hf_cache, resolve_model
+from gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
 from gpu.warmup import GPUWarmupManager
 from tasks.settings import Settings
 from workers.faults import Faults
@@ -69,6 +69,36 @@ def choose_dtype(identity: WorkerIdentity, settings: Settings) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def preimport_model_code(settings: Settings) -> list[str]:
+    """Import transformers' modeling code for every architecture under the model root (and llama's).
+
+    The first import of a modeling module costs seconds (measured: 3.8 s for BERT's on this project's CPU VM,
+    then 0.02 s for the next family), which would otherwise land on the first user's job. Returns the model
+    types imported.
+    """
+    import importlib
+
+    import transformers  # noqa: F401
+
+    model_types = {"llama"}
+    if settings.model_root is not None:
+        for model_id in list_models(settings.model_root):
+            try:
+                config = json.loads((settings.model_root / model_id / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(config.get("model_type"), str):
+                model_types.add(config["model_type"].replace("-", "_"))
+    imported = []
+    for model_type in sorted(model_types):
+        try:
+            importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:  # custom or renamed architectures load (and import) on first use
+            continue
+        imported.append(model_type)
+    return imported
+
+
 def default_loader(settings: Settings) -> ModelLoader:
     """The fastest loader available, falling back to ``from_pretrained`` for what it does not handle."""
     try:
@@ -99,6 +129,7 @@ class WorkerRuntime:
         self.ready = False
         self.ready_at: float | None = None
         self.warmup_report: dict[str, Any] | None = None
+        self.preimported: list[str] = []
         self.dtype = "float32"
         self.pool: GPUMemoryPool | None = None
         self.cache: ModelCache[LoadedModel] | None = None
@@ -120,9 +151,7 @@ class WorkerRuntime:
         self.parked = self._make_parked_store()
         if self.settings.gpu.warmup.enabled and self.settings.gpu.warmup.on_startup:
             self.warmup_report = _as_dict(self.warmup.warm_up())
-        # Importing transformers' model classes costs seconds; pay it here, not on the first user's job.
-        import transformers  # noqa: F401
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        self.preimported = preimport_model_code(self.settings)
 
         self.faults.delay("warmup")
         for model_id in self.settings.priority_models:
@@ -279,6 +308,7 @@ class WorkerRuntime:
             "updated_at": time.time(),
             "jobs_done": self.jobs_done,
             "loader": getattr(self.loader, "name", type(self.loader).__name__),
+            "preimported_model_code": self.preimported,
         }
         if self.pool is None or self.cache is None or self.warmup is None:
             return {**base, "gpu": {}, "models": {}, "cache": {}}

@@ -95,3 +95,9 @@ def test_unknown_model_and_unload_of_absent(tiny_root: Path, tmp_path: Path) -> 
         runtime.acquire("org/absent")
     assert runtime.unload("org/a") is None
     assert runtime.pool is not None and runtime.pool.reservations() == {}
+
+
+def test_model_code_is_imported_before_the_first_job(tiny_root: Path, tmp_path: Path) -> None:
+    runtime = runtime_for(tiny_root, tmp_path)
+    assert {"llama", "qwen2", "mistral"} <= set(runtime.preimported)
+    assert runtime.snapshot()["preimported_model_code"] == runtime.preimported
