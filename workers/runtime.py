@@ -20,9 +20,10 @@ from typing import Any
 
 from gpu.errors import DeviceOutOfMemoryError
 from gpu.inference import LoadedModel
-from gpu.loader import ModelLoader, PretrainedLoader
+from gpu.loader import FastSafetensorsLoader, ModelLoader
 from gpu.memory_pool import GPUMemoryPool, configure_allocator
 from gpu.model_cache import ModelCache
+from gpu.parking import ParkedStore
 from gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
 from gpu.warmup import GPUWarmupManager
 from tasks.settings import Settings
@@ -100,13 +101,8 @@ def preimport_model_code(settings: Settings) -> list[str]:
 
 
 def default_loader(settings: Settings) -> ModelLoader:
-    """The fastest loader available, falling back to ``from_pretrained`` for what it does not handle."""
-    try:
-        from gpu.loader import FastSafetensorsLoader
-    except ImportError:
-        return PretrainedLoader(trust_remote_code=settings.trust_remote_code)
-    loader: ModelLoader = FastSafetensorsLoader(trust_remote_code=settings.trust_remote_code)
-    return loader
+    """The fast safetensors loader; it falls back to ``from_pretrained`` for what it does not handle."""
+    return FastSafetensorsLoader(trust_remote_code=settings.trust_remote_code)
 
 
 class WorkerRuntime:
@@ -134,7 +130,7 @@ class WorkerRuntime:
         self.pool: GPUMemoryPool | None = None
         self.cache: ModelCache[LoadedModel] | None = None
         self.warmup: GPUWarmupManager | None = None
-        self.parked: Any = None
+        self.parked: ParkedStore | None = None
         self.jobs_done = 0
         self.state_file = state_path(settings, identity.name)
 
@@ -150,7 +146,7 @@ class WorkerRuntime:
         self.warmup = GPUWarmupManager(self.device, self.settings.gpu.warmup, dtypes=(self.dtype,))
         self.parked = self._make_parked_store()
         if self.settings.gpu.warmup.enabled and self.settings.gpu.warmup.on_startup:
-            self.warmup_report = _as_dict(self.warmup.warm_up())
+            self.warmup_report = self.warmup.warm_up().to_dict()
         self.preimported = preimport_model_code(self.settings)
 
         self.faults.delay("warmup")
@@ -160,15 +156,9 @@ class WorkerRuntime:
         self.ready_at = time.time()
         self.publish()
 
-    def _make_parked_store(self) -> Any:
+    def _make_parked_store(self) -> ParkedStore | None:
         host_budget_bytes = self.settings.gpu.memory_pool.host_budget_bytes
-        if host_budget_bytes <= 0:
-            return None
-        try:
-            from gpu.parking import ParkedStore  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            return None
-        return ParkedStore(host_budget_bytes)
+        return ParkedStore(host_budget_bytes) if host_budget_bytes > 0 else None
 
     # -- models -------------------------------------------------------------------------------------------
 
@@ -337,14 +327,6 @@ class WorkerRuntime:
         tmp = self.state_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.snapshot(), default=str))
         tmp.replace(self.state_file)
-
-
-def _as_dict(report: Any) -> dict[str, Any]:
-    if hasattr(report, "to_dict"):
-        return dict(report.to_dict())
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(report) if is_dataclass(report) and not isinstance(report, type) else {"report": str(report)}
 
 
 def _empty_device_cache(device: str) -> None:
