@@ -12,7 +12,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import GpuError
+from gpu.errors import GpuError, UnsafeModelIdError
+from gpu.repository import validate_model_id
 from gpu.selection import Placement, plan
 from tasks.errors import RoutingError
 from tasks.names import gpu_type_queue
@@ -34,8 +35,10 @@ def placement_for(model: str, settings: Settings | None = None) -> Placement:
         RoutingError: the model cannot be planned onto any GPU type of the fleet.
     """
     settings = settings or get_settings()
-    if ".." in model or model.startswith("/"):
-        raise RoutingError(f"model id {model!r} is not allowed: use 'org/name' (no absolute paths, no '..')")
+    try:
+        validate_model_id(model)
+    except UnsafeModelIdError as exc:
+        raise RoutingError(str(exc)) from None
     try:
         return _plan_cached(model, settings.model_root, settings.fleet.gpu_types)
     except GpuError as exc:
