@@ -42,3 +42,14 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     make_demo_models(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiny causal LMs of different architectures (org/a llama, org/b qwen2, org/c mistral)."""
+    from gpu.demo_models import make_tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):
+        make_tiny_causal_lm(root / "org" / name, arch=arch)
+    return root

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.demo_models import make_tiny_causal_lm
 from tasks.settings import load_settings
 from workers.identity import WorkerIdentity
 from workers.runtime import WorkerRuntime
@@ -25,11 +24,8 @@ def cuda_identity() -> WorkerIdentity:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("gpu-models")
-    for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):
-        make_tiny_causal_lm(root / "org" / name, arch=arch)
-    return root
+def models(tiny_model_root: Path) -> Path:
+    return tiny_model_root
 
 
 def test_warm_up_and_budget_on_the_device(models: Path, tmp_path: Path) -> None:

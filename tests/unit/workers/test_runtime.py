@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from gpu.demo_models import make_tiny_causal_lm
 from gpu.errors import AllPinnedError, ModelNotFoundError
 from tasks.settings import Settings, load_settings
 from workers.identity import cpu_identity
@@ -16,11 +15,8 @@ MiB = 2**20
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-models")
-    for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):
-        make_tiny_causal_lm(root / "org" / name, arch=arch)
-    return root
+def tiny_root(tiny_model_root: Path) -> Path:
+    return tiny_model_root
 
 
 def model_bytes(root: Path, name: str) -> int:
