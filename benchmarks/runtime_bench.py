@@ -63,7 +63,7 @@ def build_llama(path: Path, *, layers: int, hidden: int, dtype: str, seed: int) 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gpu.demo_models import demo_tokenizer
+    from workers.tools.demo_models import demo_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = demo_tokenizer()
@@ -91,7 +91,7 @@ def build_bert(path: Path, *, layers: int, hidden: int, dtype: str, seed: int) -
     import torch
     from transformers import BertConfig, BertModel
 
-    from gpu.demo_models import demo_tokenizer
+    from workers.tools.demo_models import demo_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = demo_tokenizer()
@@ -114,7 +114,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def make_loader(name: str) -> Any:
-    from gpu import loader
+    from gpu.runtime import loader
 
     if name == "fast":
         return loader.FastSafetensorsLoader()  # type: ignore[attr-defined,unused-ignore]
@@ -170,12 +170,12 @@ def child_describe(_: dict[str, Any]) -> dict[str, Any]:
 
 def child_first_forward(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one model in this fresh process, warm up per ``mode``, then time the first and steady requests."""
-    from gpu.memory_pool import configure_allocator
+    from gpu.runtime.memory_pool import configure_allocator
 
     configure_allocator()
     from gpu.config import WarmupConfig, WarmupSize
-    from gpu.inference import ModelKind, embed, generate
-    from gpu.warmup import GPUWarmupManager
+    from gpu.runtime.inference import ModelKind, embed, generate
+    from gpu.runtime.warmup import GPUWarmupManager
 
     device, dtype, mode = spec["device"], spec["dtype"], spec["mode"]
     import transformers  # noqa: F401  # imported before the clock starts: load_s is the load, not the import
@@ -240,9 +240,9 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
 
     from gpu.config import GpuConfig, MemoryPoolConfig
     from gpu.errors import CapacityError
-    from gpu.inference import LoadedModel, ModelKind, embed, generate
-    from gpu.memory_pool import GPUMemoryPool
-    from gpu.model_cache import ModelCache
+    from gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+    from gpu.runtime.memory_pool import GPUMemoryPool
+    from gpu.runtime.model_cache import ModelCache
 
     device, dtype = spec["device"], spec["dtype"]
     models: dict[str, str] = spec["models"]
@@ -348,8 +348,8 @@ def run_child(name: str, spec: dict[str, Any], *, env: dict[str, str] | None = N
 def measure_hit_overhead(iterations: int) -> dict[str, Any]:
     """Per-job bookkeeping on a cache hit: ``cache.get`` + ``warmup.record_use``, in microseconds."""
     from gpu.config import WarmupConfig
-    from gpu.model_cache import ModelCache
-    from gpu.warmup import GPUWarmupManager
+    from gpu.runtime.model_cache import ModelCache
+    from gpu.runtime.warmup import GPUWarmupManager
 
     cache: ModelCache[object] = ModelCache(10**12)
     for i in range(32):

@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 # The allocator reads its configuration when CUDA starts: set it before anything can touch CUDA.
-from gpu.memory_pool import configure_allocator
+from gpu.runtime.memory_pool import configure_allocator
 
 ALLOC_CONF = configure_allocator()
 
 from gpu.config import GpuConfig, WarmupConfig, WarmupSize  # noqa: E402
-from gpu.memory_pool import GPUMemoryPool  # noqa: E402
-from gpu.model_cache import ModelCache  # noqa: E402
+from gpu.runtime.memory_pool import GPUMemoryPool  # noqa: E402
+from gpu.runtime.model_cache import ModelCache  # noqa: E402
+from gpu.runtime.warmup import GPUWarmupManager  # noqa: E402
 from gpu.units import MiB, fmt_bytes  # noqa: E402
-from gpu.warmup import GPUWarmupManager  # noqa: E402
 
 
 def pick_device(requested: str | None) -> str:
@@ -103,15 +103,15 @@ def check_memory(device: str) -> None:
 
 def build_tiny_llama(directory: Path) -> Path:
     """A small random Llama (about 10 MB) with the demo tokenizer, made here with transformers."""
-    from gpu.demo_models import make_tiny_causal_lm
+    from workers.tools.demo_models import make_tiny_causal_lm
 
     return make_tiny_causal_lm(directory / "tiny-llama", arch="llama")
 
 
 def check_model(device: str, model_dir: Path | None) -> None:
     """Load through pool + cache with the reference loader, warm the model up, then time five requests."""
-    from gpu.inference import ModelKind, embed, generate
-    from gpu.loader import PretrainedLoader
+    from gpu.runtime.inference import ModelKind, embed, generate
+    from gpu.runtime.loader import PretrainedLoader
 
     with tempfile.TemporaryDirectory(prefix="gpufleet-check-") as scratch:
         path = model_dir if model_dir is not None else build_tiny_llama(Path(scratch))

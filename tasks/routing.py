@@ -1,7 +1,7 @@
 """The producer-side router: a pure planning function behind a thin Celery router adapter.
 
 ``FleetRouter`` is listed in ``task_routes``; Celery calls it for every job sent. It plans the job's model onto the
-cheapest GPU type of the fleet that can hold it (``gpu.selection.plan``, from the model's config.json under the
+cheapest GPU type of the fleet that can hold it (``gpu.plan.selection.plan``, from the model's config.json under the
 model root when the producer can see it, else from its name) and returns that type's queue. An explicit
 ``queue=`` on the call always wins.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from gpu.errors import GpuError, UnsafeModelIdError
+from gpu.plan.selection import Placement, plan
 from gpu.repository import validate_model_id
-from gpu.selection import Placement, plan
 from tasks.errors import RoutingError
 from tasks.names import gpu_type_queue
 from tasks.settings import Settings, get_settings
@@ -59,7 +59,7 @@ def next_fallback_queue(model: str, current_gpu_type: str, settings: Settings | 
     """Where to re-send a job that ran out of memory on ``current_gpu_type``: the first type of the model's plan
     (primary, then fallbacks) with more memory; from ``cpu``, the first GPU type of the plan. None if none is left.
     """
-    from gpu.catalog import get_gpu_type
+    from gpu.plan.catalog import get_gpu_type
 
     try:
         placement = placement_for(model, settings)

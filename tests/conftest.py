@@ -37,7 +37,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model root holding the demo models (real MiniLM, generated tiny-chat)."""
-    from gpu.demo_models import make_demo_models
+    from workers.tools.demo_models import make_demo_models
 
     root = tmp_path_factory.mktemp("models")
     make_demo_models(root)
@@ -47,7 +47,7 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny causal LMs of different architectures (org/a llama, org/b qwen2, org/c mistral)."""
-    from gpu.demo_models import make_tiny_causal_lm
+    from workers.tools.demo_models import make_tiny_causal_lm
 
     root = tmp_path_factory.mktemp("tiny-models")
     for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):

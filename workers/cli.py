@@ -144,8 +144,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from gpu.plan_report import render_placement
-    from gpu.selection import plan
+    from gpu.plan.report import render_placement
+    from gpu.plan.selection import plan
 
     target: str | Path = Path(args.model) if Path(args.model).exists() else args.model
     placement = plan(target, context_length=args.context_length, batch_size=args.batch_size, prefer=args.prefer)
@@ -158,7 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "make-demo":
-        from gpu.demo_models import make_demo_models
+        from workers.tools.demo_models import make_demo_models
 
         for model in make_demo_models(Path(args.root), force=args.force):
             print(f"{model.model_id}: {model.path} ({model.kind.value}, {model.bytes / 2**20:.1f} MiB)")
@@ -176,7 +176,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gpu.bench import main as bench_main
+    from workers.tools.bench import main as bench_main
 
     return int(bench_main(args.bench_args))
 
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("root", nargs="?")
     models.set_defaults(func=cmd_models)
 
-    bench = commands.add_parser("bench", help="loading benchmark (see gpu.bench --help)", add_help=False)
+    bench = commands.add_parser("bench", help="loading benchmark (see workers.tools.bench --help)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

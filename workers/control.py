@@ -34,7 +34,7 @@ def _live_memory() -> dict[str, int] | None:
     identity = process._identity
     if identity is None or identity.device_index is None:
         return None
-    from gpu.nvml import device_memory
+    from gpu.runtime.nvml import device_memory
 
     try:
         return device_memory(identity.device_index)

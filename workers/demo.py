@@ -41,7 +41,7 @@ def _timings(result: dict[str, Any]) -> str:
 
 def run_demo(*, workdir: Path, gpu: int | None = None, keep: bool = False) -> int:
     """Run the demo; returns the process exit code."""
-    from gpu.demo_models import make_demo_models
+    from workers.tools.demo_models import make_demo_models
 
     workdir = workdir.resolve()
     model_root = workdir / "models"

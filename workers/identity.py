@@ -61,9 +61,9 @@ def gpu_identity(index: int, *, name: str | None = None) -> WorkerIdentity:
     Raises:
         WorkerStartError: NVML is unavailable or there is no GPU with that index.
     """
-    from gpu.catalog import gpu_type_from_device_name
     from gpu.errors import ConfigError
-    from gpu.nvml import list_devices
+    from gpu.plan.catalog import gpu_type_from_device_name
+    from gpu.runtime.nvml import list_devices
 
     try:
         devices = list_devices()

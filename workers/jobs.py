@@ -19,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 
 import gpu.errors as gpu_errors
-from gpu.inference import LoadedModel, embed, generate
+from gpu.runtime.inference import LoadedModel, embed, generate
 from tasks import errors
 from tasks.contracts import (
     EmbedRequest,

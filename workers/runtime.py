@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from gpu.errors import DeviceOutOfMemoryError
-from gpu.inference import LoadedModel
-from gpu.loader import FastSafetensorsLoader, ModelLoader
-from gpu.memory_pool import GPUMemoryPool, configure_allocator
-from gpu.model_cache import ModelCache
-from gpu.parking import ParkedStore
 from gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
-from gpu.warmup import GPUWarmupManager
+from gpu.runtime.inference import LoadedModel
+from gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
+from gpu.runtime.memory_pool import GPUMemoryPool, configure_allocator
+from gpu.runtime.model_cache import ModelCache
+from gpu.runtime.parking import ParkedStore
+from gpu.runtime.warmup import GPUWarmupManager
 from tasks.settings import Settings
 from workers.faults import Faults
 from workers.identity import WorkerIdentity
@@ -173,8 +173,8 @@ class WorkerRuntime:
 
     def estimate_bytes(self, resolved: ResolvedModel) -> int:
         """Bytes the model will take on the device, before loading (reconciled with the measure after)."""
-        from gpu.estimate import estimate_model_bytes
-        from gpu.specs import load_spec
+        from gpu.plan.estimate import estimate_model_bytes
+        from gpu.plan.specs import load_spec
 
         bytes_per_param = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
         try:

@@ -31,7 +31,7 @@ def test_tasks_and_planning_import_without_torch_transformers_pynvml() -> None:
         {"torch", "transformers", "pynvml", "safetensors", "tokenizers"},
         """
         import tasks.app, tasks.client, tasks.contracts, tasks.routing, tasks.settings, tasks.names
-        import gpu.catalog, gpu.specs, gpu.estimate, gpu.selection, gpu.repository, gpu.config
+        import gpu.plan.catalog, gpu.plan.specs, gpu.plan.estimate, gpu.plan.selection, gpu.repository, gpu.config
         from tasks.routing import queue_for_model
         from tasks.settings import load_settings
         print(queue_for_model("meta-llama/Llama-3.1-8B-Instruct", load_settings()))

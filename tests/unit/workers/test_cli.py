@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gpu.selection import plan
+from gpu.plan.selection import plan
 from workers.cli import build_parser, main
 from workers.launch import gpufleet_command
 

@@ -57,7 +57,7 @@ def test_binding_sets_visible_devices_in_pci_order() -> None:
 
 def test_gpu_flag_without_nvidia_gpu_says_use_cpu() -> None:
     try:
-        from gpu.nvml import list_devices
+        from gpu.runtime.nvml import list_devices
 
         list_devices()
         pytest.skip("this machine has an NVIDIA driver")

@@ -24,10 +24,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gpu.catalog import CPU, GpuType, all_types, get_gpu_type
 from gpu.errors import ConfigError, PlanningError
-from gpu.estimate import MemoryEstimate, estimate_memory
-from gpu.specs import ModelSpec, QuantMethod, load_spec
+from gpu.plan.catalog import CPU, GpuType, all_types, get_gpu_type
+from gpu.plan.estimate import MemoryEstimate, estimate_memory
+from gpu.plan.specs import ModelSpec, QuantMethod, load_spec
 from gpu.units import GiB, fmt_bytes
 
 MAX_MEMORY_UTILIZATION = 0.92
@@ -213,7 +213,7 @@ def plan(
         The placement; its weights + KV cache + overhead fit in ``memory_utilization`` of its devices.
 
     Raises:
-        ModelSpecError: the model cannot be understood (see :func:`gpu.specs.load_spec`).
+        ModelSpecError: the model cannot be understood (see :func:`gpu.plan.specs.load_spec`).
         ConfigError: a bad argument (unknown type, non-positive context or batch, unknown preference).
         PlanningError: no allowed type, in any count, can hold or run the model.
     """

@@ -4,9 +4,9 @@ Sizes (``7B``, ``0.5B``, ``135M``; ``8x7B`` for Mixtral-style MoE; ``30B-A3B`` f
 of well-known names without a size (``gpt2``, ``bert-base-uncased``, ``phi-2``), quantization suffixes
 (``-GPTQ``, ``-AWQ``, ``-FP8``, ``bnb-4bit``), llama.cpp GGUF quant types (``Q4_K_M``) and the typical shapes
 a name-only model's KV cache is estimated from. Also home of the quantization records (:class:`QuantMethod`,
-:class:`Quantization`) these rules build; :mod:`gpu.specs` re-exports them.
+:class:`Quantization`) these rules build; :mod:`gpu.plan.specs` re-exports them.
 
-Pure Python: never imports torch or transformers, nor :mod:`gpu.specs` (which imports this module).
+Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (which imports this module).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ A :class:`ModelSpec` comes from a ``config.json`` (exact: parameters are counted
 estimate and says so in :attr:`ModelSpec.notes`.
 
 Pure Python: never imports torch or transformers, so the router can plan on a machine without them. The
-parameter formulas are one function per family in :mod:`gpu.architectures`, each checked by a test against
+parameter formulas are one function per family in :mod:`gpu.plan.architectures`, each checked by a test against
 what transformers instantiates on the meta device; the name-only rules (sizes, known names, quantization
-suffixes, GGUF quant types) live in :mod:`gpu.model_names`.
+suffixes, GGUF quant types) live in :mod:`gpu.plan.model_names`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gpu.architectures import FAMILIES, SUPPORTED_ARCHITECTURES, Cfg, generic_counts, positive_int
 from gpu.errors import ModelSpecError
-from gpu.model_names import (
+from gpu.plan.architectures import FAMILIES, SUPPORTED_ARCHITECTURES, Cfg, generic_counts, positive_int
+from gpu.plan.model_names import (
     DEFAULT_GGUF_TYPE,
     ENGINE_QUANTIZATION_NAMES,
     GGUF_BITS_PER_WEIGHT,
@@ -39,13 +39,13 @@ from gpu.model_names import (
 )
 
 __all__ = [
-    "DEFAULT_GGUF_TYPE",  # re-exported from gpu.model_names
-    "ENGINE_QUANTIZATION_NAMES",  # re-exported from gpu.model_names
-    "GGUF_BITS_PER_WEIGHT",  # re-exported from gpu.model_names
-    "SUPPORTED_ARCHITECTURES",  # re-exported from gpu.architectures
+    "DEFAULT_GGUF_TYPE",  # re-exported from gpu.plan.model_names
+    "ENGINE_QUANTIZATION_NAMES",  # re-exported from gpu.plan.model_names
+    "GGUF_BITS_PER_WEIGHT",  # re-exported from gpu.plan.model_names
+    "SUPPORTED_ARCHITECTURES",  # re-exported from gpu.plan.architectures
     "ModelSpec",
-    "QuantMethod",  # re-exported from gpu.model_names
-    "Quantization",  # re-exported from gpu.model_names
+    "QuantMethod",  # re-exported from gpu.plan.model_names
+    "Quantization",  # re-exported from gpu.plan.model_names
     "SpecSource",
     "load_spec",
     "spec_from_config",

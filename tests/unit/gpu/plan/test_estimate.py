@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from gpu.catalog import get_gpu_type
 from gpu.errors import ConfigError
-from gpu.estimate import (
+from gpu.plan.catalog import get_gpu_type
+from gpu.plan.estimate import (
     GPU_RUNTIME_BYTES,
     dtype_bytes,
     estimate_activation_bytes,
@@ -18,7 +18,7 @@ from gpu.estimate import (
     estimate_model_bytes,
     estimate_weights_bytes,
 )
-from gpu.specs import load_spec, spec_from_config, spec_from_name
+from gpu.plan.specs import load_spec, spec_from_config, spec_from_name
 from gpu.units import GB, GiB
 
 

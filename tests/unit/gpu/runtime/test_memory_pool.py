@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpu import memory_pool
 from gpu.config import GpuConfig, MemoryPoolConfig
 from gpu.errors import CapacityError, ConfigError
-from gpu.memory_pool import (
+from gpu.runtime import memory_pool
+from gpu.runtime.memory_pool import (
     ALLOC_CONF_ENV,
     DEFAULT_ALLOC_CONF,
     CpuMemorySource,
@@ -227,8 +227,8 @@ def test_configure_allocator_before_torch_in_a_fresh_process() -> None:
     result = _run(
         """
         import os, sys
-        from gpu.memory_pool import configure_allocator
-        assert "torch" not in sys.modules, "gpu.memory_pool must not import torch"
+        from gpu.runtime.memory_pool import configure_allocator
+        assert "torch" not in sys.modules, "gpu.runtime.memory_pool must not import torch"
         print(configure_allocator())
         print(os.environ["PYTORCH_CUDA_ALLOC_CONF"])
         import torch  # the allocator would now read it when CUDA starts
@@ -240,7 +240,7 @@ def test_configure_allocator_before_torch_in_a_fresh_process() -> None:
 def test_configure_allocator_respects_operator_setting() -> None:
     code = """
         import os
-        from gpu.memory_pool import configure_allocator
+        from gpu.runtime.memory_pool import configure_allocator
         print(configure_allocator("expandable_segments:True"))
         print(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "-"))
         """
@@ -256,7 +256,7 @@ def test_configure_allocator_custom_setting_after_torch_import_without_cuda() ->
     result = _run(
         """
         import torch
-        from gpu.memory_pool import configure_allocator
+        from gpu.runtime.memory_pool import configure_allocator
         print(configure_allocator("expandable_segments:True,max_split_size_mb:256"))
         """
     )

@@ -95,7 +95,7 @@ _TYPES: tuple[GpuType, ...] = (
     _gpu("h200", "NVIDIA H200 141GB HBM3e", 143771, (9, 0), 7.91),
     _gpu("b200", "NVIDIA B200 192GB HBM3e", 183359, (10, 0), 14.24),
     # The CPU: a nominal 64 GiB host budget (a typical general-purpose instance with 16 vCPUs), priced like one.
-    # Never chosen unless the caller allows it (see gpu.selection), so the price only orders fallbacks.
+    # Never chosen unless the caller allows it (see gpu.plan.selection), so the price only orders fallbacks.
     GpuType(
         name=CPU,
         description="CPU (host memory)",
@@ -125,7 +125,9 @@ def get_gpu_type(name: str) -> GpuType:
     try:
         return CATALOG[key]
     except KeyError:
-        raise ConfigError(f"unknown GPU type {name!r}: use one of {', '.join(CATALOG)} (see gpu/catalog.py)") from None
+        raise ConfigError(
+            f"unknown GPU type {name!r}: use one of {', '.join(CATALOG)} (see gpu/plan/catalog.py)"
+        ) from None
 
 
 def all_types(*, include_cpu: bool = True) -> tuple[GpuType, ...]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.bench import write_checkpoint
-from gpu.loader import FastSafetensorsLoader, PretrainedLoader
-from gpu.parking import ParkedStore
+from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpu.runtime.parking import ParkedStore
 from tests.unit.gpu._checkpoints import make_checkpoint, outputs, sample_inputs
+from workers.tools.bench import write_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu.errors import ModelLoadError
-from gpu.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
-from gpu.safetensors_io import (
+from gpu.runtime.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
+from gpu.runtime.safetensors_io import (
     CHUNK_ALIGN_BYTES,
     SAFETENSORS_DTYPES,
     Piece,
@@ -45,8 +45,8 @@ __all__ = [
     "ProgressFn",
     "TensorEntry",
     "load_tokenizer",
-    "read_safetensors_header",  # re-exported from gpu.safetensors_io
-    "safetensors_files",  # re-exported from gpu.safetensors_io
+    "read_safetensors_header",  # re-exported from gpu.runtime.safetensors_io
+    "safetensors_files",  # re-exported from gpu.runtime.safetensors_io
     "torch_dtype",
 ]
 
@@ -133,7 +133,7 @@ class PretrainedLoader:
         ``progress`` is called once, with (total, total), when the weights are in place: ``from_pretrained``
         does not report along the way.
         """
-        from gpu.oom import translate_oom
+        from gpu.runtime.oom import translate_oom
 
         started = time.perf_counter()
         kind = detect_kind(path)
@@ -228,7 +228,7 @@ class FastSafetensorsLoader:
     when it is free again). Pieces of all shards go through one queue, so shards are read in parallel. On the
     CPU the bytes are read straight into the parameters' memory. Host memory used beyond the staging buffers
     is a tensor's worth at most while converting dtypes on the CPU: the model is never copied whole in host
-    memory. The reading itself is :class:`gpu.safetensors_io.StagedReader`'s; this class decides what to read.
+    memory. The reading itself is :class:`gpu.runtime.safetensors_io.StagedReader`'s; this class decides what to read.
 
     Falls back to :class:`PretrainedLoader` (and names why in ``LoadedModel.loader``) for checkpoints without
     safetensors, quantized ones, custom code, weights transformers converts on load, and keys it cannot match.
@@ -279,7 +279,7 @@ class FastSafetensorsLoader:
             ModelLoadError: the weights could not be read or placed.
             DeviceOutOfMemoryError: the device ran out of memory while placing them.
         """
-        from gpu.oom import translate_oom
+        from gpu.runtime.oom import translate_oom
 
         started = time.perf_counter()
         with self._lock:

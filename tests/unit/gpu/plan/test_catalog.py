@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import gpu.catalog
-from gpu.catalog import (
+import gpu.plan.catalog
+from gpu.errors import ConfigError
+from gpu.plan.catalog import (
     CATALOG,
     CPU,
     GPU_TYPE_NAMES,
@@ -15,7 +16,6 @@ from gpu.catalog import (
     gpu_type_from_device_name,
     queue_for,
 )
-from gpu.errors import ConfigError
 from gpu.units import GiB, MiB
 
 # (name, nominal memory in GB, compute capability, bf16, fp8, queue)
@@ -62,7 +62,7 @@ def test_cpu_entry() -> None:
 
 
 def test_prices_state_their_source_and_date() -> None:
-    doc = gpu.catalog.__doc__ or ""
+    doc = gpu.plan.catalog.__doc__ or ""
     assert "2026-11" in doc
     assert "approximate" in doc
     assert "on-demand" in doc

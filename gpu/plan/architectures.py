@@ -5,7 +5,7 @@ gpt2, gpt-neox, falcon, and the encoders (bert, roberta, xlm-roberta, camembert,
 exactly, each checked by a test against what transformers instantiates on the meta device; any other
 ``model_type`` gets a generic llama-shaped estimate (:func:`generic_counts`).
 
-Pure Python: never imports torch or transformers, nor :mod:`gpu.specs` (which imports this module).
+Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (which imports this module).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpu.errors import ModelSpecError
-from gpu.model_names import Quantization, reference_shape, size_from_name
+from gpu.plan.model_names import Quantization, reference_shape, size_from_name
 
 __all__ = [
     "FAMILIES",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpu.config import WarmupConfig, WarmupOp, WarmupSize
 from gpu.errors import ConfigError, InferenceError
-from gpu.inference import LoadedModel, ModelKind
+from gpu.runtime.inference import LoadedModel, ModelKind
 from gpu.units import MiB
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ class GPUWarmupManager:
             return WarmupReport(self.device, size, skipped="warm-up disabled (GPUFLEET_GPU__WARMUP__ENABLED=false)")
         import torch
 
-        from gpu.oom import translate_oom
+        from gpu.runtime.oom import translate_oom
 
         if self.is_cuda and not torch.cuda.is_available():
             raise ConfigError(
@@ -240,8 +240,8 @@ class GPUWarmupManager:
         """
         import torch
 
-        from gpu.inference import embed, generate
-        from gpu.oom import translate_oom
+        from gpu.runtime.inference import embed, generate
+        from gpu.runtime.oom import translate_oom
 
         device = torch.device(loaded.device)
         _synchronize(device)

@@ -1,9 +1,9 @@
 """Model-loading benchmark: pinned copies, parallel reads, ``from_pretrained``, the fast loader, parked restore.
 
-Run with ``python -m gpu.bench`` (or ``gpufleet bench``). It writes its own random checkpoint (a 7B-shaped bf16
-Llama on a GPU, a ~285 MB one on the CPU) as sharded safetensors into a temp directory, measures everything
-in one process with the page cache warm, and writes ``<machine>-<date>.json``, ``.md`` and ``.png`` into the
-output directory. The targets (GPU, 7B-shaped) are printed as met or missed.
+Run with ``python -m workers.tools.bench`` (or ``gpufleet bench``). It writes its own random checkpoint (a
+7B-shaped bf16 Llama on a GPU, a ~285 MB one on the CPU) as sharded safetensors into a temp directory, measures
+everything in one process with the page cache warm, and writes ``<machine>-<date>.json``, ``.md`` and ``.png``
+into the output directory. The targets (GPU, 7B-shaped) are printed as met or missed.
 """
 
 from __future__ import annotations
@@ -302,8 +302,8 @@ def run_bench(out_dir: Path, *, device: str | None = None, size: str = "auto", r
     """
     import torch
 
-    from gpu.loader import FastSafetensorsLoader, PretrainedLoader
-    from gpu.parking import ParkedStore
+    from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+    from gpu.runtime.parking import ParkedStore
 
     if repeats < 1:
         raise ValueError(f"repeats={repeats}; give at least 1")
@@ -534,8 +534,9 @@ def render_chart(results: dict[str, Any], file: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gpu.bench [--out DIR] [--device D] [--size S] [--repeats N]``; 0 when every applicable target
-    is met (or none applies), 1 otherwise."""
+    """``python -m workers.tools.bench [--out DIR] [--device D] [--size S] [--repeats N]``.
+
+    Returns 0 when every applicable target is met (or none applies), 1 otherwise."""
     parser = argparse.ArgumentParser(prog="gpufleet bench", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")

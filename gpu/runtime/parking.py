@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpu.errors import ConfigError
-from gpu.inference import LoadedModel
+from gpu.runtime.inference import LoadedModel
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +163,7 @@ class ParkedStore:
         Raises:
             DeviceOutOfMemoryError: the device cannot hold it; the model stays parked.
         """
-        from gpu.oom import translate_oom
+        from gpu.runtime.oom import translate_oom
 
         with self._lock:
             entry = self._entries.get(model_id)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gpu.errors import ModelSpecError
-from gpu.specs import (
+from gpu.plan.specs import (
     SUPPORTED_ARCHITECTURES,
     ModelSpec,
     QuantMethod,

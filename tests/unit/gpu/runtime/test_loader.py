@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from gpu.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID, make_tiny_causal_lm
 from gpu.errors import ModelLoadError
-from gpu.inference import LoadedModel, embed
-from gpu.loader import (
+from gpu.runtime.inference import LoadedModel, embed
+from gpu.runtime.loader import (
     FastSafetensorsLoader,
     PretrainedLoader,
     ProgressFn,
@@ -20,6 +19,7 @@ from gpu.loader import (
     safetensors_files,
 )
 from tests.unit.gpu._checkpoints import make_checkpoint, outputs, sample_inputs, save_tokenizer
+from workers.tools.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID, make_tiny_causal_lm
 
 # Small chunks, so tensors are cut into several reads (and the dtype-converting path is cut too).
 SMALL_CHUNKS = {"staging_bytes": 2 * 2 * 8192, "read_threads": 2}
@@ -149,7 +149,7 @@ class RecordingLoader:
     def load(
         self, model_id: str, path: Path, *, device: str, dtype: str, progress: ProgressFn | None = None
     ) -> LoadedModel:
-        from gpu.inference import ModelKind
+        from gpu.runtime.inference import ModelKind
 
         self.calls.append(model_id)
         return LoadedModel(model_id, path, ModelKind.CAUSAL_LM, None, None, device, dtype, 0, self.name)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from gpu.errors import AllPinnedError, CapacityError, ConfigError
-from gpu.model_cache import ModelCache
+from gpu.runtime.model_cache import ModelCache
 from gpu.units import GiB
 
 
@@ -387,7 +387,7 @@ def test_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import gpu.model_cache; print('ok')"
+        "import gpu.runtime.model_cache; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr

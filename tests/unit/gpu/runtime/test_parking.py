@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from gpu.errors import ConfigError
-from gpu.inference import LoadedModel
-from gpu.loader import FastSafetensorsLoader
-from gpu.parking import ParkedStore
+from gpu.runtime.inference import LoadedModel
+from gpu.runtime.loader import FastSafetensorsLoader
+from gpu.runtime.parking import ParkedStore
 from tests.unit.gpu._checkpoints import make_checkpoint, outputs, sample_inputs
 
 

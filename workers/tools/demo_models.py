@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu.errors import ConfigError, GpuError, ModelNotFoundError
-from gpu.inference import ModelKind
+from gpu.runtime.inference import ModelKind
 
 DEMO_EMBEDDING_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_CHAT_ID = "gpufleet/tiny-chat"
@@ -414,7 +414,7 @@ def _write_tiny_causal_lm(
         import torch
         from transformers import AutoModelForCausalLM as auto_class
 
-        from gpu.loader import torch_dtype
+        from gpu.runtime.loader import torch_dtype
 
         tokenizer = demo_tokenizer()
         ids = {

@@ -1,6 +1,6 @@
 """Memory a model needs to serve: weights, KV cache, activations and runtime overhead, each reported apart.
 
-Pure Python. The numbers feed :mod:`gpu.selection` (which GPU type) and the worker's memory budget (how much
+Pure Python. The numbers feed :mod:`gpu.plan.selection` (which GPU type) and the worker's memory budget (how much
 to reserve before loading, via :func:`estimate_model_bytes`).
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gpu.catalog import GpuType
 from gpu.errors import ConfigError
-from gpu.specs import ModelSpec, QuantMethod
+from gpu.plan.catalog import GpuType
+from gpu.plan.specs import ModelSpec, QuantMethod
 from gpu.units import GiB, MiB
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
@@ -102,7 +102,7 @@ def estimate_model_bytes(spec: ModelSpec, dtype_bytes: float | None = None) -> i
     """Bytes of the weights only: what the worker's memory budget reserves before loading.
 
     Args:
-        spec: the model (see :func:`gpu.specs.load_spec`).
+        spec: the model (see :func:`gpu.plan.specs.load_spec`).
         dtype_bytes: bytes per unquantized parameter as the worker will load them (2 for fp16/bf16, 4 for
             fp32); ``None`` for the checkpoint's dtype.
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from gpu.config import WarmupConfig, WarmupOp, WarmupSize
-from gpu.demo_models import demo_tokenizer, make_tiny_causal_lm
 from gpu.errors import ConfigError, InferenceError
-from gpu.inference import LoadedModel, ModelKind
-from gpu.loader import PretrainedLoader
-from gpu.warmup import GPUWarmupManager, WarmupReport
+from gpu.runtime.inference import LoadedModel, ModelKind
+from gpu.runtime.loader import PretrainedLoader
+from gpu.runtime.warmup import GPUWarmupManager, WarmupReport
+from workers.tools.demo_models import demo_tokenizer, make_tiny_causal_lm
 
 
 def test_cpu_warm_up_runs_every_op_for_every_dtype() -> None:
@@ -170,7 +170,7 @@ def test_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import gpu.warmup, gpu.memory_pool; print('ok')"
+        "import gpu.runtime.warmup, gpu.runtime.memory_pool; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from gpu.catalog import CATALOG, GpuType, all_types, get_gpu_type
 from gpu.errors import ConfigError, ModelSpecError, PlanningError
-from gpu.estimate import estimate_memory
-from gpu.plan_report import render_placement
-from gpu.selection import (
+from gpu.plan.catalog import CATALOG, GpuType, all_types, get_gpu_type
+from gpu.plan.estimate import estimate_memory
+from gpu.plan.report import render_placement
+from gpu.plan.selection import (
     GPU_COUNTS,
     MAX_MEMORY_UTILIZATION,
     Placement,
@@ -26,7 +26,7 @@ from gpu.selection import (
     get_gpu_config,
     plan,
 )
-from gpu.specs import ModelSpec, load_spec, spec_from_config
+from gpu.plan.specs import ModelSpec, load_spec, spec_from_config
 
 Configs = dict[str, dict[str, Any]]
 
@@ -244,7 +244,7 @@ def test_cpu_is_chosen_when_no_allowed_gpu_can_run_the_model(monkeypatch: pytest
             for g in all_types(include_cpu=include_cpu)
         )
 
-    monkeypatch.setattr("gpu.selection.all_types", tiny_t4)
+    monkeypatch.setattr("gpu.plan.selection.all_types", tiny_t4)
     placement = plan("openai-community/gpt2", allowed_types=("t4", "cpu"))
     assert placement.gpu_type == "cpu"
     assert any("no allowed GPU type can hold or run the model" in reason for reason in placement.reasons)
@@ -335,7 +335,7 @@ BLOCKER = textwrap.dedent(
 
     sys.meta_path.insert(0, Blocker())
 
-    from gpu import catalog, estimate, plan_report, selection, specs
+    from gpu.plan import catalog, estimate, report as plan_report, selection, specs
 
     placement = selection.plan("meta-llama/Llama-3.1-8B-Instruct")
     print(plan_report.render_placement(placement))
@@ -359,7 +359,7 @@ def test_planning_imports_without_torch_transformers_or_nvml(
         text=True,
         timeout=60,
         check=False,
-        cwd=Path(__file__).resolve().parents[3],
+        cwd=Path(__file__).resolve().parents[4],
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")

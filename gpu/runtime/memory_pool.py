@@ -4,7 +4,7 @@
 ``gpu_memory_utilization`` fraction of the device, or an explicit byte override) and a reservation per resident
 model. A model is *reserved* at its estimate before loading (so a load that cannot fit is refused before it
 touches the device), *reconciled* with its measured size after loading, and *released* when it is unloaded.
-The :class:`~gpu.model_cache.ModelCache` decides what to evict; the pool is the check that the device budget
+The :class:`~gpu.runtime.model_cache.ModelCache` decides what to evict; the pool is the check that the device budget
 and the cache agree, and the place the allocator's own numbers are reported from.
 
 Where the bytes come from is a :class:`MemorySource`: :class:`CudaMemorySource` asks torch's CUDA caching
@@ -386,7 +386,7 @@ class GPUMemoryPool:
             return []
         import torch
 
-        from gpu.oom import translate_oom
+        from gpu.runtime.oom import translate_oom
 
         with translate_oom(f"preallocating {list(sizes_mb)} MiB on {self.device}"):
             blocks = [torch.empty(size * MiB, dtype=torch.uint8, device=self.device) for size in sizes_mb]

@@ -1,0 +1,1 @@
+"""Tooling outside the serving path: the loader benchmark and the demo/test model builders."""
