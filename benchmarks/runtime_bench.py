@@ -15,12 +15,13 @@ writes ``benchmarks/results/runtime-<machine>-<date>.json`` and ``.md``. Three m
     allocator plus preallocated common sizes), each with and without ``torch.cuda.empty_cache()`` on eviction
     (the worker runtime empties it only on its OOM path). Targets: no OOM, allocator reserved ≤ 1.05 x allocated
     at the end, no growth of the reserved-minus-allocated overhead across cycles.
-(c) **cache-hit overhead** per job: ``ModelCache.get`` + ``GPUWarmupManager.record_use``, in microseconds.
+(c) **cache-hit overhead** per job: ``ModelCache.get`` (which also keeps the usage record), in microseconds.
     Target ≤ 1 ms.
 
-The models are random-weight Llamas (and one BERT) built here with transformers in a temporary directory. On
-the CPU there is no caching allocator: (b) reports process RSS instead, and (a) shows the code path runs.
-Timings are reported, never asserted.
+The models are random-weight Llamas (and one BERT) from the project's checkpoint builder
+(``workers.tools.checkpoints``) in a temporary directory. On the CPU there is no caching allocator: (b) reports
+process RSS instead, and (a) shows the code path runs. Timings are reported, never asserted; the markdown report
+(``runtime_report.py``) says which targets were met.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime_report import render_markdown  # a sibling module: this file runs as a script
+
+from workers.tools.checkpoints import Shape, make_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ALLOC_MODES = {
@@ -50,63 +55,21 @@ ALLOC_MODES = {
     "prealloc": ("expandable_segments:False", True),
 }
 FIRST_FORWARD_MODES = ("cold", "device", "full")
-TARGET_FIRST_RATIO = 1.2
-TARGET_RESERVED_RATIO = 1.05
-TARGET_HIT_US = 1000.0
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 
-def build_llama(path: Path, *, layers: int, hidden: int, dtype: str, seed: int) -> Path:
-    """A random Llama of ``layers`` x ``hidden`` with the demo tokenizer, saved in ``dtype``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from workers.tools.demo_models import demo_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = demo_tokenizer()
+def llama_shape(*, layers: int, hidden: int) -> Shape:
+    """A Llama-like shape: 64-wide heads, no grouped-query attention, MLP 2.75 x hidden."""
     heads = max(1, hidden // 64)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 2.75) // 8 * 8,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return Shape(hidden, layers, heads, heads, int(hidden * 2.75) // 8 * 8, max_positions=512)
 
 
-def build_bert(path: Path, *, layers: int, hidden: int, dtype: str, seed: int) -> Path:
-    """A random BERT encoder with the demo tokenizer (served as an embedding model, mean pooling)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from workers.tools.demo_models import demo_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = demo_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        intermediate_size=hidden * 4,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    BertModel(config).to(getattr(torch, dtype)).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+def bert_shape(*, layers: int, hidden: int) -> Shape:
+    """A BERT-like shape: 64-wide heads, MLP 4 x hidden (served as an embedding model, mean pooling)."""
+    heads = max(1, hidden // 64)
+    return Shape(hidden, layers, heads, heads, hidden * 4, max_positions=512)
 
 
 def dir_bytes(path: Path) -> int:
@@ -253,11 +216,11 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
             common_sizes_mb=tuple(spec["common_sizes_mb"]),
         )
     )
-    pool = GPUMemoryPool.from_config(device, config)
+    # The pool counts resident models through the cache (defined below; read only when a reservation is made).
+    pool = GPUMemoryPool.from_config(device, config, resident_bytes=lambda: cache.used_bytes)
     loader = make_loader(spec["loader"])
 
     def on_evict(model_id: str, loaded: LoadedModel, reason: str) -> None:
-        pool.release(model_id)
         loaded.module = None
         gc.collect()
         if spec["empty_cache"] and device.startswith("cuda"):
@@ -283,7 +246,7 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
                     pool.release(model_id)
                     raise
                 cache.put(model_id, loaded, loaded.bytes, load_s=loaded.load_s)
-                pool.reconcile(model_id, loaded.bytes)
+                pool.commit(model_id, loaded.bytes)
             # A job: some activations come and go, as between real loads.
             if loaded.kind is ModelKind.EMBEDDING:
                 embed(loaded, ["cycle request", "with two sentences"])
@@ -346,22 +309,19 @@ def run_child(name: str, spec: dict[str, Any], *, env: dict[str, str] | None = N
 
 
 def measure_hit_overhead(iterations: int) -> dict[str, Any]:
-    """Per-job bookkeeping on a cache hit: ``cache.get`` + ``warmup.record_use``, in microseconds."""
-    from gpu.config import WarmupConfig
+    """Per-job bookkeeping on a cache hit: ``cache.get`` (recency and the usage record), in microseconds."""
     from gpu.runtime.model_cache import ModelCache
-    from gpu.runtime.warmup import GPUWarmupManager
 
     cache: ModelCache[object] = ModelCache(10**12)
     for i in range(32):
         cache.put(f"org/model-{i}", object(), 10**9, pinned=i < 2, ttl_s=3600)
-    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
     keys = [f"org/model-{i % 32}" for i in range(iterations)]
     batches = []
     for _ in range(7):
         t0 = time.perf_counter()
         for key in keys:
-            if cache.get(key) is not None:
-                manager.record_use(key, hit=True)
+            if cache.get(key) is None:
+                raise AssertionError(f"{key} missed; every key was put and nothing can expire")
         batches.append((time.perf_counter() - t0) / iterations * 1e6)
     t0 = time.perf_counter()
     for _ in range(100):
@@ -451,11 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(scratch)
         dtype = shape["dtype"]
         print(f"building models in {root} ...", flush=True)
-        llama = build_llama(root / "first-llama", dtype=dtype, seed=1, **shape["first_llama"])
-        bert = build_bert(root / "first-bert", dtype=dtype, seed=2, **shape["first_bert"])
+        llama = make_checkpoint(
+            root / "first-llama", "llama", size=llama_shape(**shape["first_llama"]), dtype=dtype, seed=1
+        )
+        bert = make_checkpoint(root / "first-bert", "bert", size=bert_shape(**shape["first_bert"]), dtype=dtype, seed=2)
         cycle_models = {
             f"bench/llama-{layers}l": str(
-                build_llama(root / f"llama-{layers}l", layers=layers, hidden=shape["hidden"], dtype=dtype, seed=layers)
+                make_checkpoint(
+                    root / f"llama-{layers}l",
+                    "llama",
+                    size=llama_shape(layers=layers, hidden=shape["hidden"]),
+                    dtype=dtype,
+                    seed=layers,
+                )
             )
             for layers in shape["cycle_layers"]
         }
@@ -518,126 +486,6 @@ def main(argv: list[str] | None = None) -> int:
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path}")
     return 0
-
-
-# -------------------------------------------------------------------------------------------- markdown
-
-
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
-
-
-def _verdict(ok: bool) -> str:
-    return "meets target" if ok else "MISSES target"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    machine = report["machine"]
-    device = report["device"]
-    lines = [
-        f"# Runtime benchmark — {machine.get('gpu') or machine['cpu']} ({device})",
-        "",
-        f"- date: {report['date']}; command: `{report['command']}`",
-        f"- machine: {machine['cpu']} x {machine['cpu_count']} CPUs, {_mb(machine['memory_bytes'])} MiB RAM; "
-        f"{machine['platform']}",
-        f"- torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}"
-        + (
-            f"; GPU {machine['gpu']} ({_mb(machine['gpu_memory_bytes'])} MiB, cc {machine['compute_capability']}, "
-            f"CUDA {machine['cuda']}, cuDNN {machine['cudnn']})"
-            if machine.get("gpu")
-            else "; no GPU"
-        ),
-        f"- loader: {report['loader']}; dtype {report['plan']['dtype']}; total {report['elapsed_s']:.0f} s",
-        "",
-        "## (a) First request vs steady median (fresh process per row)",
-        "",
-        f"Target: with full warm-up, first ≤ {TARGET_FIRST_RATIO} x steady. `load s` in a fresh process includes "
-        "importing the architecture's modeling code from transformers (seconds on a small CPU).",
-        "",
-        "| model | mode | MiB | load s | warm-up s | warm_model s | first ms | steady median ms | first/steady |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in report["first_forward"]:
-        if "error" in row:
-            lines.append(f"| ? | ? | | | | | | | error: {row['error']} |")
-            continue
-        lines.append(
-            f"| {row['kind']} | {row['mode']} | {_mb(row['model_bytes'])} | {row['load_s']:.2f} | "
-            f"{row['warm_up_s']:.3f} | {row['warm_model_s']:.3f} | {row['first_s'] * 1e3:.1f} | "
-            f"{row['steady_median_s'] * 1e3:.1f} | **{row['ratio']:.2f}** |"
-        )
-    full = [r for r in report["first_forward"] if r.get("mode") == "full"]
-    if full:
-        worst = max(r["ratio"] for r in full)
-        lines += ["", f"Worst full-warm-up ratio {worst:.2f}: {_verdict(worst <= TARGET_FIRST_RATIO)}."]
-    if device == "cpu":
-        lines += [
-            "",
-            f"On the CPU nothing needs warming and these ratios mostly show scheduling noise (load average "
-            f"{report.get('load_average', '?')} on {machine['cpu_count']} CPUs at the start); they prove the code "
-            "path runs. The GPU run is the measurement.",
-        ]
-    cyc = report["cycles"]
-    lines += [
-        "",
-        f"## (b) {report['cycles']['runs'][0].get('cycles', '?')} load/evict cycles (fresh process per row)",
-        "",
-        f"Models (MiB on disk): {', '.join(f'{k} {_mb(v)}' for k, v in cyc['model_bytes'].items())}; "
-        f"together {_mb(cyc['total_bytes'])} MiB against a budget of {_mb(cyc['budget_bytes'])} MiB.",
-        "",
-    ]
-    if device == "cuda":
-        lines += [
-            f"Targets: no OOM; reserved ≤ {TARGET_RESERVED_RATIO} x allocated at the end; no growth of the "
-            "reserved-allocated overhead (second-half max vs first-half max).",
-            "",
-            "| allocator | empty_cache on evict | errors | loads | end alloc MiB | end reserved MiB | reserved/alloc "
-            "| overhead 1st half max MiB | 2nd half max MiB | peak reserved MiB | retries | OOMs | s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for run in cyc["runs"]:
-            if "error" in run:
-                lines.append(f"| {run['mode']} | | error: {run['error']} |" + " |" * 10)
-                continue
-            end = run["end"]
-            ratio = run["end_ratio"]
-            lines.append(
-                f"| {run['mode']} ({run['alloc_conf']}{', prealloc' if run['prealloc'] else ''}) | "
-                f"{run['empty_cache_on_evict']} | {len(run['errors'])} | {run['cache']['loads']} | "
-                f"{_mb(end['allocated'])} | {_mb(end['reserved'])} | "
-                f"**{'-' if ratio is None else f'{ratio:.3f}'}** | {_mb(run['overhead_first_half_max'])} | "
-                f"{_mb(run['overhead_second_half_max'])} | {_mb(run['peak_reserved'])} | {end['alloc_retries']} | "
-                f"{end['ooms']} | {run['elapsed_s']:.1f} |"
-            )
-    else:
-        lines += [
-            "No caching allocator on the CPU: the run shows the path (cache + pool + loader, no errors) and the "
-            "process RSS.",
-            "",
-            "| run | errors | loads | hits | evictions | RSS 1st half max MiB | RSS 2nd half max MiB | s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for run in cyc["runs"]:
-            if "error" in run:
-                lines.append(f"| {run['mode']} | error: {run['error']} | | | | | | |")
-                continue
-            c = run["cache"]
-            lines.append(
-                f"| {run['mode']} | {len(run['errors'])} | {c['loads']} | {c['hits']} | {c['evictions']} | "
-                f"{_mb(run['rss_first_half_max'])} | {_mb(run['rss_second_half_max'])} | {run['elapsed_s']:.1f} |"
-            )
-    hit = report["cache_hit"]
-    lines += [
-        "",
-        "## (c) Cache-hit overhead per job",
-        "",
-        f"`ModelCache.get` + `GPUWarmupManager.record_use` over {hit['entries']} entries: median "
-        f"**{hit['hit_us_median']:.2f} µs** (min {hit['hit_us_min']:.2f} µs) per job — "
-        f"{_verdict(hit['hit_us_median'] <= TARGET_HIT_US)} (≤ {TARGET_HIT_US / 1000:.0f} ms). A status snapshot "
-        f"(`stats()` + `entries()`) takes {hit['status_snapshot_us']:.1f} µs.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

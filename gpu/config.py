@@ -61,6 +61,9 @@ class MemoryPoolConfig(_Section):
     budget_bytes: int | None = Field(default=None, gt=0)
     # Host memory for models parked off the GPU (pinned, restored at copy speed). 0 disables parking.
     host_budget_bytes: int = Field(default=0, ge=0)
+    # Unload a model (pinned ones excepted) after this many seconds without a job; None keeps models until
+    # evicted for room. The model cache's expire() applies it; the worker calls that from a timer.
+    idle_ttl_s: float | None = Field(default=None, gt=0)
 
     @field_validator("common_sizes_mb")
     @classmethod

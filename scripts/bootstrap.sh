@@ -32,7 +32,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing gpufleet[dev] into .venv (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    # 2.13.0's CPU build lies on this workplace's disk; elsewhere pip fetches it (or set GPUFLEET_TORCH).
+    # GPUFLEET_TORCH picks the torch requirement (a CUDA build, another version); the default is the CPU
+    # build pinned for CI, installed before gpufleet[dev] so pip does not pull a CUDA build in its place.
     .venv/bin/python -m pip install -q "${GPUFLEET_TORCH:-torch==2.13.0}"
   fi
   .venv/bin/python -m pip install -q -e ".[dev]"

@@ -8,7 +8,7 @@ timing thresholds: ``benchmarks/runtime_bench.py`` measures the targets)::
     python scripts/test_gpu_warmup.py --test warmup --device cuda --size large
     python scripts/test_gpu_warmup.py --test model --model-dir /models/org/name
 
-Without ``--model-dir`` the model check builds a small random Llama with transformers in a temporary
+Without ``--model-dir`` the model check builds a tiny random Llama (workers.tools.checkpoints) in a temporary
 directory. Exit status 0 when every chosen check ran, 1 when one failed (the error is printed).
 """
 
@@ -72,7 +72,7 @@ def check_warmup(device: str, size: WarmupSize) -> None:
         note = f"  skipped: {a.skipped}" if a.skipped else ""
         print(f"{a.op:<10} {a.detail:<34} {a.seconds:>9.4f} {b.seconds:>9.4f}{note}")
     print(f"{'total':<45} {first.total_s:>9.4f} {second.total_s:>9.4f}")
-    show("device memory after warm-up", manager.memory_report())
+    show("device memory after warm-up", GPUMemoryPool.from_config(device, GpuConfig()).stats())
 
 
 def check_memory(device: str) -> None:
@@ -83,7 +83,7 @@ def check_memory(device: str) -> None:
     pool.reserve("check/a", block)
     pool.reserve("check/b", block)
     print(f"reserved a and b at {fmt_bytes(block)} each; free {fmt_bytes(pool.free_bytes)}")
-    print(f"reconcile a to {fmt_bytes(block // 2)}: delta {fmt_bytes(pool.reconcile('check/a', block // 2))}")
+    print(f"commit a at {fmt_bytes(block // 2)}: delta {fmt_bytes(pool.commit('check/a', block // 2))}")
     try:
         pool.reserve("check/too-big", pool.free_bytes + 1)
     except Exception as exc:  # the check is that it is refused with a clear message
@@ -102,10 +102,10 @@ def check_memory(device: str) -> None:
 
 
 def build_tiny_llama(directory: Path) -> Path:
-    """A small random Llama (about 10 MB) with the demo tokenizer, made here with transformers."""
-    from workers.tools.demo_models import make_tiny_causal_lm
+    """A tiny random Llama with the demo tokenizer, from the project's checkpoint builder."""
+    from workers.tools.checkpoints import make_checkpoint
 
-    return make_tiny_causal_lm(directory / "tiny-llama", arch="llama")
+    return make_checkpoint(directory / "tiny-llama", "llama")
 
 
 def check_model(device: str, model_dir: Path | None) -> None:
@@ -117,14 +117,15 @@ def check_model(device: str, model_dir: Path | None) -> None:
         path = model_dir if model_dir is not None else build_tiny_llama(Path(scratch))
         model_id = path.name
         dtype = serve_dtype(device)
-        pool = GPUMemoryPool.from_config(device, GpuConfig())
-        cache: ModelCache[Any] = ModelCache(pool.budget_bytes, on_evict=lambda key, value, reason: pool.release(key))
+        # The pool counts resident models through the cache (read only when a reservation is made).
+        pool = GPUMemoryPool.from_config(device, GpuConfig(), resident_bytes=lambda: cache.used_bytes)
+        cache: ModelCache[Any] = ModelCache(pool.budget_bytes)
         estimate = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         cache.make_room(estimate, for_key=model_id)
         pool.reserve(model_id, estimate)
         loaded = PretrainedLoader().load(model_id, path, device=device, dtype=dtype)
         cache.put(model_id, loaded, loaded.bytes, load_s=loaded.load_s)
-        delta = pool.reconcile(model_id, loaded.bytes)
+        delta = pool.commit(model_id, loaded.bytes)
         print(f"\n== model {model_id} ({loaded.kind.value}) on {device} in {dtype}")
         print(f"loaded in {loaded.load_s:.3f} s, {fmt_bytes(loaded.bytes)} (estimate off by {fmt_bytes(delta)})")
         manager = GPUWarmupManager(device, WarmupConfig(), dtypes=(dtype,))

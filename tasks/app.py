@@ -1,6 +1,6 @@
 """The Celery app and its configuration.
 
-Every setting here has a reason tied to GPU serving; see ``../shared/design.md`` ("Celery settings that matter").
+Every setting here has a reason tied to GPU serving, given in the comment beside it (the README sums them up).
 The app is built from :class:`tasks.settings.Settings` so producers, workers and tests configure it one way.
 """
 

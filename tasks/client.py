@@ -23,7 +23,7 @@ from tasks.contracts import (
     UnloadModelRequest,
     validate_request,
 )
-from tasks.errors import BrokerUnavailableError
+from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
 from tasks.names import TaskName
 from tasks.settings import Settings
 
@@ -63,30 +63,27 @@ class FleetClient:
         Raises:
             InvalidRequestError: the arguments do not match the contract (nothing was sent).
             RoutingError: no queue can take the model (nothing was sent).
-            BrokerUnavailableError: the broker did not answer after the configured retries.
+            BrokerUnavailableError: the broker or result backend did not answer after the configured retries
+                (nothing was sent).
+            BrokerAuthenticationError: the broker or result backend refused the password in its URL.
+            ModelNotFoundError: the producer sees the model root and the model is not installed there.
         """
         name = TaskName(task)
         request = validate_request(_REQUESTS[name], kwargs)
         options: dict[str, Any] = {"headers": {ENQUEUED_AT_HEADER: time.time()}}
         if queue:
             options["queue"] = queue
+        action = f"could not enqueue {name.value} (nothing was sent)"
         try:
             return self.app.send_task(name.value, kwargs=request.model_dump(mode="json"), **options)
         except OperationalError as exc:
-            raise BrokerUnavailableError(
-                f"could not enqueue {name.value}: the broker at {_redact(self.app.conf.broker_url)} did not "
-                f"answer ({exc}); start it or point GPUFLEET_BROKER_URL at a running one"
-            ) from exc
+            raise self._unreachable(action, exc, backend=False) from exc
         except RuntimeError as exc:
             # The Redis result backend subscribes for the result while sending and, when it cannot connect,
             # raises a bare RuntimeError ("Retry limit exceeded ... result store") from the connection error.
-            if not _caused_by_connection_failure(exc):
+            if connection_failure(exc) is None:
                 raise
-            raise BrokerUnavailableError(
-                f"could not enqueue {name.value} (nothing was sent): the result backend at "
-                f"{_redact(str(self.app.conf.result_backend))} did not answer; start it or point "
-                "GPUFLEET_RESULT_BACKEND (and GPUFLEET_BROKER_URL, usually the same Redis) at a running one"
-            ) from exc
+            raise self._unreachable(action, exc, backend=True) from exc
 
     def embed(self, model: str, texts: list[str], *, normalize: bool = True, queue: str | None = None) -> AsyncResult:
         """Enqueue ``fleet.embed``."""
@@ -105,24 +102,72 @@ class FleetClient:
         return self.submit(TaskName.UNLOAD_MODEL, queue=queue, model=model)
 
     def status(self, command: str, *, timeout_s: float = 2.0) -> dict[str, Any]:
-        """Broadcast a status command (``gpu_status``, ``models_status``, ``cache_status``) to every worker."""
-        replies = self.app.control.broadcast(command, reply=True, timeout=timeout_s)
+        """Broadcast a status command (``gpu_status``, ``models_status``, ``cache_status``) to every worker.
+
+        Args:
+            command: the control command's name.
+            timeout_s: how long to collect replies.
+
+        Returns:
+            The replies merged: worker name -> that worker's answer (empty when no worker answered).
+
+        Raises:
+            BrokerUnavailableError: the broker did not answer.
+            BrokerAuthenticationError: the broker refused the password in its URL.
+        """
+        try:
+            replies = self.app.control.broadcast(command, reply=True, timeout=timeout_s)
+        except OperationalError as exc:
+            raise self._unreachable(f"could not ask the workers for {command}", exc, backend=False) from exc
         merged: dict[str, Any] = {}
         for reply in replies or []:
             merged.update(reply)
         return merged
 
+    def _unreachable(self, action: str, exc: BaseException, *, backend: bool) -> BrokerUnavailableError:
+        """The error for a broker (or result backend) that failed ``action``: refused the password, or is down."""
+        what, setting = ("result backend", "GPUFLEET_RESULT_BACKEND") if backend else ("broker", "GPUFLEET_BROKER_URL")
+        url = _redact(str(self.app.conf.result_backend if backend else self.app.conf.broker_url))
+        failure = connection_failure(exc)
+        if failure is not None and _is_authentication_error(failure):
+            return BrokerAuthenticationError(
+                f"{action}: authentication to the {what} at {url} failed ({str(failure).strip()}); check the "
+                f"password in {setting} (redis://:PASSWORD@host:port/db): it must match the server's requirepass"
+            )
+        detail = f" ({failure})" if failure is not None else ""
+        # Broker and results usually share one Redis; when the backend is down the broker is likely down too.
+        also = " (and GPUFLEET_BROKER_URL, usually the same Redis)" if backend else ""
+        return BrokerUnavailableError(
+            f"{action}: the {what} at {url} did not answer{detail}; start it or point {setting}{also} at a "
+            "running one"
+        )
 
-def _caused_by_connection_failure(exc: BaseException) -> bool:
-    """Whether a connection error (socket, redis or kombu) is somewhere in ``exc``'s cause chain."""
-    seen: BaseException | None = exc.__cause__ or exc.__context__
-    while seen is not None:
-        if isinstance(seen, (OSError, OperationalError)) or any(
-            cls.__name__ in ("ConnectionError", "TimeoutError") for cls in type(seen).__mro__
-        ):
-            return True
+
+def _is_authentication_error(exc: BaseException) -> bool:
+    # By name: redis-py's AuthenticationError, without importing redis into every producer.
+    return any(cls.__name__ == "AuthenticationError" for cls in type(exc).__mro__)
+
+
+def connection_failure(exc: BaseException) -> BaseException | None:
+    """The broker connection problem in ``exc`` or its cause chain, or ``None`` when there is none.
+
+    A refused login is returned first (redis-py raises it beneath a kombu ``OperationalError``, which alone would
+    read as "did not answer"); otherwise the first socket, redis or kombu connection error.
+    """
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return False
+    for link in chain:
+        if _is_authentication_error(link):
+            return link
+    for link in chain:
+        if isinstance(link, (OSError, OperationalError)) or any(
+            cls.__name__ in ("ConnectionError", "TimeoutError") for cls in type(link).__mro__
+        ):
+            return link
+    return None
 
 
 def _redact(url: str) -> str:

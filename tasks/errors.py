@@ -8,11 +8,13 @@ Hierarchy::
 
     FleetError
     ├── SettingsError            a GPUFLEET_* variable is invalid (raised at start-up)
-    ├── BrokerUnavailableError   the broker cannot be reached; enqueuing failed, nothing was sent
+    ├── BrokerUnavailableError   the broker or result backend cannot be reached; nothing was sent
+    │   └── BrokerAuthenticationError   it answered but refused the password in its URL
     ├── RoutingError             no queue can take the job's model
     └── JobError                 a job was refused or failed on a worker (the worker keeps serving)
         ├── InvalidRequestError  arguments do not match the contract
-        ├── ModelNotFoundError   the model id does not resolve on the worker
+        ├── ModelNotFoundError   the model id does not resolve on the worker (or, seen by the producer, is not
+        │                        installed under the model root)
         ├── ModelLoadError       the model could not be loaded
         ├── CapacityError        the model does not fit the worker's memory budget, after eviction and retry
         └── InferenceError       the model failed while answering
@@ -33,6 +35,10 @@ class BrokerUnavailableError(FleetError):
     """The broker could not be reached; the job was not enqueued."""
 
 
+class BrokerAuthenticationError(BrokerUnavailableError):
+    """The broker or result backend refused the password in its URL; nothing was sent."""
+
+
 class RoutingError(FleetError):
     """No queue can take the job's model."""
 
@@ -46,7 +52,7 @@ class InvalidRequestError(JobError):
 
 
 class ModelNotFoundError(JobError):
-    """The job's model id does not resolve on the worker."""
+    """The job's model id does not resolve on the worker, or is not installed under the producer's model root."""
 
 
 class ModelLoadError(JobError):

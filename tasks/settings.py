@@ -8,11 +8,20 @@ default, in the README's configuration table (a test keeps the two in step).
 from __future__ import annotations
 
 import functools
+import json
+import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings import SettingsError as SourceError
 
 from gpu.config import GpuConfig
 from tasks.errors import SettingsError
@@ -79,24 +88,73 @@ class FleetOptions(_Section):
 
     # GPU types (catalog names, e.g. H100,L4 or cpu) that have workers; the router plans only onto these.
     # Empty means every GPU type in the catalog (not cpu).
-    gpu_types: Annotated[tuple[str, ...], NoDecode] = ()
-
-    @field_validator("gpu_types", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        return split_list(value)
+    gpu_types: tuple[str, ...] = ()
 
 
-def split_list(value: Any) -> Any:
-    """Accept a JSON list or a comma-separated string for tuple settings."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            import json
+_SEQUENCE_ORIGINS = (tuple, list, set, frozenset)
 
-            return tuple(json.loads(text))
-        return tuple(part.strip() for part in text.split(",") if part.strip())
-    return value
+
+def _is_sequence(annotation: Any) -> bool:
+    """Whether a field's type is a list-like setting (``tuple[str, ...]``, ``list[int] | None`` …)."""
+    if typing.get_origin(annotation) in _SEQUENCE_ORIGINS:
+        return True
+    return any(_is_sequence(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+
+
+def split_list(value: str) -> list[Any]:
+    """A list setting's text as a list: a JSON list (``["a","b"]``) or comma-separated (``a, b``; empty: ``[]``).
+
+    Raises:
+        ValueError: the text starts like JSON (``[``) but is not a JSON list.
+    """
+    text = value.strip()
+    if not text.startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{value!r} is not a JSON list ({exc}); write it as JSON or as a,b,c") from None
+    if not isinstance(parsed, list):
+        raise ValueError(f"{value!r} is not a list; write it as JSON or as a,b,c")
+    return parsed
+
+
+def _split_sequences(model: type[BaseModel], data: dict[str, Any], location: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` with the text of every list field, at any depth of ``model``, split by :func:`split_list`.
+
+    Raises:
+        SettingsError: a list value starts like JSON but is not a JSON list (naming its variable).
+    """
+    fields = model.model_fields
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            continue
+        annotation = field.annotation
+        if isinstance(value, str) and _is_sequence(annotation):
+            try:
+                data[key] = split_list(value)
+            except ValueError as exc:
+                raise SettingsError(f"invalid gpufleet settings: {env_name((*location, key))}: {exc}") from None
+        elif isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            data[key] = _split_sequences(annotation, value, (*location, key))
+    return data
+
+
+class _EnvSource(EnvSettingsSource):
+    """The environment source, with one rule for list settings at every depth: JSON or comma-separated.
+
+    pydantic-settings JSON-decodes list values and, for nested sections, does so while it assembles the section,
+    where a field validator cannot intervene; so list values are left as text here and split in one pass after.
+    """
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if field is not None and isinstance(value, str) and _is_sequence(field.annotation):
+            return value  # split by _split_sequences, with the rest of the list fields
+        return super().decode_complex_value(field_name, field, value)
+
+    def __call__(self) -> dict[str, Any]:
+        return _split_sequences(self.settings_cls, super().__call__())
 
 
 class Settings(BaseSettings):
@@ -114,18 +172,27 @@ class Settings(BaseSettings):
     model_root: Path | None = None
     # Offline Hugging Face cache to fall back on; unset means the default hub cache location.
     hf_cache: Path | None = None
-    priority_models: Annotated[tuple[str, ...], NoDecode] = ()
+    priority_models: tuple[str, ...] = ()
     trust_remote_code: bool = False
+    # Test hooks: fault injection (GPUFLEET_FAULTS) and the fleet.diag.* tasks. Off in production: a fault can
+    # kill a worker and a diag task holds one for as long as it is told.
+    diagnostics: bool = False
     gpu: GpuConfig = GpuConfig()
     jobs: JobLimits = JobLimits()
     broker: BrokerOptions = BrokerOptions()
     worker: WorkerOptions = WorkerOptions()
     fleet: FleetOptions = FleetOptions()
 
-    @field_validator("priority_models", mode="before")
     @classmethod
-    def _split_list(cls, value: Any) -> Any:
-        return split_list(value)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
 
     @field_validator("broker_url", "result_backend")
     @classmethod
@@ -161,6 +228,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = "; ".join(f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise SettingsError(f"invalid gpufleet settings: {problems}") from None
+    except SourceError as exc:
+        # Raised while reading the environment, before validation: the cause says which value and why.
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise SettingsError(f"invalid gpufleet settings: {exc}{cause}") from None
 
 
 @functools.lru_cache(maxsize=1)

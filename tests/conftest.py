@@ -47,9 +47,9 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny causal LMs of different architectures (org/a llama, org/b qwen2, org/c mistral)."""
-    from workers.tools.demo_models import make_tiny_causal_lm
+    from workers.tools.checkpoints import make_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-models")
     for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):
-        make_tiny_causal_lm(root / "org" / name, arch=arch)
+        make_checkpoint(root / "org" / name, arch)
     return root

@@ -7,6 +7,7 @@ machine without torch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -30,27 +31,46 @@ def _summarise(result: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def load_progress(async_result: Any) -> tuple[int, int] | None:
+    """``(bytes_done, bytes_total)`` while the job reports a model load, else ``None``.
+
+    State and progress come from one read of the task's meta: read apart (``.state`` then ``.info``), a job that
+    finished in between yields its result as the "progress", drawn as a stray ``0/0 MiB`` bar.
+    """
+    meta = async_result.backend.get_task_meta(async_result.id)
+    info = meta.get("result")
+    if meta.get("status") != "PROGRESS" or not isinstance(info, dict):
+        return None
+    done, total = info.get("bytes_done"), info.get("bytes_total")
+    if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
+        return None
+    return done, total
+
+
+def _progress_bar(done_bytes: int, total_bytes: int, width: int = 30) -> str:
+    filled = int(width * min(done_bytes, total_bytes) / total_bytes)
+    return f"\rloading [{'#' * filled}{'.' * (width - filled)}] {done_bytes / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB"
+
+
 def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dict[str, Any]:
     from tasks.errors import FleetError
 
     deadline = time.monotonic() + timeout_s
+    drawn = False
     while not async_result.ready():
         if time.monotonic() > deadline:
             raise FleetError(
                 f"no result for job {async_result.id} within {timeout_s:g} s; is a worker consuming its queue? "
                 "(`gpufleet status`)"
             )
-        if progress and async_result.state == "PROGRESS" and isinstance(async_result.info, dict):
-            done, total = async_result.info.get("bytes_done", 0), async_result.info.get("bytes_total", 1)
-            width = 30
-            filled = int(width * done / max(total, 1))
-            sys.stderr.write(
-                f"\rloading [{'#' * filled}{'.' * (width - filled)}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB"
-            )
+        loading = load_progress(async_result) if progress else None
+        if loading is not None:
+            sys.stderr.write(_progress_bar(*loading))
             sys.stderr.flush()
+            drawn = True
         time.sleep(0.1)
-    if progress:
-        sys.stderr.write("\n")
+    if drawn:
+        sys.stderr.write("\n")  # end the bar's line; nothing to end when no bar was drawn
     value: dict[str, Any] = async_result.get(timeout=1.0, propagate=True)
     return value
 
@@ -145,14 +165,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from gpu.plan.report import render_placement
-    from gpu.plan.selection import plan
+    from gpu.plan.selection import Placement, plan
+    from tasks.errors import ModelNotFoundError
+    from tasks.names import gpu_type_queue
+    from tasks.routing import fleet_gpu_types, placement_for
+    from tasks.settings import get_settings
 
-    target: str | Path = Path(args.model) if Path(args.model).exists() else args.model
-    placement = plan(target, context_length=args.context_length, batch_size=args.batch_size, prefer=args.prefer)
-    if args.json:
-        _print_json(placement.to_dict())
+    settings = get_settings()
+    options: dict[str, Any] = {
+        "context_length": args.context_length,
+        "batch_size": args.batch_size,
+        "prefer": args.prefer,
+    }
+    allowed = None if args.all_types else fleet_gpu_types(settings)
+    placement: Placement
+    if Path(args.model).exists():
+        placement = plan(Path(args.model), allowed_types=allowed, **options)
     else:
-        print(render_placement(placement))
+        try:
+            # The router's own function and settings: the plan names the type a job would be routed to.
+            placement = placement_for(args.model, settings, all_types=args.all_types, **options)
+        except ModelNotFoundError as exc:
+            print(f"gpufleet plan: note: {exc}. Planned from the name instead", file=sys.stderr)
+            placement = plan(args.model, allowed_types=allowed, **options)
+    queue = gpu_type_queue(placement.gpu_type)
+    if args.json:
+        _print_json({**placement.to_dict(), "queue": queue})
+    else:
+        fleet = "every catalog GPU type" if allowed is None else ", ".join(allowed)
+        rows = [("queue", queue), ("planned onto", fleet + ("" if allowed is None else " (GPUFLEET_FLEET__GPU_TYPES)"))]
+        print(render_placement(placement, extra_rows=rows))
     return 0
 
 
@@ -175,10 +217,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(bench_args: Sequence[str]) -> int:
+    """Run the loading benchmark with its own options (its parser prints its ``--help``)."""
     from workers.tools.bench import main as bench_main
 
-    return int(bench_main(args.bench_args))
+    return int(bench_main(list(bench_args)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -244,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--context-length", type=int)
     plan.add_argument("--batch-size", type=int, default=1)
     plan.add_argument("--prefer", choices=("cost", "memory"), default="cost")
-    plan.add_argument("--json", action="store_true", help="print the Placement as JSON")
+    plan.add_argument(
+        "--all-types",
+        action="store_true",
+        help="plan over the whole catalog instead of the fleet's GPUFLEET_FLEET__GPU_TYPES (what the router uses)",
+    )
+    plan.add_argument("--json", action="store_true", help="print the Placement (and its queue) as JSON")
     plan.set_defaults(func=cmd_plan)
 
     models = commands.add_parser("models", help="local model root tools")
@@ -256,9 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("root", nargs="?")
     models.set_defaults(func=cmd_models)
 
-    bench = commands.add_parser("bench", help="loading benchmark (see workers.tools.bench --help)", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
+    # Listed for the overview only: main() hands everything after "bench" to the benchmark's own parser.
+    commands.add_parser("bench", help="loading benchmark (gpufleet bench --help for its options)", add_help=False)
 
     demo = commands.add_parser("demo", help="start redis + a worker, serve real embed and generate jobs")
     demo.add_argument("--workdir", default=".demo", help="where models, logs and the redis data go")
@@ -274,11 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tasks.errors import FleetError
     from workers.errors import WorkerError
 
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if arguments[:1] == ["bench"]:
+        # The benchmark parses its own options: an argparse REMAINDER cannot take a leading option (--help).
+        command, run = "bench", functools.partial(cmd_bench, arguments[1:])
+    else:
+        args = parser.parse_args(arguments)
+        command, run = args.command, functools.partial(args.func, args)
     try:
-        return int(args.func(args))
+        return int(run())
     except (FleetError, GpuError, WorkerError) as exc:
-        print(f"gpufleet {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"gpufleet {command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

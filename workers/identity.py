@@ -75,7 +75,10 @@ def gpu_identity(index: int, *, name: str | None = None) -> WorkerIdentity:
             f"({', '.join(d.name for d in devices) or 'none'}); use --gpu 0..{len(devices) - 1} or --cpu"
         )
     info = devices[index]
-    gpu_type = gpu_type_from_device_name(info.name, info.memory_bytes)
+    try:
+        gpu_type = gpu_type_from_device_name(info.name, info.memory_bytes, info.compute_capability)
+    except ConfigError as exc:
+        raise WorkerStartError(str(exc)) from exc
     return WorkerIdentity(
         name=name or worker_name(gpu_type, index),
         gpu_type=gpu_type,

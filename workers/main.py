@@ -81,13 +81,15 @@ def run_worker(*, gpu: int | None, cpu: bool, name: str | None = None, loglevel:
     identity = build_identity(gpu=gpu, cpu=cpu, name=name)
     check_priority_models(settings)
 
-    from workers import control, process
+    from workers import control, process, state
+    from workers.faults import Faults
     from workers.jobs import register_tasks
 
     del control  # imported for its @inspect_command registrations
+    Faults.from_settings(settings)  # refuse GPUFLEET_FAULTS without diagnostics here, not in a looping child
     app = create_app(settings)
     register_tasks(app, settings)
-    process.configure(app, identity, settings)
+    state.configure(app, identity, settings)
     signals.worker_process_init.connect(process.on_process_init, weak=False)
     signals.worker_process_shutdown.connect(process.on_process_shutdown, weak=False)
     log.info("starting %s on %s (queues after warm-up: %s)", identity.name, identity.device_label, identity.queues)

@@ -1,24 +1,24 @@
 """The per-process serving state of a worker's pool child: warm-up, memory pool, model cache, loader.
 
-Lives only in the pool child (CUDA never touches the forking parent). The child publishes a JSON snapshot of
-this state to a file after every change; the parent answers the ``gpu_status``/``models_status``/
-``cache_status`` control commands from it, so operators get answers even while a long job runs.
+Lives only in the pool child (CUDA never touches the forking parent). After every change it calls its
+``on_change`` hook; the worker publishes a snapshot from there (:mod:`workers.state`) for the parent's control
+commands. What to do about a device out-of-memory error is not decided here but in :mod:`workers.oom_policy`:
+the runtime only offers :meth:`WorkerRuntime.relieve_memory`.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
-import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from gpu.errors import DeviceOutOfMemoryError
+from gpu.errors import GpuError
+from gpu.plan.specs import read_config
 from gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
 from gpu.runtime.inference import LoadedModel
 from gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
@@ -26,6 +26,7 @@ from gpu.runtime.memory_pool import GPUMemoryPool, configure_allocator
 from gpu.runtime.model_cache import ModelCache
 from gpu.runtime.parking import ParkedStore
 from gpu.runtime.warmup import GPUWarmupManager
+from gpu.units import dtype_bytes
 from tasks.settings import Settings
 from workers.faults import Faults
 from workers.identity import WorkerIdentity
@@ -43,17 +44,6 @@ class Acquired:
     action: str  # "hit", "loaded", "restored"
     load_s: float
     evicted: tuple[str, ...] = ()
-
-
-def state_dir(settings: Settings) -> Path:
-    """Directory where pool children publish their state for the parent's control commands."""
-    base = settings.worker.state_dir or Path(tempfile.gettempdir()) / f"gpufleet-{os.getuid()}"
-    base.mkdir(parents=True, exist_ok=True)
-    return base
-
-
-def state_path(settings: Settings, worker_name: str) -> Path:
-    return state_dir(settings) / f"{worker_name.replace('/', '_')}.json"
 
 
 def choose_dtype(identity: WorkerIdentity, settings: Settings) -> str:
@@ -84,9 +74,9 @@ def preimport_model_code(settings: Settings) -> list[str]:
     model_types = {"llama"}
     if settings.model_root is not None:
         for model_id in list_models(settings.model_root):
-            try:
-                config = json.loads((settings.model_root / model_id / "config.json").read_text())
-            except (OSError, ValueError):
+            try:  # read_config caches the parse: the first load of each model reads it from there
+                config = read_config(settings.model_root / model_id / "config.json")
+            except GpuError:
                 continue
             if isinstance(config.get("model_type"), str):
                 model_types.add(config["model_type"].replace("-", "_"))
@@ -115,11 +105,14 @@ class WorkerRuntime:
         *,
         loader: ModelLoader | None = None,
         faults: Faults | None = None,
+        on_change: Callable[[WorkerRuntime], None] | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings
         self.device = identity.device
-        self.faults = faults or Faults.from_env()
+        self.faults = faults or Faults.from_settings(settings)
+        self.on_change = on_change
+        self.idle_ttl_s = settings.gpu.memory_pool.idle_ttl_s
         self.loader = loader or default_loader(settings)
         self.started_at = time.time()
         self.ready = False
@@ -132,7 +125,10 @@ class WorkerRuntime:
         self.warmup: GPUWarmupManager | None = None
         self.parked: ParkedStore | None = None
         self.jobs_done = 0
-        self.state_file = state_path(settings, identity.name)
+        # Held while a job uses the device, so idle expiry never evicts a model under a running job.
+        self._serving = threading.Lock()
+        self._stop = threading.Event()
+        self._expiry: threading.Thread | None = None
 
     # -- start-up -----------------------------------------------------------------------------------------
 
@@ -141,8 +137,11 @@ class WorkerRuntime:
         if self.device != "cpu":
             configure_allocator()  # before the first CUDA allocation
         self.dtype = choose_dtype(self.identity, self.settings)
-        self.pool = GPUMemoryPool.from_config(self.device, self.settings.gpu)
-        self.cache = ModelCache(self.pool.budget_bytes, on_evict=self._on_evict)
+        # The cache is the one record of resident bytes; the pool reads it to check reservations against.
+        self.pool = GPUMemoryPool.from_config(
+            self.device, self.settings.gpu, resident_bytes=lambda: 0 if self.cache is None else self.cache.used_bytes
+        )
+        self.cache = ModelCache(self.pool.budget_bytes, idle_ttl_s=self.idle_ttl_s, on_evict=self._on_evict)
         self.warmup = GPUWarmupManager(self.device, self.settings.gpu.warmup, dtypes=(self.dtype,))
         self.parked = self._make_parked_store()
         if self.settings.gpu.warmup.enabled and self.settings.gpu.warmup.on_startup:
@@ -154,7 +153,8 @@ class WorkerRuntime:
             self.acquire(model_id, pinned=True)
         self.ready = True
         self.ready_at = time.time()
-        self.publish()
+        self._start_expiry()
+        self.changed()
 
     def _make_parked_store(self) -> ParkedStore | None:
         host_budget_bytes = self.settings.gpu.memory_pool.host_budget_bytes
@@ -172,11 +172,11 @@ class WorkerRuntime:
         return self.pool, self.cache, self.warmup
 
     def estimate_bytes(self, resolved: ResolvedModel) -> int:
-        """Bytes the model will take on the device, before loading (reconciled with the measure after)."""
+        """Bytes the model will take on the device, before loading (the measured size is committed after)."""
         from gpu.plan.estimate import estimate_model_bytes
         from gpu.plan.specs import load_spec
 
-        bytes_per_param = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
+        bytes_per_param = dtype_bytes(self.dtype)
         try:
             return int(estimate_model_bytes(load_spec(resolved.path), bytes_per_param))
         except Exception:  # an unplannable config still loads; size it from the files on disk
@@ -188,33 +188,30 @@ class WorkerRuntime:
 
         Raises:
             gpu errors: ModelNotFoundError, UnsafeModelIdError, CapacityError (incl. AllPinnedError),
-            DeviceOutOfMemoryError after one eviction-and-retry, ModelLoadError.
+            DeviceOutOfMemoryError (no retry here: :mod:`workers.oom_policy` decides), ModelLoadError.
         """
         pool, cache, warmup = self._require()
         cached = cache.get(model_id)
         if cached is not None:
-            warmup.record_use(model_id, hit=True)
             if pinned:
                 cache.pin(model_id)
             return Acquired(cached, "hit", 0.0)
         resolved = self.resolve(model_id)
         started = time.perf_counter()
-        try:
-            loaded, action, evicted = self._load(resolved, progress)
-        except DeviceOutOfMemoryError:
-            # Fragmentation or stale blocks: free everything unpinned, return the cached blocks, try once more.
-            log.warning("out of memory loading %s; evicting unpinned models and retrying once", model_id)
-            cache.evict_unpinned(reason="oom")
-            _empty_device_cache(self.device)
-            loaded, action, evicted = self._load(resolved, progress)
+        loaded, action, evicted = self._load(resolved, progress)
         load_s = time.perf_counter() - started
-        evicted += cache.put(model_id, loaded, loaded.bytes, pinned=pinned, load_s=load_s)
-        pool.reconcile(model_id, loaded.bytes)
+        try:
+            evicted += cache.put(model_id, loaded, loaded.bytes, pinned=pinned, load_s=load_s)
+        except BaseException:
+            # Measured bigger than estimated and the rest is pinned: the load is refused, its reservation too.
+            pool.release(model_id)
+            loaded.module = None
+            raise
+        pool.commit(model_id, loaded.bytes)
+        self.faults.arm("load", model_id, loaded.module)  # fires on the check forward below
         if self.settings.gpu.warmup.after_load:
             warmup.warm_model(loaded)
-        warmup.record_load(model_id, load_s)
-        warmup.record_use(model_id, hit=False)
-        self.publish()
+        self.changed()
         return Acquired(loaded, action, load_s, tuple(evicted))
 
     def _load(self, resolved: ResolvedModel, progress: ProgressFn | None) -> tuple[LoadedModel, str, list[str]]:
@@ -246,31 +243,29 @@ class WorkerRuntime:
     def unload(self, model_id: str) -> int | None:
         """Drop a model (and any parked copy); returns the bytes freed, or None if it was not loaded."""
         _, cache, _ = self._require()
-        entry_bytes = next((e["size_bytes"] for e in cache.entries() if e["key"] == model_id), None)
+        entry_bytes = cache.size_of(model_id)
         loaded = cache.pop(model_id)
         if self.parked is not None and model_id in self.parked:
             self.parked.drop(model_id)
-        self.publish()
+        self.changed()
         return None if loaded is None else int(entry_bytes or loaded.bytes)
 
     def job_done(self) -> None:
         """Count a finished job and publish the state (cache hits change it too)."""
         self.jobs_done += 1
-        self.publish()
+        self.changed()
 
     def relieve_memory(self) -> list[str]:
         """After an out-of-memory during a job: evict every unpinned model and return cached blocks."""
         _, cache, _ = self._require()
         evicted = cache.evict_unpinned(reason="oom")
         _empty_device_cache(self.device)
-        self.publish()
+        self.changed()
         return evicted
 
     def _on_evict(self, model_id: str, loaded: LoadedModel, reason: str) -> None:
-        if self.pool is not None:
-            self.pool.release(model_id)
         parked = False
-        if self.parked is not None and reason in ("lru", "expired", "capacity", "oom"):
+        if self.parked is not None and reason in ("lru", "expired", "oom"):
             try:
                 parked = bool(self.parked.park(loaded))
             except Exception:  # parking is an optimisation; an eviction must still free the device
@@ -282,51 +277,52 @@ class WorkerRuntime:
         gc.collect()
         log.info("evicted %s (%s%s)", model_id, reason, ", parked" if parked else "")
 
-    # -- state --------------------------------------------------------------------------------------------
+    # -- state and background work ------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """The state operators see: device, warm-up, memory pool, models and cache, as JSON."""
-        base = {
-            "worker": self.identity.name,
-            "pid": os.getpid(),
-            "gpu_type": self.identity.gpu_type,
-            "device": self.identity.device_label,
-            "ready": self.ready,
-            "ready_at": self.ready_at,
-            "dtype": self.dtype,
-            "started_at": self.started_at,
-            "updated_at": time.time(),
-            "jobs_done": self.jobs_done,
-            "loader": getattr(self.loader, "name", type(self.loader).__name__),
-            "preimported_model_code": self.preimported,
-        }
-        if self.pool is None or self.cache is None or self.warmup is None:
-            return {**base, "gpu": {}, "models": {}, "cache": {}}
-        return {
-            **base,
-            "gpu": {
-                "warm": self.warmup.is_warm,
-                "warmup": self.warmup_report,
-                "memory_pool": self.pool.stats(),
-                "memory": self.warmup.memory_report(),
-            },
-            "models": {"loaded": self.cache.entries(), "usage": self.warmup.usage()},
-            "cache": {
-                "stats": self.cache.stats().to_dict(),
-                "parked": None
-                if self.parked is None
-                else {
-                    "stats": self.parked.stats(),
-                    "entries": self.parked.entries(),
-                },
-            },
-        }
+    def changed(self) -> None:
+        """Tell the worker the state changed (it publishes a snapshot for the control commands)."""
+        if self.on_change is not None:
+            self.on_change(self)
 
-    def publish(self) -> None:
-        """Write the snapshot atomically for the parent's control commands."""
-        tmp = self.state_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.snapshot(), default=str))
-        tmp.replace(self.state_file)
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Held by a job while it uses the device: idle expiry waits for it."""
+        with self._serving:
+            yield
+
+    def expire_idle(self) -> list[str]:
+        """Evict models idle for longer than ``idle_ttl_s``, unless a job is running; returns their ids."""
+        if self.cache is None or not self._serving.acquire(blocking=False):
+            return []
+        try:
+            expired = self.cache.expire()
+        finally:
+            self._serving.release()
+        if expired:
+            log.info("idle for over %g s, evicted: %s", self.idle_ttl_s, ", ".join(expired))
+            self.changed()
+        return expired
+
+    def _start_expiry(self) -> None:
+        if self.idle_ttl_s is None or self._expiry is not None:
+            return
+        # Check a few times per TTL so a model leaves within ~1.25 TTL of its last use, never sooner than one.
+        interval_s = max(0.2, self.idle_ttl_s / 4)
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.expire_idle()
+                except Exception:  # expiry is housekeeping: log and keep the worker serving
+                    log.exception("idle expiry failed")
+
+        self._expiry = threading.Thread(target=loop, name="gpufleet-idle-expiry", daemon=True)
+        self._expiry.start()
+
+    def stop(self) -> None:
+        """Stop background work and mark the runtime not ready (the pool child is exiting)."""
+        self._stop.set()
+        self.ready = False
 
 
 def _empty_device_cache(device: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from gpu.errors import ModelSpecError
 from gpu.plan.model_names import Quantization, reference_shape, size_from_name
+from gpu.units import DTYPE_BYTES
 
 __all__ = [
     "FAMILIES",
@@ -310,7 +311,7 @@ def generic_counts(
             ),
         )
     if checkpoint_bytes:
-        bytes_per_param = _DTYPE_BYTES.get(dtype, 2.0) if quantization is None else quantization.bits / 8
+        bytes_per_param = DTYPE_BYTES.get(dtype, 2) if quantization is None else quantization.bits / 8
         params = int(checkpoint_bytes / bytes_per_param)
         return _typical_shape_counts(
             params,
@@ -360,6 +361,3 @@ def _typical_shape_counts(
         note=note,
         **experts,
     )
-
-
-_DTYPE_BYTES: Mapping[str, float] = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}

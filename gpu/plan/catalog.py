@@ -1,7 +1,8 @@
-"""GPU types as data: memory, compute capability, bf16/FP8 support, hourly price and queue name.
+"""GPU types as data: memory, compute capability, bf16/FP8 support and hourly price.
 
 Pure Python (no torch, no NVML): the router and the ``gpufleet plan`` command read it on machines without a GPU,
 and the worker uses :func:`gpu_type_from_device_name` to name itself (``h100-0@host``) from what NVML reports.
+Queue names are not planning data: they are made from a type's name by ``tasks.names``.
 
 Memory is what NVML reports as total device memory for the usual board of each type (slightly below the
 marketing figure: a "16 GB" T4 reports 15360 MiB). Planning against the reported figure keeps placements honest.
@@ -37,7 +38,6 @@ class GpuType:
         supports_bf16: bfloat16 math in hardware (Ampere, compute capability 8.0, and later).
         supports_fp8: FP8 tensor cores (Ada 8.9 and Hopper 9.0 and later), needed to run FP8 weights.
         price_per_hour_usd: approximate on-demand price for one of these per hour (see the module docstring).
-        queue: the Celery queue the workers of this type consume.
     """
 
     name: str
@@ -47,7 +47,6 @@ class GpuType:
     supports_bf16: bool
     supports_fp8: bool
     price_per_hour_usd: float
-    queue: str
 
     @property
     def is_cpu(self) -> bool:
@@ -79,7 +78,6 @@ def _gpu(
         supports_bf16=cc >= (8, 0),
         supports_fp8=cc >= (8, 9),
         price_per_hour_usd=price_per_hour_usd,
-        queue=f"gpu.{name}",
     )
 
 
@@ -104,7 +102,6 @@ _TYPES: tuple[GpuType, ...] = (
         supports_bf16=False,
         supports_fp8=False,
         price_per_hour_usd=0.68,
-        queue=CPU,
     ),
 )
 
@@ -135,71 +132,120 @@ def all_types(*, include_cpu: bool = True) -> tuple[GpuType, ...]:
     return tuple(gpu for gpu in _TYPES if include_cpu or not gpu.is_cpu)
 
 
-def queue_for(gpu_type: str) -> str:
-    """The Celery queue that workers of ``gpu_type`` consume (``gpu.h100``, ``cpu``).
+@dataclass(frozen=True)
+class _Board:
+    """A board family NVML names: its compute capability and the catalog types it can be, largest first."""
 
-    Raises:
-        ConfigError: ``gpu_type`` is not in the catalog.
-    """
-    return get_gpu_type(gpu_type).queue
+    pattern: str
+    compute_capability: tuple[int, int]
+    types: tuple[str, ...]
 
 
-# NVML names seen in the wild, matched in order on the upper-cased name with spaces and dashes removed. The
-# order matters: "H100" before "H10", "A100" with its memory, "L40S" before "L40".
-_NAME_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"B200|GB200|B100", "b200"),
-    (r"H200|GH200", "h200"),
-    (r"H100|H800", "h100"),
-    (r"A100|A800", "a100"),  # memory decides 40 or 80 GB
-    (r"L40S|L40|RTX6000ADA", "l40s"),
-    (r"A10G|A10(?!0)", "a10g"),
-    (r"L4(?!0)", "l4"),
-    (r"T4(?!\d)", "t4"),
+# Matched in order, as whole words, on the upper-cased NVML name with dashes and underscores read as spaces
+# ("NVIDIA A100-SXM4-40GB" -> "NVIDIA A100 SXM4 40GB"). Only boards that are (or are built like) a catalog type are
+# listed; any other board gets a stand-in chosen from its own capabilities (see gpu_type_from_device_name). Whole
+# words keep "A100" off an "RTX A1000" and "L4" off an "L40S".
+_KNOWN_BOARDS: tuple[_Board, ...] = (
+    _Board(r"\bG?B200\b|\bB100\b", (10, 0), ("b200",)),
+    _Board(r"\bG?H200\b", (9, 0), ("h200", "h100")),  # a GH200 has 96 or 144 GB
+    _Board(r"\bH100\b|\bH800\b", (9, 0), ("h100",)),
+    _Board(r"\bA100\b|\bA800\b", (8, 0), ("a100-80gb", "a100-40gb")),
+    _Board(r"\bL40S?\b|\bRTX 6000 ADA\b", (8, 9), ("l40s",)),
+    _Board(r"\bA10G?\b", (8, 6), ("a10g",)),
+    _Board(r"\bL4\b", (8, 9), ("l4",)),
+    _Board(r"\bT4\b", (7, 5), ("t4",)),
 )
 
+# Boards report a little less memory than the type's usual board (PCIe A100 40GB: 40536 vs 40960 MiB).
+_MEMORY_TOLERANCE = 1.02
 
-def gpu_type_from_device_name(nvml_name: str, memory_bytes: int) -> str:
-    """Map a device name as NVML reports it to a catalog type name.
 
-    Known names map by model (``"NVIDIA H100 80GB HBM3"`` → ``h100``, ``"Tesla T4"`` → ``t4``,
-    ``"NVIDIA A100-SXM4-40GB"`` → ``a100-40gb``); A100s are told apart by their memory. Anything else (a
-    GeForce card, a new model) maps to the closest type by memory (:func:`closest_by_memory`), which never
-    assumes more memory than the device has.
+def capabilities(compute_capability: tuple[int, int]) -> tuple[bool, bool, bool]:
+    """What planning assumes of a device of this compute capability: ``(bf16, fp8, fp8 KV cache)``."""
+    return compute_capability >= (8, 0), compute_capability >= (8, 9), compute_capability >= (9, 0)
+
+
+def _covers(device_cc: tuple[int, int], gpu: GpuType) -> bool:
+    """Whether a device of ``device_cc`` can do everything planning assumes ``gpu`` can."""
+    has = capabilities(device_cc)
+    needs = capabilities(gpu.compute_capability)
+    return all(have or not need for have, need in zip(has, needs, strict=True))
+
+
+def stand_in_type(memory_bytes: int, compute_capability: tuple[int, int]) -> GpuType | None:
+    """The catalog type a device can stand in for without being credited with anything it lacks.
+
+    Among GPU types with no more memory than the device and no capability (bf16, FP8, FP8 KV cache) it lacks, the
+    largest is taken; types within a few GiB of each other (an 80 GB A100 and H100) count as one size, and then the
+    one closest in capabilities wins. A stand-in is conservative: plans for it always fit and run on the device.
+
+    Args:
+        memory_bytes: the device's total memory.
+        compute_capability: the device's CUDA compute capability ``(major, minor)``.
+
+    Returns:
+        The stand-in, or ``None`` when the device is smaller than every type it could stand in for.
+    """
+    candidates = [
+        gpu
+        for gpu in all_types(include_cpu=False)
+        if gpu.memory_bytes <= memory_bytes * _MEMORY_TOLERANCE and _covers(compute_capability, gpu)
+    ]
+    if not candidates:
+        return None
+    return max(
+        candidates,
+        key=lambda gpu: (round(gpu.memory_bytes / (8 * GiB)), gpu.compute_capability, -gpu.price_per_hour_usd),
+    )
+
+
+def gpu_type_from_device_name(
+    nvml_name: str, memory_bytes: int, compute_capability: tuple[int, int] | None = None
+) -> str:
+    """The catalog type a device serves as, from what NVML reports about it.
+
+    A known board maps to its own type (``"NVIDIA H100 80GB HBM3"``, ``"NVIDIA H100 NVL"`` → ``h100``,
+    ``"Tesla T4"`` → ``t4``, ``"NVIDIA A100-PCIE-40GB"`` → ``a100-40gb``: A100s are told apart by memory). Any other
+    board (an RTX A6000, a GeForce card) is never given a known type's capabilities: it serves as the
+    :func:`stand_in_type` for its memory and compute capability (an RTX A6000, 48 GB and 8.6 without FP8, serves as
+    ``a100-40gb``, not as the FP8-capable ``l40s``), so nothing planned for its queue needs more than it has.
 
     Args:
         nvml_name: ``nvmlDeviceGetName`` output.
         memory_bytes: ``nvmlDeviceGetMemoryInfo(...).total``.
+        compute_capability: ``nvmlDeviceGetCudaComputeCapability`` output; needed for boards not listed here.
 
     Returns:
         A catalog name other than ``cpu``.
 
     Raises:
-        ConfigError: ``memory_bytes`` is not positive.
+        ConfigError: ``memory_bytes`` is not positive; the board is unknown and ``compute_capability`` was not
+            given; or no catalog type fits in the device's memory.
     """
     if memory_bytes <= 0:
         raise ConfigError(
             f"device {nvml_name!r} reports {memory_bytes} bytes of memory: pass the total from "
             "nvmlDeviceGetMemoryInfo(handle).total"
         )
-    key = re.sub(r"[\s_-]+", "", nvml_name.upper())
-    for pattern, gpu_name in _NAME_PATTERNS:
-        if re.search(pattern, key):
-            if gpu_name == "a100":
-                return "a100-80gb" if memory_bytes > 48 * GiB else "a100-40gb"
-            return gpu_name
-    return closest_by_memory(memory_bytes)
-
-
-def closest_by_memory(memory_bytes: int) -> str:
-    """The GPU type (never ``cpu``) whose memory is closest to ``memory_bytes``.
-
-    Among types with memory at most ``memory_bytes`` plus 2 % (a board reports a little less than its
-    nominal size), the largest is taken, so an unknown 24 GB card maps to a 24 GB type, not a 40 GB one. A device
-    smaller than every type maps to the smallest (``t4``).
-    """
-    candidates = [gpu for gpu in all_types(include_cpu=False) if gpu.memory_bytes <= memory_bytes * 1.02]
-    if not candidates:
-        return all_types(include_cpu=False)[0].name
-    # Largest memory that does not exceed the device; among equals (L4 and A10G), the cheaper.
-    best = max(candidates, key=lambda gpu: (gpu.memory_bytes // GiB, -gpu.price_per_hour_usd))
-    return best.name
+    key = re.sub(r"[\s_-]+", " ", nvml_name.upper())
+    board = next((board for board in _KNOWN_BOARDS if re.search(board.pattern, key)), None)
+    if board is not None:
+        for name in board.types:
+            if CATALOG[name].memory_bytes <= memory_bytes * _MEMORY_TOLERANCE:
+                return name
+        compute_capability = compute_capability or board.compute_capability
+    if compute_capability is None:
+        raise ConfigError(
+            f"unknown GPU {nvml_name!r}: its compute capability is needed to choose a catalog type it can serve "
+            "as without claiming bf16/FP8 support it may lack; pass nvmlDeviceGetCudaComputeCapability(handle), "
+            "or add the board to _KNOWN_BOARDS in gpu/plan/catalog.py"
+        )
+    stand_in = stand_in_type(memory_bytes, compute_capability)
+    if stand_in is None:
+        major, minor = compute_capability
+        raise ConfigError(
+            f"GPU {nvml_name!r} ({memory_bytes / GiB:.1f} GiB, compute capability {major}.{minor}) is smaller than "
+            f"every catalog GPU type it could serve as (the smallest is {all_types(include_cpu=False)[0].name}); "
+            "run a CPU worker (--cpu) instead, or add a type for it to gpu/plan/catalog.py"
+        )
+    return stand_in.name

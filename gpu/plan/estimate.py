@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 from gpu.errors import ConfigError
 from gpu.plan.catalog import GpuType
-from gpu.plan.specs import ModelSpec, QuantMethod
-from gpu.units import GiB, MiB
-
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
-"""Bytes per element of the dtypes planning deals with."""
+from gpu.plan.model_names import QuantMethod
+from gpu.plan.specs import ModelSpec
+from gpu.units import DTYPE_BYTES, GiB, MiB, dtype_bytes
 
 # With chunked prefill an engine runs at most this many tokens through the model in one step, which bounds the
 # activations whatever the context (vLLM's max_num_batched_tokens for long contexts is of this order).
@@ -57,18 +55,6 @@ class MemoryEstimate:
     def total_bytes(self) -> int:
         """Everything the model needs."""
         return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
-
-
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of ``dtype`` (``float32``, ``float16``, ``bfloat16``, ``fp8``).
-
-    Raises:
-        ConfigError: the dtype is not one of those.
-    """
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}") from None
 
 
 def estimate_weights_bytes(spec: ModelSpec, *, dtype_bytes: float | None = None) -> int:

@@ -1,10 +1,11 @@
-"""Name-only rules: what a model's name (or a GGUF file name) says about its size and quantization.
+"""Name rules and quantization: what a model's name (or GGUF file name) says about its size and quantization.
 
 Sizes (``7B``, ``0.5B``, ``135M``; ``8x7B`` for Mixtral-style MoE; ``30B-A3B`` for total and active), a table
 of well-known names without a size (``gpt2``, ``bert-base-uncased``, ``phi-2``), quantization suffixes
 (``-GPTQ``, ``-AWQ``, ``-FP8``, ``bnb-4bit``), llama.cpp GGUF quant types (``Q4_K_M``) and the typical shapes
 a name-only model's KV cache is estimated from. Also home of the quantization records (:class:`QuantMethod`,
-:class:`Quantization`) these rules build; :mod:`gpu.plan.specs` re-exports them.
+:class:`Quantization`), built from names here and from a config's ``quantization_config``
+(:func:`quantization_from_config`).
 
 Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (which imports this module).
 """
@@ -16,6 +17,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
+
+from gpu.errors import ModelSpecError
 
 __all__ = [
     "DEFAULT_GGUF_TYPE",
@@ -28,6 +32,7 @@ __all__ = [
     "Shape",
     "family_from_name",
     "gguf_type_from_name",
+    "quantization_from_config",
     "quantization_from_name",
     "reference_shape",
     "size_from_name",
@@ -321,6 +326,72 @@ def quantization_from_name(name: str) -> Quantization | None:
     if re.search(r"bnb[-_]?8bit|(?<![a-z0-9])(8bit|int8)(?![a-z0-9])", low):
         return Quantization(QuantMethod.BNB_8BIT, 8.0, None, 4)
     return None
+
+
+def quantization_from_config(qc: object, label: str) -> Quantization | None:
+    """The quantization a config's ``quantization_config`` describes; ``None`` for a method it does not know.
+
+    Args:
+        qc: the ``quantization_config`` value (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MXFP4, or any
+            method that states its ``bits``).
+        label: the model's name, for messages.
+
+    Raises:
+        ModelSpecError: ``qc`` is not a JSON object, or a bitsandbytes config loads neither 4 nor 8 bits.
+    """
+    if not isinstance(qc, Mapping):
+        raise ModelSpecError(f"{label}: quantization_config must be a JSON object; fix the config")
+    method = str(qc.get("quant_method") or "").lower().replace("_", "-")
+    group = _group(qc.get("group_size", qc.get("q_group_size", 128)))
+    if method == "gptq":
+        return Quantization(QuantMethod.GPTQ, float(qc.get("bits", 4)), group, 2, has_zero_point=True)
+    if method == "awq":
+        bits = float(qc.get("bits", qc.get("w_bit", 4)))
+        return Quantization(QuantMethod.AWQ, bits, group, 2, has_zero_point=bool(qc.get("zero_point", True)))
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+            # Absmax per block of 64 weights: fp32, or 8-bit with double quantization.
+            scale_bytes = 1 if qc.get("bnb_4bit_use_double_quant") else 4
+            return Quantization(QuantMethod.BNB_4BIT, 4.0, 64, scale_bytes)
+        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+            return Quantization(QuantMethod.BNB_8BIT, 8.0, None, 4)
+        raise ModelSpecError(f"{label}: bitsandbytes quantization_config sets neither load_in_4bit nor load_in_8bit")
+    if method in ("fp8", "fbgemm-fp8", "finegrained-fp8"):
+        return Quantization(QuantMethod.FP8, 8.0, None, 4, fp8_weights=True)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    if method == "mxfp4":
+        return Quantization(QuantMethod.MXFP4, 4.0, 32, 1)
+    other_bits = qc.get("bits") or qc.get("weight_bits")
+    if isinstance(other_bits, (int, float)) and other_bits > 0:
+        return Quantization(QuantMethod.OTHER, float(other_bits), group, 2, has_zero_point=True)
+    return None
+
+
+def _group(value: object) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _compressed_tensors(qc: Mapping[str, Any]) -> Quantization:
+    groups = qc.get("config_groups")
+    weights: Mapping[str, Any] = {}
+    if isinstance(groups, Mapping):
+        for group in groups.values():
+            if isinstance(group, Mapping) and isinstance(group.get("weights"), Mapping):
+                weights = group["weights"]
+                break
+    bits = float(weights.get("num_bits", 8))
+    is_float = str(weights.get("type", "int")).lower() == "float"
+    strategy = str(weights.get("strategy", "channel")).lower()
+    group = _group(weights.get("group_size")) if strategy == "group" else None
+    return Quantization(
+        QuantMethod.COMPRESSED_TENSORS,
+        bits,
+        group,
+        scale_bytes=2,
+        has_zero_point=not bool(weights.get("symmetric", True)),
+        fp8_weights=is_float and bits == 8,
+    )
 
 
 def family_from_name(name: str) -> str:

@@ -5,6 +5,8 @@ Plain text, no colour, no third-party table library: it goes to terminals, logs 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gpu.plan.catalog import get_gpu_type
 from gpu.plan.selection import Placement
 from gpu.units import fmt_bytes
@@ -16,8 +18,8 @@ def _params(params: int) -> str:
     return f"{params / 1e6:.1f} M"
 
 
-def placement_rows(placement: Placement) -> list[tuple[str, str]]:
-    """The (label, value) rows of the table, in display order."""
+def placement_rows(placement: Placement, extra_rows: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """The (label, value) rows of the table, in display order; ``extra_rows`` (the caller's) follow the GPU row."""
     gpu = get_gpu_type(placement.gpu_type)
     capacity = gpu.memory_bytes * placement.gpu_count
     budget = placement.memory_utilization * capacity
@@ -25,7 +27,7 @@ def placement_rows(placement: Placement) -> list[tuple[str, str]]:
     engine = placement.engine
     return [
         ("GPU", f"{device} ({gpu.description}, {fmt_bytes(gpu.memory_bytes)} each)"),
-        ("queue", placement.queue),
+        *extra_rows,
         ("memory utilization", f"{placement.memory_utilization:.2f} -> budget {fmt_bytes(budget)}"),
         ("parameters", _params(placement.params) + (" (MoE)" if placement.is_moe else "")),
         ("quantization", placement.quantization),
@@ -49,14 +51,20 @@ def placement_rows(placement: Placement) -> list[tuple[str, str]]:
     ]
 
 
-def render_placement(placement: Placement, *, model: str | None = None) -> str:
+def render_placement(
+    placement: Placement, *, model: str | None = None, extra_rows: Sequence[tuple[str, str]] = ()
+) -> str:
     """A two-column table of the placement followed by its reasons, as one string without a trailing newline.
 
     Args:
         placement: what :func:`gpu.plan.selection.plan` returned.
         model: the model as the user named it, for the title line; ``None`` for no title.
+        extra_rows: ``(label, value)`` rows the caller adds after the GPU row (the CLI adds the queue).
+
+    Returns:
+        The table and the reasons, one line each.
     """
-    rows = placement_rows(placement)
+    rows = placement_rows(placement, extra_rows)
     width = max(len(label) for label, _ in rows)
     lines = [f"plan for {model}"] if model else []
     lines.extend(f"  {label:<{width}}  {value}" for label, value in rows)

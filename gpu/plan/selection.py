@@ -1,8 +1,10 @@
 """GPU selection: which GPU type (and how many) serves a model, at what memory utilization.
 
 :func:`plan` is the rich interface (a :class:`Placement` with the estimate, fallbacks, reasons and engine
-settings); :func:`get_gpu_config` is the seed interface ``(gpu_type, memory_utilization)``. Both are pure
-functions of the model and the catalog: the router calls them on machines without torch.
+settings); :func:`get_gpu_placement` is ``(gpu_type, gpu_count, memory_utilization)``; :func:`get_gpu_config` is
+the seed interface ``(gpu_type, memory_utilization)``, which cannot say how many GPUs a model needs. All are pure
+functions of the model and the catalog: the router calls them on machines without torch. Which Celery queue serves
+a GPU type is not planning's business: ``tasks.names`` decides that.
 
 The rules:
 
@@ -18,6 +20,7 @@ The rules:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -27,7 +30,8 @@ from typing import Any
 from gpu.errors import ConfigError, PlanningError
 from gpu.plan.catalog import CPU, GpuType, all_types, get_gpu_type
 from gpu.plan.estimate import MemoryEstimate, estimate_memory
-from gpu.plan.specs import ModelSpec, QuantMethod, load_spec
+from gpu.plan.model_names import QuantMethod
+from gpu.plan.specs import ModelSpec, load_spec
 from gpu.units import GiB, fmt_bytes
 
 MAX_MEMORY_UTILIZATION = 0.92
@@ -110,7 +114,6 @@ class Placement:
         quantization: quantization label (``none``, ``gptq-4bit``, ``fp8``, ``gguf-Q4_K_M`` …).
         is_moe: the model is a mixture of experts.
         fallbacks: other types that would also fit with the same device count, best first.
-        queue: the Celery queue of the chosen type.
         reasons: why-strings for a person.
         engine: recommended engine settings.
     """
@@ -125,7 +128,6 @@ class Placement:
     quantization: str
     is_moe: bool
     fallbacks: tuple[str, ...]
-    queue: str
     reasons: tuple[str, ...]
     engine: EngineSettings
 
@@ -269,21 +271,59 @@ def plan(
         quantization=spec.quantization.label if spec.quantization else "none",
         is_moe=spec.is_moe,
         fallbacks=tuple(fallbacks),
-        queue=chosen.gpu.queue,
         reasons=tuple(reasons),
         engine=_engine(spec, chosen, context),
     )
 
 
-def get_gpu_config(model_name: str) -> tuple[str, float]:
-    """The seed interface: ``(gpu_type, memory_utilization)`` for a model, with :func:`plan`'s defaults.
+def get_gpu_placement(model_name: str) -> tuple[str, int, float]:
+    """``(gpu_type, gpu_count, memory_utilization)`` for a model, with :func:`plan`'s defaults.
+
+    ``gpu_count`` above 1 means tensor parallelism: the model needs a worker spanning that many GPUs of the type,
+    each used up to ``memory_utilization``.
+
+    Args:
+        model_name: a model name, or a model directory or config.json / .gguf path.
+
+    Returns:
+        The chosen type's catalog name, the number of its GPUs, and the fraction of each one the model may use.
 
     Raises:
         ModelSpecError: the name cannot be understood.
-        PlanningError: no GPU type can hold the model (a multi-GPU placement returns its type).
+        PlanningError: no GPU type, in any count, can hold the model.
     """
     placement = plan(model_name)
-    return placement.gpu_type, placement.memory_utilization
+    return placement.gpu_type, placement.gpu_count, placement.memory_utilization
+
+
+def get_gpu_config(model_name: str) -> tuple[str, float]:
+    """The seed interface: ``(gpu_type, memory_utilization)`` for a model, with :func:`plan`'s defaults.
+
+    It has no room for the GPU count: for a model that needs several GPUs (a 405B model: 8 x h200) it returns the
+    type and a per-GPU utilization, and warns. Use :func:`get_gpu_placement` (or :func:`plan`) to get the count.
+
+    Args:
+        model_name: a model name, or a model directory or config.json / .gguf path.
+
+    Returns:
+        The chosen type's catalog name and the fraction of each of its GPUs the model may use.
+
+    Warns:
+        UserWarning: the model needs more than one GPU, which this result cannot say.
+
+    Raises:
+        ModelSpecError: the name cannot be understood.
+        PlanningError: no GPU type, in any count, can hold the model.
+    """
+    gpu_type, gpu_count, utilization = get_gpu_placement(model_name)
+    if gpu_count > 1:
+        warnings.warn(
+            f"get_gpu_config({model_name!r}) returns {gpu_type!r} but the model needs {gpu_count} x {gpu_type} "
+            "(tensor parallel); one GPU of that type cannot hold it. Use get_gpu_placement() for the count",
+            UserWarning,
+            stacklevel=2,
+        )
+    return gpu_type, utilization
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -13,6 +13,8 @@ suffixes, GGUF quant types) live in :mod:`gpu.plan.model_names`.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -22,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from gpu.errors import ModelSpecError
-from gpu.plan.architectures import FAMILIES, SUPPORTED_ARCHITECTURES, Cfg, generic_counts, positive_int
+from gpu.plan.architectures import FAMILIES, Cfg, generic_counts, positive_int
 from gpu.plan.model_names import (
     DEFAULT_GGUF_TYPE,
-    ENGINE_QUANTIZATION_NAMES,
     GGUF_BITS_PER_WEIGHT,
     NAME_VOCAB,
     NameSize,
@@ -33,21 +34,17 @@ from gpu.plan.model_names import (
     QuantMethod,
     family_from_name,
     gguf_type_from_name,
+    quantization_from_config,
     quantization_from_name,
     reference_shape,
     size_from_name,
 )
 
 __all__ = [
-    "DEFAULT_GGUF_TYPE",  # re-exported from gpu.plan.model_names
-    "ENGINE_QUANTIZATION_NAMES",  # re-exported from gpu.plan.model_names
-    "GGUF_BITS_PER_WEIGHT",  # re-exported from gpu.plan.model_names
-    "SUPPORTED_ARCHITECTURES",  # re-exported from gpu.plan.architectures
     "ModelSpec",
-    "QuantMethod",  # re-exported from gpu.plan.model_names
-    "Quantization",  # re-exported from gpu.plan.model_names
     "SpecSource",
     "load_spec",
+    "read_config",
     "spec_from_config",
     "spec_from_name",
     "spec_from_path",
@@ -216,7 +213,7 @@ def spec_from_config(
         dtype = "float32"
         notes.append("config names no dtype: assumed float32 checkpoint (served in 16-bit on GPUs)")
     quant_config = config.get("quantization_config") or cfg.get("quantization_config")
-    quantization = _quantization_from_config(quant_config, label) if quant_config else None
+    quantization = quantization_from_config(quant_config, label) if quant_config else None
     if quant_config and quantization is None:
         method = quant_config.get("quant_method") if isinstance(quant_config, Mapping) else None
         notes.append(f"quantization method {method!r} not recognized: planned as unquantized (an overestimate)")
@@ -263,22 +260,49 @@ def spec_from_config(
 # ------------------------------------------------------------------------------------------------ files
 
 
-def _spec_from_config_file(config_path: Path, *, model_dir: Path) -> ModelSpec:
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` at ``path``, read once per version of the file.
+
+    Cached on the resolved path, the file's modification time and its size, so a model load that plans, counts
+    and loads reads the file once, and a rewritten config is read again. Callers get a fresh copy: mutating it
+    does not change what the next caller sees.
+
+    Args:
+        path: a ``config.json`` file (or any JSON config).
+
+    Returns:
+        The JSON object.
+
+    Raises:
+        ModelSpecError: the file cannot be read, is not valid JSON, or holds something other than an object.
+    """
     try:
-        text = config_path.read_text(encoding="utf-8")
+        stat = path.stat()
     except OSError as exc:
-        raise ModelSpecError(
-            f"cannot read {config_path}: {exc.strerror or exc}; check the path and permissions"
-        ) from None
+        raise ModelSpecError(f"cannot read {path}: {exc.strerror or exc}; check the path and permissions") from None
+    return copy.deepcopy(_read_config(path.resolve(), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _read_config(path: Path, mtime_ns: int, size: int) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelSpecError(f"cannot read {path}: {exc.strerror or exc}; check the path and permissions") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelSpecError(
-            f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
             "re-download or fix the config"
         ) from None
     if not isinstance(config, dict):
-        raise ModelSpecError(f"{config_path} holds a JSON {type(config).__name__}, not an object: fix the config")
+        raise ModelSpecError(f"{path} holds a JSON {type(config).__name__}, not an object: fix the config")
+    return config
+
+
+def _spec_from_config_file(config_path: Path, *, model_dir: Path) -> ModelSpec:
+    config = read_config(config_path)
     num_shards, checkpoint_bytes = _checkpoint_layout(model_dir)
     name = model_dir.name if config_path.name == "config.json" else config_path.stem
     spec = spec_from_config(config, name=name, num_shards=num_shards, checkpoint_bytes=checkpoint_bytes)
@@ -382,65 +406,6 @@ def _normalize_dtype(value: object) -> str | None:
     if not isinstance(value, str):
         return None
     return _DTYPE_ALIASES.get(value.lower().removeprefix("torch."))
-
-
-# ----------------------------------------------------------------------------------------- quantization
-
-
-def _quantization_from_config(qc: object, label: str) -> Quantization | None:
-    if not isinstance(qc, Mapping):
-        raise ModelSpecError(f"{label}: quantization_config must be a JSON object; fix the config")
-    method = str(qc.get("quant_method") or "").lower().replace("_", "-")
-    group = _group(qc.get("group_size", qc.get("q_group_size", 128)))
-    if method == "gptq":
-        return Quantization(QuantMethod.GPTQ, float(qc.get("bits", 4)), group, 2, has_zero_point=True)
-    if method == "awq":
-        bits = float(qc.get("bits", qc.get("w_bit", 4)))
-        return Quantization(QuantMethod.AWQ, bits, group, 2, has_zero_point=bool(qc.get("zero_point", True)))
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
-            # Absmax per block of 64 weights: fp32, or 8-bit with double quantization.
-            scale_bytes = 1 if qc.get("bnb_4bit_use_double_quant") else 4
-            return Quantization(QuantMethod.BNB_4BIT, 4.0, 64, scale_bytes)
-        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-            return Quantization(QuantMethod.BNB_8BIT, 8.0, None, 4)
-        raise ModelSpecError(f"{label}: bitsandbytes quantization_config sets neither load_in_4bit nor load_in_8bit")
-    if method in ("fp8", "fbgemm-fp8", "finegrained-fp8"):
-        return Quantization(QuantMethod.FP8, 8.0, None, 4, fp8_weights=True)
-    if method == "compressed-tensors":
-        return _compressed_tensors(qc)
-    if method == "mxfp4":
-        return Quantization(QuantMethod.MXFP4, 4.0, 32, 1)
-    other_bits = qc.get("bits") or qc.get("weight_bits")
-    if isinstance(other_bits, (int, float)) and other_bits > 0:
-        return Quantization(QuantMethod.OTHER, float(other_bits), group, 2, has_zero_point=True)
-    return None
-
-
-def _group(value: object) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
-def _compressed_tensors(qc: Mapping[str, Any]) -> Quantization:
-    groups = qc.get("config_groups")
-    weights: Mapping[str, Any] = {}
-    if isinstance(groups, Mapping):
-        for group in groups.values():
-            if isinstance(group, Mapping) and isinstance(group.get("weights"), Mapping):
-                weights = group["weights"]
-                break
-    bits = float(weights.get("num_bits", 8))
-    is_float = str(weights.get("type", "int")).lower() == "float"
-    strategy = str(weights.get("strategy", "channel")).lower()
-    group = _group(weights.get("group_size")) if strategy == "group" else None
-    return Quantization(
-        QuantMethod.COMPRESSED_TENSORS,
-        bits,
-        group,
-        scale_bytes=2,
-        has_zero_point=not bool(weights.get("symmetric", True)),
-        fp8_weights=is_float and bits == 8,
-    )
 
 
 # ------------------------------------------------------------------------------------------------- names

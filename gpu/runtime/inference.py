@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import InferenceError
+from gpu.errors import InferenceError, ModelLoadError, ModelSpecError
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,12 @@ CAUSAL_LM_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGenerati
 
 def detect_kind(model_dir: Path) -> ModelKind:
     """Whether a model directory holds a causal LM or an encoder to embed with (from its config.json)."""
-    config = json.loads((model_dir / "config.json").read_text())
+    from gpu.plan.specs import read_config  # cached: planning and loading parse config.json once between them
+
+    try:
+        config = read_config(model_dir / "config.json")
+    except ModelSpecError as exc:
+        raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
     architectures = config.get("architectures") or []
     if any(str(arch).endswith(CAUSAL_LM_ARCH_SUFFIXES) for arch in architectures):
         return ModelKind.CAUSAL_LM
@@ -91,18 +96,37 @@ def module_bytes(module: torch.nn.Module) -> int:
 def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
     """Sentence embeddings for ``texts`` (one vector per text).
 
+    Args:
+        loaded: an embedding model.
+        texts: the texts to embed.
+        normalize: scale each vector to unit length.
+
+    Returns:
+        One vector per text.
+
     Raises:
-        InferenceError: the model is not an embedding model or its forward failed.
+        InferenceError: the model is not an embedding model, or tokenizing or its forward failed.
+        DeviceOutOfMemoryError: the device ran out of memory during the forward.
     """
     import torch
+
+    from gpu.runtime.oom import translate_model_errors
 
     if loaded.kind is not ModelKind.EMBEDDING:
         raise InferenceError(
             f"model {loaded.model_id!r} is a {loaded.kind.value} model; use fleet.generate, or embed with an "
             "encoder such as sentence-transformers/all-MiniLM-L6-v2"
         )
-    batch = loaded.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
-    with torch.inference_mode():
+    with (
+        translate_model_errors(
+            loaded.model_id,
+            f"embedding {len(texts)} texts",
+            "check the texts are non-empty strings; if every request fails, unload the model so the next job "
+            "reloads it",
+        ),
+        torch.inference_mode(),
+    ):
+        batch = loaded.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
         states = loaded.module(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
         if loaded.pooling is Pooling.CLS:
@@ -115,7 +139,8 @@ def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> l
         pooled = pooled.float()
         if normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-    return [[float(x) for x in row] for row in pooled.cpu().tolist()]
+        rows = pooled.cpu().tolist()
+    return [[float(x) for x in row] for row in rows]
 
 
 @dataclass(frozen=True)
@@ -140,24 +165,44 @@ def generate(
 ) -> Generation:
     """Generate text from a prompt or chat messages.
 
+    Args:
+        loaded: a causal LM.
+        prompt: the text to continue (used when ``messages`` is None).
+        messages: chat messages (``role``, ``content``), rendered with the model's chat template.
+        max_new_tokens: at most this many tokens are generated.
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_p: nucleus sampling mass (with ``temperature`` > 0).
+        seed: seeds the sampling; the global RNG state is restored afterwards.
+
+    Returns:
+        The generated text and its token accounting.
+
     Raises:
-        InferenceError: the model is not a causal LM, has no chat template for ``messages``, or its
-            generation failed.
+        InferenceError: the model is not a causal LM, has no chat template for ``messages``, the request exceeds
+            its context, or tokenizing or generation failed.
+        DeviceOutOfMemoryError: the device ran out of memory during generation.
     """
     import torch
+
+    from gpu.runtime.oom import translate_model_errors
 
     if loaded.kind is not ModelKind.CAUSAL_LM:
         raise InferenceError(f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it")
     tokenizer = loaded.tokenizer
-    if messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InferenceError(f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        encoded = tokenizer(prompt, return_tensors="pt")
-    input_ids = encoded["input_ids"].to(loaded.device)
-    attention_mask = encoded["attention_mask"].to(loaded.device)
+    if messages is not None and not getattr(tokenizer, "chat_template", None):
+        raise InferenceError(f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'")
+    advice = (
+        "check the prompt or messages and the generation settings (max_new_tokens, temperature, top_p); if every "
+        "request fails, unload the model so the next job reloads it"
+    )
+    with translate_model_errors(loaded.model_id, "tokenizing the prompt", advice):
+        if messages is not None:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            encoded = tokenizer(prompt, return_tensors="pt")
+        input_ids = encoded["input_ids"].to(loaded.device)
+        attention_mask = encoded["attention_mask"].to(loaded.device)
     prompt_tokens = int(input_ids.shape[1])
     max_positions = getattr(loaded.module.config, "max_position_embeddings", None)
     if max_positions is not None and prompt_tokens + max_new_tokens > max_positions:
@@ -178,21 +223,26 @@ def generate(
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
     try:
-        with torch.inference_mode():
+        with (
+            translate_model_errors(loaded.model_id, f"generating up to {max_new_tokens} tokens", advice),
+            torch.inference_mode(),
+        ):
             output = loaded.module.generate(
                 input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id, **options
             )
+            new_tokens = output[0, prompt_tokens:].cpu()
     finally:
         if generator_state is not None:
             torch.random.set_rng_state(generator_state)
-    new_tokens = output[0, prompt_tokens:]
     completion_tokens = int(new_tokens.shape[0])
     eos_ids = loaded.module.generation_config.eos_token_id
     eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
     stopped = completion_tokens > 0 and int(new_tokens[-1]) in eos_set
     finish = "stop" if stopped or completion_tokens < max_new_tokens else "length"
+    with translate_model_errors(loaded.model_id, "decoding the generated tokens", advice):
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     return Generation(
-        text=tokenizer.decode(new_tokens, skip_special_tokens=True),
+        text=text,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         finish_reason=finish,

@@ -1,11 +1,17 @@
-"""Per-device memory budget, reservations per model and allocator statistics (torch imported lazily).
+"""Per-device memory budget, reservations of loads in flight, and the one report of device memory.
 
 :class:`GPUMemoryPool` is bookkeeping, not an allocator: it holds a byte budget for the device (vLLM's
-``gpu_memory_utilization`` fraction of the device, or an explicit byte override) and a reservation per resident
-model. A model is *reserved* at its estimate before loading (so a load that cannot fit is refused before it
-touches the device), *reconciled* with its measured size after loading, and *released* when it is unloaded.
-The :class:`~gpu.runtime.model_cache.ModelCache` decides what to evict; the pool is the check that the device budget
-and the cache agree, and the place the allocator's own numbers are reported from.
+``gpu_memory_utilization`` fraction of the device, or an explicit byte override). Who counts which bytes:
+
+* resident models are counted by the :class:`~gpu.runtime.model_cache.ModelCache` alone; the pool reads that
+  total through its ``resident_bytes`` callable and records no size of its own for them;
+* a load in flight holds a *reservation*: :meth:`GPUMemoryPool.reserve` its estimate before loading (so a load
+  that cannot fit is refused before it touches the device), then either :meth:`GPUMemoryPool.commit` once the
+  cache holds the loaded model (the reservation ends; the cache now counts the measured size) or
+  :meth:`GPUMemoryPool.release` when the load failed.
+
+:meth:`GPUMemoryPool.stats` is the one report of device and allocator memory (budget, resident, reserved,
+driver figures, allocator counters); nothing else in :mod:`gpu.runtime` reports them.
 
 Where the bytes come from is a :class:`MemorySource`: :class:`CudaMemorySource` asks torch's CUDA caching
 allocator, :class:`CpuMemorySource` asks psutil, and tests may plug in a fake behind the same protocol.
@@ -21,7 +27,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from gpu.config import GpuConfig
@@ -191,29 +197,48 @@ def configure_allocator(setting: str | None = None) -> str:
 
 
 class GPUMemoryPool:
-    """A device's byte budget and the reservations held against it, per model. Thread-safe.
+    """A device's byte budget, what resident models hold of it, and the reservations of loads in flight.
+
+    Thread-safe. The resident total is read, never stored: ``resident_bytes`` is typically the model cache's
+    ``used_bytes``, so a model's size is recorded once, by the cache.
 
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         budget_bytes: how many bytes models may hold on the device together.
         source: where device figures come from; None picks :func:`source_for_device`.
+        resident_bytes: returns the bytes resident models hold now; None counts none (a pool without a cache).
 
     Raises:
         ConfigError: ``budget_bytes`` is not positive or the device is not served.
     """
 
-    def __init__(self, device: str, *, budget_bytes: int, source: MemorySource | None = None) -> None:
+    def __init__(
+        self,
+        device: str,
+        *,
+        budget_bytes: int,
+        source: MemorySource | None = None,
+        resident_bytes: Callable[[], int] | None = None,
+    ) -> None:
         if budget_bytes <= 0:
             raise ConfigError(f"memory budget for {device} must be a positive number of bytes, got {budget_bytes}")
         self.device = device
         self._budget_bytes = budget_bytes
         self._source = source if source is not None else source_for_device(device)
+        self._resident_bytes = resident_bytes if resident_bytes is not None else _nothing_resident
         self._lock = threading.RLock()
         self._reservations: dict[str, int] = {}
         self._preallocated_mb: tuple[int, ...] = ()
 
     @classmethod
-    def from_config(cls, device: str, config: GpuConfig, *, source: MemorySource | None = None) -> GPUMemoryPool:
+    def from_config(
+        cls,
+        device: str,
+        config: GpuConfig,
+        *,
+        source: MemorySource | None = None,
+        resident_bytes: Callable[[], int] | None = None,
+    ) -> GPUMemoryPool:
         """A pool whose budget is ``memory_pool.budget_bytes`` when set, else ``memory_fraction`` of the device total.
 
         When ``memory_pool.enabled`` is off the budget is the whole device (reservations are still tracked, for
@@ -223,6 +248,7 @@ class GPUMemoryPool:
             device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             config: the worker's GPU settings.
             source: where device figures come from; None picks :func:`source_for_device`.
+            resident_bytes: returns the bytes resident models hold now (the model cache's ``used_bytes``).
 
         Returns:
             The pool.
@@ -244,7 +270,7 @@ class GPUMemoryPool:
                 )
         else:
             budget = int(total * config.memory_fraction)
-        pool = cls(device, budget_bytes=budget, source=source)
+        pool = cls(device, budget_bytes=budget, source=source, resident_bytes=resident_bytes)
         if pool_config.enabled and pool_config.preallocate_common_sizes:
             pool.preallocate(pool_config.common_sizes_mb)
         return pool
@@ -257,16 +283,22 @@ class GPUMemoryPool:
         return self._budget_bytes
 
     @property
+    def resident_bytes(self) -> int:
+        """Bytes held by resident models (read from the model cache)."""
+        return self._resident_bytes()
+
+    @property
     def reserved_bytes(self) -> int:
-        """Bytes reserved by resident (or loading) models."""
+        """Bytes reserved by loads in flight."""
         with self._lock:
             return sum(self._reservations.values())
 
     @property
     def free_bytes(self) -> int:
-        """Budget not reserved; never negative."""
+        """Budget neither resident nor reserved; never negative."""
+        resident = self._resident_bytes()
         with self._lock:
-            return max(0, self._budget_bytes - sum(self._reservations.values()))
+            return max(0, self._budget_bytes - resident - sum(self._reservations.values()))
 
     @property
     def source(self) -> MemorySource:
@@ -274,14 +306,16 @@ class GPUMemoryPool:
         return self._source
 
     def reservations(self) -> dict[str, int]:
-        """Bytes reserved per model id (a copy)."""
+        """Bytes reserved per model id by loads in flight (a copy)."""
         with self._lock:
             return dict(self._reservations)
 
     def reserve(self, model_id: str, estimate_bytes: int) -> None:
-        """Reserve ``estimate_bytes`` for ``model_id`` before loading it.
+        """Reserve ``estimate_bytes`` for loading ``model_id``, against the budget left by resident models and
+        other loads in flight.
 
-        Reserving a model that already holds a reservation replaces it (its old bytes count as free).
+        Reserving a model that already holds a reservation replaces it (its old bytes count as free). Make room
+        in the model cache first (``ModelCache.make_room``): the pool only checks, it never evicts.
 
         Args:
             model_id: the model to load.
@@ -293,33 +327,41 @@ class GPUMemoryPool:
         """
         if estimate_bytes < 0:
             raise ConfigError(f"estimate for {model_id!r} must be >= 0 bytes, got {estimate_bytes}")
+        if estimate_bytes > self._budget_bytes:
+            raise CapacityError(
+                f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; the whole budget of {self.device} is "
+                f"{fmt_bytes(self._budget_bytes)}; try a quantized variant or route it to a GPU with more memory"
+            )
+        # Read outside this pool's lock: the cache calls eviction hooks under its own lock, so taking the two
+        # locks in both orders could deadlock two threads.
+        resident = self._resident_bytes()
         with self._lock:
             others = {k: v for k, v in self._reservations.items() if k != model_id}
-            free = self._budget_bytes - sum(others.values())
-            if estimate_bytes > self._budget_bytes:
-                raise CapacityError(
-                    f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; the whole budget of {self.device} is "
-                    f"{fmt_bytes(self._budget_bytes)}; try a quantized variant or route it to a GPU with more "
-                    "memory"
-                )
+            free = self._budget_bytes - resident - sum(others.values())
             if estimate_bytes > free:
-                holders = ", ".join(f"{k} ({fmt_bytes(v)})" for k, v in sorted(others.items(), key=lambda kv: -kv[1]))
-                raise CapacityError(
-                    f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; {self.device} has "
-                    f"{fmt_bytes(max(0, free))} free of its {fmt_bytes(self._budget_bytes)} budget, reserved by "
-                    f"{holders}; unload one of them (the model cache evicts unpinned ones first), or route "
-                    f"{model_id!r} to another worker or a quantized variant"
-                )
+                raise CapacityError(self._refusal(model_id, estimate_bytes, free, resident, others))
             self._reservations[model_id] = estimate_bytes
 
-    def reconcile(self, model_id: str, measured_bytes: int) -> int:
-        """Replace ``model_id``'s estimate with its measured size after loading.
+    def _refusal(self, model_id: str, estimate_bytes: int, free: int, resident: int, others: dict[str, int]) -> str:
+        held = f"{fmt_bytes(resident)} held by resident models"
+        if others:
+            holders = ", ".join(f"{k} ({fmt_bytes(v)})" for k, v in sorted(others.items(), key=lambda kv: -kv[1]))
+            held += f", {fmt_bytes(sum(others.values()))} reserved by loads in flight: {holders}"
+        return (
+            f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; {self.device} has {fmt_bytes(max(0, free))} "
+            f"free of its {fmt_bytes(self._budget_bytes)} budget ({held}); unload a model (the model cache evicts "
+            f"unpinned ones first), or route {model_id!r} to another worker or a quantized variant"
+        )
 
-        The model is already on the device, so this never refuses; if the total then exceeds the budget, a
-        warning is logged and the caller should evict (``ModelCache.resize`` does).
+    def commit(self, model_id: str, measured_bytes: int) -> int:
+        """End ``model_id``'s reservation once its load succeeded and the model cache holds it.
+
+        From here on the cache counts the model (at ``measured_bytes``); the pool keeps no size for it. The model
+        is already on the device, so this never refuses; if resident bytes and the other reservations then
+        exceed the budget (the estimate was low), a warning is logged.
 
         Args:
-            model_id: a reserved model.
+            model_id: a reserved model, now put into the cache.
             measured_bytes: what it actually holds.
 
         Returns:
@@ -334,26 +376,26 @@ class GPUMemoryPool:
         with self._lock:
             if model_id not in self._reservations:
                 raise KeyError(f"{model_id!r} holds no reservation on {self.device}; reserve it before loading")
-            delta = measured_bytes - self._reservations[model_id]
-            self._reservations[model_id] = measured_bytes
-            total = sum(self._reservations.values())
-            if total > self._budget_bytes:
-                logger.warning(
-                    "%s: %r measured %s (estimate off by %s); reservations now %s, over the %s budget",
-                    self.device,
-                    model_id,
-                    fmt_bytes(measured_bytes),
-                    fmt_bytes(delta),
-                    fmt_bytes(total),
-                    fmt_bytes(self._budget_bytes),
-                )
-            return delta
+            delta = measured_bytes - self._reservations.pop(model_id)
+            reserved = sum(self._reservations.values())
+        total = self._resident_bytes() + reserved
+        if total > self._budget_bytes:
+            logger.warning(
+                "%s: %r measured %s (estimate off by %s); resident and reserved now %s, over the %s budget",
+                self.device,
+                model_id,
+                fmt_bytes(measured_bytes),
+                fmt_bytes(delta),
+                fmt_bytes(total),
+                fmt_bytes(self._budget_bytes),
+            )
+        return delta
 
     def release(self, model_id: str) -> int:
-        """Drop ``model_id``'s reservation (idempotent: releasing twice, or a failed load, is fine).
+        """Drop ``model_id``'s reservation after a failed or abandoned load (idempotent).
 
         Args:
-            model_id: the unloaded model.
+            model_id: the model whose load did not complete.
 
         Returns:
             The bytes released (0 when it held none).
@@ -396,15 +438,18 @@ class GPUMemoryPool:
         return list(sizes_mb)
 
     def stats(self) -> dict[str, Any]:
-        """A JSON-ready report: budget, reservations, device figures and allocator counters.
+        """The one report of device memory, JSON-ready: budget, resident, reserved, device and allocator figures.
 
         Returns:
-            ``device``, ``budget_bytes``, ``reserved_bytes``, ``free_bytes``, ``reservations`` (per model),
-            ``device_total_bytes``, ``device_free_bytes``, ``allocator`` (the source's counters),
+            ``device``, ``budget_bytes``, ``resident_bytes`` (held by models in the cache), ``reserved_bytes``
+            (loads in flight), ``free_bytes`` (budget left), ``reservations`` (per loading model),
+            ``device_total_bytes``, ``device_free_bytes`` (driver view), ``allocator`` (the source's counters:
+            allocated/reserved bytes and their peaks on CUDA, ``rss_bytes`` on the CPU),
             ``reserved_to_allocated`` (allocator reserved ÷ allocated: how much cached memory holds no tensor;
             None where the source has no caching allocator or nothing is allocated), ``alloc_conf`` (the
             allocator configuration in the environment) and ``preallocated_mb``.
         """
+        resident = self._resident_bytes()
         with self._lock:
             reservations = dict(self._reservations)
         allocator = self._source.allocator_stats()
@@ -415,8 +460,9 @@ class GPUMemoryPool:
         return {
             "device": self.device,
             "budget_bytes": self._budget_bytes,
+            "resident_bytes": resident,
             "reserved_bytes": reserved_total,
-            "free_bytes": max(0, self._budget_bytes - reserved_total),
+            "free_bytes": max(0, self._budget_bytes - resident - reserved_total),
             "reservations": reservations,
             "device_total_bytes": self._source.total_bytes(),
             "device_free_bytes": self._source.free_bytes(),
@@ -427,3 +473,7 @@ class GPUMemoryPool:
         }
 
     configure_allocator = staticmethod(configure_allocator)
+
+
+def _nothing_resident() -> int:
+    return 0

@@ -1,18 +1,23 @@
-"""A byte-weighted LRU cache of loaded models: priority pins, idle expiry, an eviction hook (no torch).
+"""A byte-weighted LRU cache of loaded models: the one record of what is resident (no torch).
+
+The cache owns the facts about resident models: their sizes, pins, recency and idle expiry, per-model usage
+(:meth:`ModelCache.usage`: hits, misses, loads, load times, last use) and the cache-wide counters
+(:meth:`ModelCache.stats`). The memory pool reads the resident total from here instead of keeping its own copy.
 
 Modelled on vLLM's ``utils/cache.py`` ``LRUCache``: capacity is counted in bytes rather than entries, pinned
 entries are never evicted, every removal goes through one hook (here ``on_evict``, which is where the worker
-frees device memory and releases the pool reservation), and :meth:`ModelCache.stats` reports a hit ratio.
+frees device memory, or the parked store frees host memory), and :meth:`ModelCache.stats` reports a hit ratio.
 
 Two choices differ from a plain LRU and are worth knowing:
 
 * **Feasibility first.** :meth:`ModelCache.make_room` decides the whole eviction plan before it evicts
   anything. If the plan cannot succeed (the model is bigger than the budget, or what is left is pinned), it
   raises and the cache is untouched: a job that cannot run must not cost every other job its warm model.
-* **Idle expiry.** ``ttl_s`` is an *idle* time-to-live: an entry expires ``ttl_s`` seconds after it was last
-  used, so a model in steady use never expires and one nobody asked for is unloaded. Pinned entries never
-  expire. Expired entries are evicted lazily (on :meth:`~ModelCache.get`, :meth:`~ModelCache.make_room` or
-  :meth:`~ModelCache.expire`), never by a background thread.
+* **Idle expiry.** ``idle_ttl_s`` is an *idle* time-to-live: an entry expires that many seconds after it was
+  last used, so a model in steady use never expires and one nobody asked for is unloaded. Pinned entries never
+  expire. Expired entries are evicted on :meth:`~ModelCache.get`, :meth:`~ModelCache.make_room` and
+  :meth:`~ModelCache.expire`; the cache starts no thread (the worker calls :meth:`~ModelCache.expire` from a
+  timer).
 
 Every method takes one re-entrant lock, so remote-control commands may read :meth:`~ModelCache.stats` and
 :meth:`~ModelCache.entries` while a job runs. The hook is called while the lock is held (so no other thread
@@ -25,32 +30,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, Generic, Literal, TypeVar, cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 from gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpu.runtime.cache_stats import EVICT_REASONS, CacheStats, EvictReason, ModelUsage
 from gpu.units import fmt_bytes
 
-__all__ = ["EVICT_REASONS", "CacheStats", "EvictReason", "ModelCache"]
+__all__ = ["ModelCache"]
 
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
-
-EvictReason = Literal["lru", "expired", "unload", "oom", "capacity"]
-"""Why an entry left the cache, as passed to ``on_evict``:
-
-* ``"lru"`` — evicted to make room for another model;
-* ``"expired"`` — idle longer than its ``ttl_s``;
-* ``"unload"`` — removed on request (:meth:`ModelCache.pop`, :meth:`ModelCache.clear`) or replaced by
-  :meth:`ModelCache.put`;
-* ``"oom"`` — dropped after the device ran out of memory (:meth:`ModelCache.evict_unpinned`);
-* ``"capacity"`` — the budget shrank or a measured size grew (:meth:`ModelCache.set_capacity`,
-  :meth:`ModelCache.resize`).
-"""
-
-EVICT_REASONS: tuple[str, ...] = ("lru", "expired", "unload", "oom", "capacity")
 
 
 @dataclass
@@ -62,75 +54,52 @@ class _Entry(Generic[V]):
     loaded_at: float  # clock() when put
     last_used: float  # clock() when put or last hit
     load_s: float
-    hits: int = 0
+    hits: int = 0  # since this load
 
     def expired(self, now: float) -> bool:
         return not self.pinned and self.ttl_s is not None and now - self.last_used >= self.ttl_s
 
 
-@dataclass(frozen=True)
-class CacheStats:
-    """Counters and occupancy of a :class:`ModelCache` at one moment.
-
-    ``evictions`` counts removals the cache chose (reasons ``lru``, ``capacity`` and ``oom``); ``expirations``
-    and ``unloads`` (explicit removals) are counted apart so an operator can tell thrashing from housekeeping.
-    """
-
-    hits: int
-    misses: int
-    evictions: int
-    expirations: int
-    unloads: int
-    loads: int
-    load_s_total: float
-    entries: int
-    pinned: int
-    pinned_bytes: int
-    used_bytes: int
-    capacity_bytes: int
-    hit_ratio: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The stats as a JSON-ready dict."""
-        return asdict(self)
-
-
 class ModelCache(Generic[V]):
-    """Byte-weighted LRU of loaded models with pins, idle TTL and an eviction hook.
+    """Byte-weighted LRU of loaded models with pins, idle expiry, usage records and an eviction hook.
 
     Args:
         capacity_bytes: how many bytes the cached values may hold together (the device budget for models).
+        idle_ttl_s: idle seconds after which an unpinned entry expires; None (the default) never expires.
+            :meth:`put` may override it per entry.
         on_evict: called as ``on_evict(key, value, reason)`` for every entry that leaves the cache, with
-            ``reason`` one of :data:`EVICT_REASONS`. Exceptions it raises are logged, not propagated: by then
-            the entry is gone, and one failed cleanup must not fail the job that needed the room.
+            ``reason`` one of :data:`~gpu.runtime.cache_stats.EVICT_REASONS`. Exceptions it raises are logged,
+            not propagated: by then the entry is gone, and one failed cleanup must not fail the job that needed
+            the room.
         clock: monotonic seconds; tests pass a fake one to drive expiry.
 
     Raises:
-        ConfigError: ``capacity_bytes`` is not positive.
+        ConfigError: ``capacity_bytes`` is not positive, or ``idle_ttl_s`` is not positive.
     """
 
     def __init__(
         self,
         capacity_bytes: int,
         *,
+        idle_ttl_s: float | None = None,
         on_evict: Callable[[str, V, str], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._check_capacity(capacity_bytes)
+        if capacity_bytes <= 0:
+            raise ConfigError(f"cache capacity must be a positive number of bytes, got {capacity_bytes}")
+        _check_ttl(idle_ttl_s, "the cache")
         self._capacity_bytes = capacity_bytes
+        self._idle_ttl_s = idle_ttl_s
         self._on_evict = on_evict
         self._clock = clock
         self._lock = threading.RLock()
         # Oldest (least recently used) first: move_to_end on every hit keeps the order without a heap.
         self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
+        self._usage: dict[str, ModelUsage] = {}
         self._used_bytes = 0
-        self._hits = 0
-        self._misses = 0
         self._evictions = 0
         self._expirations = 0
         self._unloads = 0
-        self._loads = 0
-        self._load_s_total = 0.0
 
     # ----------------------------------------------------------------------------------------- occupancy
 
@@ -140,34 +109,15 @@ class ModelCache(Generic[V]):
         return self._capacity_bytes
 
     @property
-    def used_bytes(self) -> int:
-        """Bytes held by cached values (may exceed the budget after a :meth:`resize` blocked by pins)."""
-        with self._lock:
-            return self._used_bytes
+    def idle_ttl_s(self) -> float | None:
+        """The default idle time-to-live of entries (None: they never expire)."""
+        return self._idle_ttl_s
 
     @property
-    def free_bytes(self) -> int:
-        """Budget not held by cached values; never negative."""
+    def used_bytes(self) -> int:
+        """Bytes held by cached values (may exceed the budget after a measured size came out larger)."""
         with self._lock:
-            return max(0, self._capacity_bytes - self._used_bytes)
-
-    def set_capacity(self, capacity_bytes: int) -> list[str]:
-        """Change the budget; when it shrinks, evict least-recently-used unpinned entries to fit.
-
-        Args:
-            capacity_bytes: the new budget in bytes.
-
-        Returns:
-            The evicted keys (reason ``"capacity"``). Pinned entries stay even if that leaves the cache over
-            budget.
-
-        Raises:
-            ConfigError: ``capacity_bytes`` is not positive.
-        """
-        self._check_capacity(capacity_bytes)
-        with self._lock:
-            self._capacity_bytes = capacity_bytes
-            return self._shrink_to_capacity(keep=None)
+            return self._used_bytes
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -176,20 +126,6 @@ class ModelCache(Generic[V]):
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def keys(self) -> list[str]:
-        """Cached keys in LRU order, least recently used first (a copy, safe to iterate)."""
-        with self._lock:
-            return list(self._entries)
-
-    def is_pinned(self, key: str) -> bool:
-        """Whether ``key`` is cached and pinned."""
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry is not None and entry.pinned
 
     def size_of(self, key: str) -> int | None:
         """The bytes recorded for ``key``, or None when it is not cached."""
@@ -200,7 +136,7 @@ class ModelCache(Generic[V]):
     # --------------------------------------------------------------------------------------------- reads
 
     def get(self, key: str) -> V | None:
-        """The cached value for ``key``, marking it most recently used.
+        """The cached value for ``key``, marking it most recently used and counting a hit or a miss.
 
         An expired entry is evicted (reason ``"expired"``) and counts as a miss.
 
@@ -211,19 +147,20 @@ class ModelCache(Generic[V]):
             The value, or None on a miss.
         """
         with self._lock:
+            usage = self._usage.setdefault(key, ModelUsage())
             entry = self._entries.get(key)
-            if entry is None:
-                self._misses += 1
-                return None
             now = self._clock()
-            if entry.expired(now):
+            if entry is not None and entry.expired(now):
                 self._remove(key, "expired")
-                self._misses += 1
+                entry = None
+            if entry is None:
+                usage.misses += 1
                 return None
             entry.hits += 1
             entry.last_used = now
+            usage.hits += 1
+            usage.last_used = now
             self._entries.move_to_end(key)
-            self._hits += 1
             return entry.value
 
     def peek(self, key: str) -> V | None:
@@ -264,7 +201,7 @@ class ModelCache(Generic[V]):
         ttl_s: float | None = None,
         load_s: float = 0.0,
     ) -> list[str]:
-        """Cache ``value`` under ``key``, evicting others to make room.
+        """Cache ``value`` under ``key``, evicting others to make room; a new value counts as a load of ``key``.
 
         Replacing an existing key with a *different* value passes the old value to ``on_evict`` with reason
         ``"unload"``; putting the same object again only updates its size, pin, TTL and recency.
@@ -272,10 +209,10 @@ class ModelCache(Generic[V]):
         Args:
             key: the model id.
             value: the loaded model.
-            size_bytes: bytes it holds on the device (an estimate is fine; correct it with :meth:`resize`).
-            pinned: never evict or expire it (priority models).
-            ttl_s: idle seconds after which it expires; None never expires.
-            load_s: how long loading took, for the load statistics.
+            size_bytes: bytes it holds (measured after loading).
+            pinned: never evict or expire it (priority models); putting it again unpinned unpins it.
+            ttl_s: idle seconds after which it expires; None takes the cache's ``idle_ttl_s``.
+            load_s: how long loading took, for the usage records.
 
         Returns:
             The keys evicted to make room.
@@ -287,62 +224,36 @@ class ModelCache(Generic[V]):
         """
         if size_bytes < 0:
             raise ConfigError(f"size_bytes for {key!r} must be >= 0, got {size_bytes}")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ConfigError(f"ttl_s for {key!r} must be positive or None, got {ttl_s}")
+        _check_ttl(ttl_s, repr(key))
         with self._lock:
             old = self._entries.get(key)
             replacing_bytes = old.size_bytes if old is not None else 0
             evicted = self._make_room(size_bytes, for_key=key, replacing_bytes=replacing_bytes)
             now = self._clock()
-            same_value = old is not None and old.value is value
-            if old is not None and not same_value:
+            same = old if old is not None and old.value is value else None
+            if old is not None and same is None:
                 self._remove(key, "unload")
-            elif old is not None:
-                self._used_bytes -= old.size_bytes
+            elif same is not None:
+                self._used_bytes -= same.size_bytes
                 del self._entries[key]
             self._entries[key] = _Entry(
                 value=value,
                 size_bytes=size_bytes,
                 pinned=pinned,
-                ttl_s=ttl_s,
-                loaded_at=old.loaded_at if same_value and old is not None else now,
+                ttl_s=ttl_s if ttl_s is not None else self._idle_ttl_s,
+                loaded_at=same.loaded_at if same is not None else now,
                 last_used=now,
-                load_s=load_s if not same_value or old is None else old.load_s,
-                hits=old.hits if same_value and old is not None else 0,
+                load_s=same.load_s if same is not None else load_s,
+                hits=same.hits if same is not None else 0,
             )
             self._used_bytes += size_bytes
-            if not same_value:
-                self._loads += 1
-                self._load_s_total += load_s
+            usage = self._usage.setdefault(key, ModelUsage())
+            usage.last_used = now
+            if same is None:
+                usage.loads += 1
+                usage.last_load_s = load_s
+                usage.load_s_total += load_s
             return evicted
-
-    def resize(self, key: str, size_bytes: int) -> list[str]:
-        """Correct the bytes recorded for ``key`` (an estimate reconciled with the measured size).
-
-        If the cache is then over budget, least-recently-used unpinned *other* entries are evicted (reason
-        ``"capacity"``) until it fits again; ``key`` itself is never evicted, since it is already loaded. If
-        pins prevent that, the cache stays over budget and a warning is logged.
-
-        Args:
-            key: the cached model id.
-            size_bytes: its measured bytes.
-
-        Returns:
-            The evicted keys.
-
-        Raises:
-            KeyError: ``key`` is not cached.
-            ConfigError: ``size_bytes`` is negative.
-        """
-        if size_bytes < 0:
-            raise ConfigError(f"size_bytes for {key!r} must be >= 0, got {size_bytes}")
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                raise KeyError(f"{key!r} is not cached; put it before resizing it")
-            self._used_bytes += size_bytes - entry.size_bytes
-            entry.size_bytes = size_bytes
-            return self._shrink_to_capacity(keep=key)
 
     def pop(self, key: str) -> V | None:
         """Remove ``key`` on request (pinned or not), passing it to ``on_evict`` with reason ``"unload"``.
@@ -373,37 +284,28 @@ class ModelCache(Generic[V]):
             return keys
 
     def pin(self, key: str) -> None:
-        """Never evict or expire ``key`` until :meth:`unpin`.
+        """Never evict or expire ``key`` (until it is put again unpinned, or popped).
 
         Raises:
             KeyError: ``key`` is not cached.
         """
         with self._lock:
-            self._require(key).pinned = True
-
-    def unpin(self, key: str) -> None:
-        """Make ``key`` evictable again; its idle time counts from now, so it does not expire at once.
-
-        Raises:
-            KeyError: ``key`` is not cached.
-        """
-        with self._lock:
-            entry = self._require(key)
-            if entry.pinned:
-                entry.pinned = False
-                entry.last_used = self._clock()
+            entry = self._entries.get(key)
+            if entry is None:
+                raise KeyError(f"{key!r} is not cached; put it before pinning it")
+            entry.pinned = True
 
     def evict_unpinned(self, reason: str = "oom") -> list[str]:
         """Evict every unpinned entry, e.g. after the device ran out of memory mid-job.
 
         Args:
-            reason: passed to ``on_evict``; one of :data:`EVICT_REASONS`.
+            reason: passed to ``on_evict``; one of :data:`~gpu.runtime.cache_stats.EVICT_REASONS`.
 
         Returns:
             The evicted keys, least recently used first.
 
         Raises:
-            ConfigError: ``reason`` is not one of :data:`EVICT_REASONS`.
+            ConfigError: ``reason`` is not one of :data:`~gpu.runtime.cache_stats.EVICT_REASONS`.
         """
         if reason not in EVICT_REASONS:
             raise ConfigError(f"eviction reason {reason!r} is not one of {', '.join(EVICT_REASONS)}")
@@ -414,10 +316,13 @@ class ModelCache(Generic[V]):
             return keys
 
     def expire(self) -> list[str]:
-        """Evict every expired entry now (reason ``"expired"``); a worker may call it between jobs.
+        """Evict every entry idle for longer than its TTL now (reason ``"expired"``).
+
+        Cheap when nothing expires (one pass over the entries under the lock, no device work), so a worker may
+        call it from a timer; the eviction hook runs only for what expires.
 
         Returns:
-            The expired keys.
+            The expired keys, least recently used first.
         """
         with self._lock:
             now = self._clock()
@@ -429,33 +334,46 @@ class ModelCache(Generic[V]):
     # ------------------------------------------------------------------------------------------- reports
 
     def stats(self) -> CacheStats:
-        """Counters and occupancy now."""
+        """Cache-wide counters and occupancy now (hits, misses and loads are the sums of :meth:`usage`)."""
         with self._lock:
-            lookups = self._hits + self._misses
+            hits = sum(usage.hits for usage in self._usage.values())
+            misses = sum(usage.misses for usage in self._usage.values())
+            lookups = hits + misses
             pinned = [entry for entry in self._entries.values() if entry.pinned]
             return CacheStats(
-                hits=self._hits,
-                misses=self._misses,
+                hits=hits,
+                misses=misses,
                 evictions=self._evictions,
                 expirations=self._expirations,
                 unloads=self._unloads,
-                loads=self._loads,
-                load_s_total=self._load_s_total,
+                loads=sum(usage.loads for usage in self._usage.values()),
+                load_s_total=sum(usage.load_s_total for usage in self._usage.values()),
                 entries=len(self._entries),
                 pinned=len(pinned),
                 pinned_bytes=sum(entry.size_bytes for entry in pinned),
                 used_bytes=self._used_bytes,
                 capacity_bytes=self._capacity_bytes,
-                hit_ratio=self._hits / lookups if lookups else 0.0,
+                hit_ratio=hits / lookups if lookups else 0.0,
             )
 
-    def entries(self) -> list[dict[str, Any]]:
-        """A JSON-ready snapshot of every entry, most recently used first.
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Per model id ever looked up or put, resident or not: its lifetime usage, JSON-ready.
 
         Returns:
-            One dict per entry: ``key``, ``size_bytes``, ``pinned``, ``hits``, ``last_used_s_ago``,
-            ``loaded_s_ago``, ``expires_in_s`` (None when it never expires; 0 when already expired) and
-            ``load_s``.
+            ``{model_id: {"hits", "misses", "loads", "last_load_s", "load_s_total", "last_used_s_ago",
+            "resident"}}``; see :meth:`~gpu.runtime.cache_stats.ModelUsage.to_dict`.
+        """
+        with self._lock:
+            now = self._clock()
+            return {key: usage.to_dict(now=now, resident=key in self._entries) for key, usage in self._usage.items()}
+
+    def entries(self) -> list[dict[str, Any]]:
+        """A JSON-ready snapshot of every resident entry, most recently used first.
+
+        Returns:
+            One dict per entry: ``key``, ``size_bytes``, ``pinned``, ``hits`` (since it was loaded),
+            ``last_used_s_ago``, ``loaded_s_ago``, ``expires_in_s`` (None when it never expires; 0 when already
+            expired) and ``load_s``.
         """
         with self._lock:
             now = self._clock()
@@ -479,17 +397,6 @@ class ModelCache(Generic[V]):
             return snapshot
 
     # ------------------------------------------------------------------------------------------ internals
-
-    @staticmethod
-    def _check_capacity(capacity_bytes: int) -> None:
-        if capacity_bytes <= 0:
-            raise ConfigError(f"cache capacity must be a positive number of bytes, got {capacity_bytes}")
-
-    def _require(self, key: str) -> _Entry[V]:
-        entry = self._entries.get(key)
-        if entry is None:
-            raise KeyError(f"{key!r} is not cached")
-        return entry
 
     def _make_room(self, size_bytes: int, *, for_key: str, replacing_bytes: int) -> list[str]:
         """Plan, check, then evict; ``replacing_bytes`` are held by ``for_key``'s old entry, freed by put."""
@@ -534,28 +441,9 @@ class ModelCache(Generic[V]):
         return AllPinnedError(
             f"model {for_key!r} needs {fmt_bytes(size_bytes)}; this cache has {fmt_bytes(free_now)} free of "
             f"{fmt_bytes(self._capacity_bytes)} and at most {fmt_bytes(max(0, free_after))} after evicting "
-            f"every unpinned model, because pinned models hold the rest: {names}; unpin or unload one of "
-            f"them, or route {for_key!r} to another worker"
+            f"every unpinned model, because pinned models hold the rest: {names}; unload one of them "
+            f"(fleet.unload_model), or route {for_key!r} to another worker"
         )
-
-    def _shrink_to_capacity(self, *, keep: str | None) -> list[str]:
-        evicted: list[str] = []
-        for key in list(self._entries):
-            if self._used_bytes <= self._capacity_bytes:
-                break
-            entry = self._entries[key]
-            if key == keep or entry.pinned:
-                continue
-            self._remove(key, "capacity")
-            evicted.append(key)
-        if self._used_bytes > self._capacity_bytes:
-            logger.warning(
-                "model cache holds %s, over its budget of %s, and only pinned models (or the one just "
-                "resized) are left to evict",
-                fmt_bytes(self._used_bytes),
-                fmt_bytes(self._capacity_bytes),
-            )
-        return evicted
 
     def _remove(self, key: str, reason: EvictReason) -> None:
         entry = self._entries.pop(key)
@@ -574,3 +462,11 @@ class ModelCache(Generic[V]):
             # The entry is already gone; failing the caller (often a job that only needed room) would not
             # bring it back. Log loudly so a leaking unload hook is noticed.
             logger.exception("on_evict hook failed for %r (reason %s)", key, reason)
+
+
+def _check_ttl(ttl_s: float | None, owner: str) -> None:
+    if ttl_s is not None and ttl_s <= 0:
+        raise ConfigError(
+            f"idle TTL for {owner} must be positive seconds or None (never expire), got {ttl_s}; set "
+            "GPUFLEET_GPU__MEMORY_POOL__IDLE_TTL_S to a positive number or leave it unset"
+        )

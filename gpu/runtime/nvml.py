@@ -19,6 +19,8 @@ class DeviceInfo:
     name: str
     memory_bytes: int
     uuid: str
+    # (major, minor): what the board can run (bf16 from 8.0, FP8 from 8.9), for boards the catalog does not know.
+    compute_capability: tuple[int, int]
 
 
 def _text(value: object) -> str:
@@ -46,12 +48,14 @@ def list_devices() -> list[DeviceInfo]:
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
             devices.append(
                 DeviceInfo(
                     index=index,
                     name=_text(pynvml.nvmlDeviceGetName(handle)),
                     memory_bytes=int(memory.total),
                     uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    compute_capability=(int(major), int(minor)),
                 )
             )
         return devices

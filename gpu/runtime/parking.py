@@ -3,22 +3,27 @@
 A model evicted from the device cache costs a disk load (safetensors parse, reads, copies) to bring back;
 parked, it costs one host→device copy from pinned memory (about 55 GB/s on an H100, against 6 GB/s for
 ``from_pretrained``). :class:`ParkedStore` holds parked models under a host byte budget
-(``MemoryPoolConfig.host_budget_bytes``), evicting the least recently parked first. The worker runtime calls
-:meth:`ParkedStore.park` from the model cache's eviction hook and :meth:`ParkedStore.restore` before a disk load.
+(``MemoryPoolConfig.host_budget_bytes``). The worker runtime calls :meth:`ParkedStore.park` from the model cache's
+eviction hook and :meth:`ParkedStore.restore` before a disk load.
 
-torch is imported inside the methods that move tensors; the bookkeeping is plain Python.
+The bookkeeping is a :class:`~gpu.runtime.model_cache.ModelCache` sized in host bytes: the same byte-weighted
+LRU, feasibility-first eviction and statistics as the device tier. Nothing reads a parked model except
+:meth:`ParkedStore.restore`, which takes it out, so its LRU order is parking order: the least recently parked
+model goes first. The cache's eviction hook frees the pinned host copy.
+
+torch is imported inside the functions that move tensors; the bookkeeping is plain Python.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import ConfigError
+from gpu.errors import CapacityError, ConfigError
 from gpu.runtime.inference import LoadedModel
+from gpu.runtime.model_cache import ModelCache
 
 if TYPE_CHECKING:
     import torch
@@ -29,83 +34,86 @@ ALIGN_BYTES = 512
 
 
 @dataclass
-class _Entry:
+class _Parked:
     loaded: LoadedModel
-    nbytes: int
     from_device: str
-    parked_at_s: float  # time.time() when parked
-    pinned: bool
+    pinned_memory: bool  # the host buffer is page-locked (restores at copy speed)
     host_buffer: Any  # the flat host tensor every parked tensor is a view of (None when left in place)
+    keep_module: bool = False  # set when the model leaves the store alive (restored, or parked again)
 
 
 class ParkedStore:
-    """Models parked in host memory under a byte budget, least recently parked evicted first."""
+    """Models parked in host memory under a byte budget, least recently parked evicted first. Thread-safe.
+
+    Args:
+        host_budget_bytes: host memory the parked models may use.
+
+    Raises:
+        ConfigError: the budget is not positive (a worker with a budget of 0 creates no store).
+    """
 
     def __init__(self, host_budget_bytes: int) -> None:
-        """Args:
-            host_budget_bytes: host memory the parked models may use (0 disables parking).
-
-        Raises:
-            ConfigError: the budget is negative.
-        """
-        if host_budget_bytes < 0:
+        if host_budget_bytes <= 0:
             raise ConfigError(
-                f"host_budget_bytes={host_budget_bytes} is negative; set "
-                "GPUFLEET_GPU__MEMORY_POOL__HOST_BUDGET_BYTES to 0 (off) or a byte count"
+                f"host_budget_bytes={host_budget_bytes} must be positive for a parked store; set "
+                "GPUFLEET_GPU__MEMORY_POOL__HOST_BUDGET_BYTES to a byte count, or to 0 to run without parking"
             )
-        self.host_budget_bytes = host_budget_bytes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
-        self._lock = threading.Lock()
-        self._parks = 0
+        self._cache: ModelCache[_Parked] = ModelCache(host_budget_bytes, on_evict=_free_host_copy)
+        self._lock = threading.Lock()  # one park or restore at a time: both move a model's tensors
         self._restores = 0
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
         self._refused = 0
 
     # -- queries ----------------------------------------------------------------------------------------------
 
     def __contains__(self, model_id: object) -> bool:
-        return model_id in self._entries
+        return model_id in self._cache
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._cache)
+
+    @property
+    def host_budget_bytes(self) -> int:
+        """Host memory the parked models may use."""
+        return self._cache.capacity_bytes
 
     @property
     def used_bytes(self) -> int:
         """Bytes of host memory the parked models hold."""
-        return sum(entry.nbytes for entry in self._entries.values())
+        return self._cache.used_bytes
 
     def stats(self) -> dict[str, int]:
         """Counters for status replies: parked count, used/budget bytes, parks, restores, hits, evictions."""
-        with self._lock:
-            return {
-                "parked": len(self._entries),
-                "used_bytes": self.used_bytes,
-                "budget_bytes": self.host_budget_bytes,
-                "parks": self._parks,
-                "restores": self._restores,
-                "parked_hits": self._hits,
-                "parked_misses": self._misses,
-                "evictions": self._evictions,
-                "refused": self._refused,
-            }
+        cache = self._cache.stats()
+        return {
+            "parked": cache.entries,
+            "used_bytes": cache.used_bytes,
+            "budget_bytes": cache.capacity_bytes,
+            "parks": cache.loads,
+            "restores": self._restores,
+            "parked_hits": cache.hits,
+            "parked_misses": cache.misses,
+            "evictions": cache.evictions,
+            "refused": self._refused,
+        }
 
     def entries(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per parked model, oldest first."""
-        now_s = time.time()
-        with self._lock:
-            return [
+        """One JSON-ready dict per parked model, least recently parked first."""
+        listed = []
+        for entry in reversed(self._cache.entries()):
+            parked = self._cache.peek(entry["key"])
+            if parked is None:  # restored between the two reads
+                continue
+            listed.append(
                 {
-                    "model_id": model_id,
-                    "bytes": entry.nbytes,
-                    "dtype": entry.loaded.dtype,
-                    "from_device": entry.from_device,
-                    "pinned": entry.pinned,
-                    "parked_for_s": round(now_s - entry.parked_at_s, 3),
+                    "model_id": entry["key"],
+                    "bytes": entry["size_bytes"],
+                    "dtype": parked.loaded.dtype,
+                    "from_device": parked.from_device,
+                    "pinned_memory": parked.pinned_memory,
+                    "parked_for_s": round(entry["loaded_s_ago"], 3),
                 }
-                for model_id, entry in self._entries.items()
-            ]
+            )
+        return listed
 
     # -- park / restore / drop --------------------------------------------------------------------------------
 
@@ -125,25 +133,22 @@ class ParkedStore:
         """
         nbytes = _tensor_bytes(loaded.module)
         with self._lock:
-            self._entries.pop(loaded.model_id, None)
-            if nbytes > self.host_budget_bytes:
+            earlier = self._cache.peek(loaded.model_id)
+            if earlier is not None:
+                earlier.keep_module = earlier.loaded is loaded
+                self._cache.pop(loaded.model_id)
+            try:
+                self._cache.make_room(nbytes, for_key=loaded.model_id)
+            except CapacityError:
                 self._refused += 1
                 return False
-            while self._entries and self.used_bytes + nbytes > self.host_budget_bytes:
-                self._entries.popitem(last=False)
-                self._evictions += 1
-        from_device = loaded.device
-        host_buffer, pinned = _move_to_host(loaded.module)
-        with self._lock:
-            self._entries[loaded.model_id] = _Entry(
-                loaded=loaded,
-                nbytes=nbytes,
-                from_device=from_device,
-                parked_at_s=time.time(),
-                pinned=pinned,
-                host_buffer=host_buffer,
+            from_device = loaded.device
+            host_buffer, pinned_memory = _move_to_host(loaded.module)
+            self._cache.put(
+                loaded.model_id,
+                _Parked(loaded=loaded, from_device=from_device, pinned_memory=pinned_memory, host_buffer=host_buffer),
+                nbytes,
             )
-            self._parks += 1
         loaded.device = "cpu"
         return True
 
@@ -166,18 +171,16 @@ class ParkedStore:
         from gpu.runtime.oom import translate_oom
 
         with self._lock:
-            entry = self._entries.get(model_id)
-            if entry is None:
-                self._misses += 1
+            parked = self._cache.get(model_id)
+            if parked is None:
                 return None
-            self._hits += 1
-        started = time.perf_counter()
-        with translate_oom(f"restoring parked model {model_id} to {device}"):
-            _move_to_device(entry.loaded.module, device)
-        with self._lock:
-            self._entries.pop(model_id, None)
+            started = time.perf_counter()
+            with translate_oom(f"restoring parked model {model_id} to {device}"):
+                _move_to_device(parked.loaded.module, device)
+            parked.keep_module = True
+            self._cache.pop(model_id)
             self._restores += 1
-        loaded = entry.loaded
+        loaded = parked.loaded
         loaded.device = device
         loaded.loader = "parked-restore"
         loaded.load_s = time.perf_counter() - started
@@ -186,7 +189,19 @@ class ParkedStore:
     def drop(self, model_id: str) -> bool:
         """Forget a parked model, freeing its host memory; False if it was not parked."""
         with self._lock:
-            return self._entries.pop(model_id, None) is not None
+            return self._cache.pop(model_id) is not None
+
+
+def _free_host_copy(model_id: str, parked: _Parked, reason: str) -> None:
+    """The parked cache's eviction hook: let go of the host memory a parked model holds.
+
+    Dropping the store's reference is not enough while someone else still holds the :class:`LoadedModel`:
+    its module's tensors are views of the host buffer and keep it alive. So an evicted or dropped model loses
+    its module; a restored one (already moved to the device) or one parked again keeps it.
+    """
+    parked.host_buffer = None
+    if not parked.keep_module:
+        parked.loaded.module = None
 
 
 # --------------------------------------------------------------------------------------------------------------

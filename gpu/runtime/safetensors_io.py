@@ -12,8 +12,8 @@ already live on the target device from those byte ranges, so the model is never 
 - the pinned staging buffers are allocated once and reused across loads (:meth:`StagedReader.release_staging`
   frees them); host memory beyond them is at most a tensor's worth while converting dtypes on the CPU.
 
-Deciding *what* to read (the meta skeleton, key matching, tying, falling back) is :mod:`gpu.runtime.loader`'s job; this
-module only moves bytes.
+Deciding *what* to read is not this module's job (the meta skeleton and key matching are
+:mod:`gpu.runtime.skeleton`'s; tying and falling back, :mod:`gpu.runtime.loader`'s): this module only moves bytes.
 """
 
 from __future__ import annotations

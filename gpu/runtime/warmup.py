@@ -9,20 +9,20 @@ after each load, so the first real job of a model runs at steady speed.
 On the CPU the same operations run with small shapes: nothing needs warming there, but the code path is the
 same, so CI exercises it.
 
-The manager also keeps per-model usage (loads, hits, last use) for the status commands.
+The manager only warms up: what is resident and how it is used is the model cache's record
+(:mod:`gpu.runtime.model_cache`), and device memory is reported by the memory pool (:mod:`gpu.runtime.memory_pool`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpu.config import WarmupConfig, WarmupOp, WarmupSize
-from gpu.errors import ConfigError, InferenceError
+from gpu.errors import ConfigError
 from gpu.runtime.inference import LoadedModel, ModelKind
 from gpu.units import MiB
 
@@ -83,19 +83,8 @@ class WarmupReport:
         return data
 
 
-@dataclass
-class _Usage:
-    loads: int = 0
-    hits: int = 0
-    misses: int = 0
-    last_use: float | None = None  # unix time
-    last_load_s: float | None = None
-    load_s_total: float = 0.0
-    warm_s: float | None = None
-
-
 class GPUWarmupManager:
-    """Warms one device up, warms models up after loading, and keeps per-model usage. Thread-safe.
+    """Warms one device up, and models up after loading.
 
     Args:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -116,8 +105,6 @@ class GPUWarmupManager:
         self.config = config
         self.dtypes = tuple(dict.fromkeys(dtypes))  # de-duplicated, order kept
         self._warm = False
-        self._lock = threading.Lock()
-        self._usage: dict[str, _Usage] = {}
 
     @property
     def is_cuda(self) -> bool:
@@ -227,6 +214,7 @@ class GPUWarmupManager:
 
         An embedding model embeds two short sentences; a causal LM generates two tokens from a short prompt
         (a prefill forward, then decoding steps with the KV cache), so the first real job runs at steady speed.
+        The seconds it took are also left in ``loaded.extra["warm_s"]`` for status reports.
 
         Args:
             loaded: the model, already on its device.
@@ -241,95 +229,26 @@ class GPUWarmupManager:
         import torch
 
         from gpu.runtime.inference import embed, generate
-        from gpu.runtime.oom import translate_oom
+        from gpu.runtime.oom import translate_model_errors
 
         device = torch.device(loaded.device)
-        _synchronize(device)
-        started = time.perf_counter()
-        try:
-            with translate_oom(f"warming up {loaded.model_id}"):
-                if loaded.kind is ModelKind.EMBEDDING:
-                    embed(loaded, list(_WARM_SENTENCES))
-                else:
-                    generate(loaded, prompt=_WARM_PROMPT, max_new_tokens=2)
-                _synchronize(device)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            # InferenceError and DeviceOutOfMemoryError (translated above) are not among these: they pass as is.
-            raise InferenceError(
-                f"warm-up request on {loaded.model_id!r} ({loaded.kind.value}) failed: {exc}; the model loaded but "
-                "cannot answer, so check its config and tokenizer files"
-            ) from exc
-        warm_s = time.perf_counter() - started
-        with self._lock:
-            self._usage.setdefault(loaded.model_id, _Usage()).warm_s = warm_s
-        return warm_s
-
-    # -------------------------------------------------------------------------------------------- usage
-
-    def record_use(self, model_id: str, *, hit: bool) -> None:
-        """Count one job served by ``model_id``: a cache hit, or a miss that loaded it.
-
-        Args:
-            model_id: the model.
-            hit: whether it was already loaded.
-        """
-        with self._lock:
-            usage = self._usage.setdefault(model_id, _Usage())
-            if hit:
-                usage.hits += 1
+        # embed and generate translate their own failures; this also covers the synchronisations, where an
+        # asynchronous CUDA error of the warm-up kernels surfaces.
+        with translate_model_errors(
+            loaded.model_id,
+            f"answering its warm-up request ({loaded.kind.value})",
+            "the model loaded but cannot answer; check its config.json and tokenizer files",
+        ):
+            _synchronize(device)
+            started = time.perf_counter()
+            if loaded.kind is ModelKind.EMBEDDING:
+                embed(loaded, list(_WARM_SENTENCES))
             else:
-                usage.misses += 1
-            usage.last_use = time.time()
-
-    def record_load(self, model_id: str, load_s: float) -> None:
-        """Count one load of ``model_id`` and how long it took.
-
-        Args:
-            model_id: the model.
-            load_s: seconds the load took.
-        """
-        with self._lock:
-            usage = self._usage.setdefault(model_id, _Usage())
-            usage.loads += 1
-            usage.last_load_s = load_s
-            usage.load_s_total += load_s
-
-    def usage(self) -> dict[str, dict[str, Any]]:
-        """Per model: ``loads``, ``hits``, ``misses``, ``last_use`` (unix time), ``last_load_s``,
-        ``load_s_total`` and ``warm_s`` (the last warm-up request), JSON-ready."""
-        with self._lock:
-            return {model_id: asdict(usage) for model_id, usage in self._usage.items()}
-
-    def memory_report(self) -> dict[str, Any]:
-        """Device memory now.
-
-        Returns:
-            On CUDA: ``device``, ``name``, ``total_bytes``, ``free_bytes`` (driver view), ``allocated_bytes``,
-            ``reserved_bytes`` and ``max_allocated_bytes`` (torch's caching allocator). On the CPU: ``device``,
-            ``total_bytes``, ``free_bytes`` (available) and ``process_rss_bytes``.
-        """
-        if not self.is_cuda:
-            import psutil
-
-            memory = psutil.virtual_memory()
-            return {
-                "device": self.device,
-                "total_bytes": int(memory.total),
-                "free_bytes": int(memory.available),
-                "process_rss_bytes": int(psutil.Process().memory_info().rss),
-            }
-        import torch
-
-        free, total = torch.cuda.mem_get_info(self.device)
-        return {
-            "device": self.device,
-            "name": torch.cuda.get_device_name(self.device),
-            "total_bytes": int(total),
-            "free_bytes": int(free),
-            "allocated_bytes": int(torch.cuda.memory_allocated(self.device)),
-            "reserved_bytes": int(torch.cuda.memory_reserved(self.device)),
-            "max_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)),
-        }
+                generate(loaded, prompt=_WARM_PROMPT, max_new_tokens=2)
+            _synchronize(device)
+        warm_s = time.perf_counter() - started
+        loaded.extra["warm_s"] = warm_s
+        return warm_s
 
 
 # ---------------------------------------------------------------------------------------- the operations

@@ -45,6 +45,8 @@ def _worker_env(redis: LocalRedis, model_root: Path, broker_db: int, extra: dict
         "GPUFLEET_MODEL_ROOT": str(model_root),
         "GPUFLEET_FLEET__GPU_TYPES": "cpu",
         "GPUFLEET_GPU__WARMUP__SIZE": "small",
+        # Test workers serve fleet.diag.* and take GPUFLEET_FAULTS; production workers do neither.
+        "GPUFLEET_DIAGNOSTICS": "true",
         "HF_HUB_OFFLINE": "1",
         **extra,
     }

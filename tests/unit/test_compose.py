@@ -1,4 +1,5 @@
-"""docker-compose.yml: valid for Compose, and it keeps the promises in ../shared/design.md.
+"""docker-compose.yml: valid for Compose, and it keeps what the README promises (AOF Redis with a password, Flower
+behind auth, one worker per GPU, a CPU profile).
 
 The structural checks read the YAML as Compose would before interpolation (anchors and ``<<`` merges resolved by
 PyYAML) and always run. The Compose validation needs a ``docker-compose`` binary (Debian: ``apt-get install

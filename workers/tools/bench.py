@@ -1,9 +1,10 @@
 """Model-loading benchmark: pinned copies, parallel reads, ``from_pretrained``, the fast loader, parked restore.
 
-Run with ``python -m workers.tools.bench`` (or ``gpufleet bench``). It writes its own random checkpoint (a
-7B-shaped bf16 Llama on a GPU, a ~285 MB one on the CPU) as sharded safetensors into a temp directory, measures
-everything in one process with the page cache warm, and writes ``<machine>-<date>.json``, ``.md`` and ``.png``
-into the output directory. The targets (GPU, 7B-shaped) are printed as met or missed.
+Run with ``python -m workers.tools.bench`` (or ``gpufleet bench``). It streams its own random checkpoint (a
+7B-shaped bf16 Llama on a GPU, a ~285 MB one on the CPU; see workers.tools.checkpoints) as sharded safetensors
+into a temp directory, measures everything in one process with the page cache warm, and writes
+``<machine>-<date>.json``, ``.md`` and ``.png`` into the output directory (workers.tools.bench_report renders
+them). The targets (GPU, 7B-shaped) are printed as met or missed; the exit status is 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -22,140 +23,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpu.units import GB, MiB
-
-# Checkpoint shapes: Llama with hidden, layers, intermediate, vocab, heads, and the shard size they are cut into.
-SIZES: dict[str, dict[str, int]] = {
-    "7b": {"hidden": 4096, "layers": 32, "intermediate": 11008, "vocab": 32000, "heads": 32, "shard_mib": 2048},
-    "small": {"hidden": 1024, "layers": 6, "intermediate": 2816, "vocab": 32000, "heads": 16, "shard_mib": 64},
-    "tiny": {"hidden": 256, "layers": 2, "intermediate": 688, "vocab": 32000, "heads": 4, "shard_mib": 8},
-}
-# Targets from issue 5 (GPU, 7B-shaped checkpoint).
-TARGET_FAST_VS_PRETRAINED = 3.0
-TARGET_FRACTION_OF_FLOOR = 0.6
-TARGET_RESTORE_VS_H2D = 0.8
-TARGET_RSS_MODEL_FRACTION = 0.10
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A benchmark checkpoint on disk."""
-
-    path: Path
-    files: list[Path]
-    n_bytes: int  # tensor bytes over all shards
-
-
-# --------------------------------------------------------------------------------------------------------------
-# checkpoint
-
-
-def write_checkpoint(directory: Path, size: str) -> Checkpoint:
-    """Write a random bf16 Llama of ``size`` as sharded safetensors, a config and a tiny tokenizer.
-
-    Tensor values come from one 64 MiB block of small normals, tiled: the writer streams bytes to the files and
-    never holds a model (or even one shard) in memory.
-
-    Raises:
-        KeyError: ``size`` is not in :data:`SIZES`.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = SIZES[size]
-    config = LlamaConfig(
-        hidden_size=shape["hidden"],
-        num_hidden_layers=shape["layers"],
-        intermediate_size=shape["intermediate"],
-        vocab_size=shape["vocab"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        tie_word_embeddings=False,
-        max_position_embeddings=4096,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    config.dtype = "bfloat16"
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
-    specs = [(name, tuple(t.shape)) for name, t in skeleton.state_dict().items()]
-    del skeleton
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(directory))
-    _write_tokenizer(directory)
-
-    generator = torch.Generator().manual_seed(0)
-    block = (torch.randn(32 * MiB, generator=generator) * 0.02).to(torch.bfloat16).view(torch.uint8)
-    block_bytes = memoryview(block.numpy().tobytes())
-    shard_limit = shape["shard_mib"] * MiB
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    shard_bytes = 0
-    for name, dims in specs:
-        nbytes = _numel(dims) * 2
-        if shards[-1] and shard_bytes + nbytes > shard_limit:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append((name, dims))
-        shard_bytes += nbytes
-    files: list[Path] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-    for index, shard in enumerate(shards):
-        file = directory / f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += _write_safetensors(file, shard, block_bytes)
-        files.append(file)
-        weight_map.update({name: file.name for name, _ in shard})
-    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
-    return Checkpoint(directory, files, total)
-
-
-def _numel(dims: tuple[int, ...]) -> int:
-    count = 1
-    for d in dims:
-        count *= d
-    return count
-
-
-def _write_safetensors(file: Path, tensors: list[tuple[str, tuple[int, ...]]], block: memoryview) -> int:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dims in tensors:
-        nbytes = _numel(dims) * 2
-        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    with file.open("wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little"))
-        handle.write(raw)
-        for _, dims in tensors:
-            left = _numel(dims) * 2
-            while left:
-                n = min(left, len(block))
-                handle.write(block[:n])
-                left -= n
-    return offset
-
-
-def _write_tokenizer(directory: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(
-        ["load the model fast", "park it and restore it"],
-        trainer=trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]),
-    )
-    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>"
-    )
-    wrapped.save_pretrained(str(directory))
-
+from workers.tools.bench_report import ratios, render_chart, render_markdown
+from workers.tools.checkpoints import SHAPES, write_checkpoint
 
 # --------------------------------------------------------------------------------------------------------------
 # measurements
@@ -310,8 +183,8 @@ def run_bench(out_dir: Path, *, device: str | None = None, size: str = "auto", r
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     size = ("7b" if cuda else "small") if size == "auto" else size
-    if size not in SIZES:
-        raise ValueError(f"size {size!r} is unknown; use one of {', '.join(SIZES)} or auto")
+    if size not in SHAPES:
+        raise ValueError(f"size {size!r} is unknown; use one of {', '.join(SHAPES)} or auto")
     fast = FastSafetensorsLoader()
     results: dict[str, Any] = {
         "machine": machine_name(device),
@@ -383,7 +256,7 @@ def run_bench(out_dir: Path, *, device: str | None = None, size: str = "auto", r
         loaded = restored = None
         _free(device)
 
-    results.update(_ratios(results, cuda))
+    results.update(ratios(results, cuda))
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{results['machine']}-{results['date']}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -414,135 +287,28 @@ def _summary(times: list[float]) -> dict[str, float]:
     }
 
 
-def _ratios(results: dict[str, Any], cuda: bool) -> dict[str, Any]:
-    """Speeds, ratios and the targets, each with whether it applies (GPU only) and whether it was met."""
-    model_bytes = results["model_bytes"]
-    fast_s = results["fast_s"]["median"]
-    pretrained_s = results["from_pretrained_s"]["median"]
-    restore_s = results["parked_restore_s"]["median"]
-    floor_gbps = min(results["h2d_gbps"], results["read_gbps"]) if cuda else results["read_gbps"]
-    floor_s = model_bytes / (floor_gbps * GB)
-    speeds = {
-        "from_pretrained_gbps": round(model_bytes / pretrained_s / GB, 2),
-        "fast_gbps": round(model_bytes / fast_s / GB, 2),
-        "parked_restore_gbps": round(model_bytes / restore_s / GB, 2),
-        "floor_gbps": floor_gbps,
-        "floor_s": round(floor_s, 4),
-    }
-    staging = results["staging_bytes"]
-    # On the CPU the weights themselves live in host memory, so they count as allowed growth there.
-    rss_allowed = staging + TARGET_RSS_MODEL_FRACTION * model_bytes + (0 if cuda else model_bytes)
-    gpu_run = cuda and results["size"] == "7b"
-    targets = {
-        "fast_vs_from_pretrained": _target(pretrained_s / fast_s, TARGET_FAST_VS_PRETRAINED, gpu_run),
-        "fast_fraction_of_floor": _target(floor_s / fast_s, TARGET_FRACTION_OF_FLOOR, gpu_run),
-        "parked_restore_vs_h2d": _target(
-            speeds["parked_restore_gbps"] / results["h2d_gbps"] if cuda else None, TARGET_RESTORE_VS_H2D, gpu_run
-        ),
-        "rss_growth_vs_allowed": _target(rss_allowed / max(1, results["rss_growth_bytes"]), 1.0, gpu_run),
-    }
-    return {**speeds, "rss_allowed_bytes": int(rss_allowed), "targets": targets}
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options (``--out``, ``--device``, ``--size``, ``--repeats``) to ``parser``.
 
-
-def _target(value: float | None, goal: float, applies: bool) -> dict[str, Any]:
-    return {
-        "value": None if value is None else round(value, 3),
-        "goal": goal,
-        "met": None if value is None else value >= goal,
-        "applies": applies,  # the goals are set for a GPU and a 7B-shaped checkpoint
-    }
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    """The results as a markdown report: one table of paths, one of targets."""
-    gb = results["model_bytes"] / GB
-    lines = [
-        f"# Model loading benchmark — {results['machine']}, {results['date']}",
-        "",
-        f"Device `{results['device']}`, size `{results['size']}` ({gb:.2f} GB bf16, "
-        f"{results['checkpoint']['shards']} shards), {results['repeats']} repeats (median), "
-        f"{results['read_threads']} reader threads, staging {results['staging_bytes'] / MiB:.0f} MiB; "
-        f"torch {results['versions']['torch']}, transformers {results['versions']['transformers']}.",
-        "",
-        "| path | seconds | GB/s |",
-        "|---|---:|---:|",
-    ]
-    if "h2d_gbps" in results:
-        lines.append(f"| pinned host→device copy (floor) | {gb / results['h2d_gbps']:.3f} | {results['h2d_gbps']} |")
-    lines += [
-        f"| parallel read, page cache warm | {gb / results['read_gbps']:.3f} | {results['read_gbps']} |",
-        f"| from_pretrained | {results['from_pretrained_s']['median']:.3f} | {results['from_pretrained_gbps']} |",
-        f"| fast-safetensors | {results['fast_s']['median']:.3f} | {results['fast_gbps']} |",
-        f"| fast-safetensors, first load (allocates staging) | {results['fast_first_s']:.3f} | "
-        f"{results['model_bytes'] / results['fast_first_s'] / GB:.2f} |",
-        f"| parked restore{' (CPU: no copy, the model stays in host memory)' if results['device'] == 'cpu' else ''} "
-        f"| {results['parked_restore_s']['median']:.4f} | {results['parked_restore_gbps']} |",
-        "",
-        "| target | value | goal | met |",
-        "|---|---:|---:|---|",
-    ]
-    for name, target in results["targets"].items():
-        met = "n/a" if target["met"] is None else ("yes" if target["met"] else "no")
-        if not target["applies"]:
-            met += " (goal is for a GPU, 7B-shaped)"
-        lines.append(f"| {name} | {target['value']} | ≥ {target['goal']} | {met} |")
-    lines += [
-        "",
-        f"Peak host RSS growth during the first fast load: {results['rss_growth_bytes'] / MiB:.0f} MiB "
-        f"(allowed {results['rss_allowed_bytes'] / MiB:.0f} MiB"
-        + ("; on the CPU the weights themselves are in host memory)." if results["device"] == "cpu" else ")."),
-        "",
-    ]
-    if results["device"] == "cpu":
-        lines += [
-            "On the CPU, from_pretrained maps the safetensors files (pages are read lazily, on first use) while the "
-            "fast loader copies the bytes into fresh memory; the goals are set for a GPU, where both must copy.",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def render_chart(results: dict[str, Any], file: Path) -> None:
-    """A horizontal bar chart of GB/s per path (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = []
-    if "h2d_gbps" in results:
-        bars.append(("pinned h2d copy", results["h2d_gbps"]))
-    bars += [
-        ("parallel read (warm)", results["read_gbps"]),
-        ("from_pretrained", results["from_pretrained_gbps"]),
-        ("fast-safetensors", results["fast_gbps"]),
-        ("parked restore", results["parked_restore_gbps"]),
-    ]
-    figure, axes = plt.subplots(figsize=(8, 0.6 * len(bars) + 1.5))
-    labels = [label for label, _ in bars]
-    values = [value for _, value in bars]
-    axes.barh(labels, values, color=["#888888"] * (len(bars) - 3) + ["#d62728", "#2ca02c", "#1f77b4"])
-    for y, value in enumerate(values):
-        axes.text(value, y, f" {value:.1f}", va="center")
-    axes.invert_yaxis()
-    axes.set_xscale("log")  # a zero-copy CPU restore would flatten every other bar on a linear axis
-    axes.set_xlabel("GB/s (model bytes / seconds), log scale")
-    axes.set_title(f"{results['machine']} — {results['size']} bf16 ({results['model_bytes'] / GB:.2f} GB)")
-    figure.tight_layout()
-    figure.savefig(file, dpi=110)
-    plt.close(figure)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m workers.tools.bench [--out DIR] [--device D] [--size S] [--repeats N]``.
-
-    Returns 0 when every applicable target is met (or none applies), 1 otherwise."""
-    parser = argparse.ArgumentParser(prog="gpufleet bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    The ``gpufleet bench`` subcommand and :func:`main` share them, so both print the same ``--help``.
+    """
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--size", default="auto", choices=["auto", *SIZES], help="checkpoint shape")
-    parser.add_argument("--repeats", type=int, default=3, help="timed loads per path")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--size",
+        default="auto",
+        choices=["auto", *SHAPES],
+        help="checkpoint shape: a 7B-shaped Llama, a ~285 MB one, a tiny one (default: 7b on a GPU, else small)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed loads per path (the median is reported)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark with parsed options and print each target's verdict.
+
+    Returns:
+        0 when every applicable target is met (or none applies), 1 otherwise.
+    """
     results = run_bench(args.out, device=args.device, size=args.size, repeats=args.repeats)
     failed = False
     for name, target in results["targets"].items():
@@ -554,6 +320,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"target {name}: {target['value']} (goal >= {target['goal']}) {verdict}")
     print("wrote " + ", ".join(results["files"]))
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workers.tools.bench [--out DIR] [--device D] [--size S] [--repeats N]``; ``--help`` says more.
+
+    Returns:
+        0 when every applicable target is met (or none applies), 1 otherwise; ``--help`` exits 0 after printing.
+    """
+    parser = argparse.ArgumentParser(
+        prog="gpufleet bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

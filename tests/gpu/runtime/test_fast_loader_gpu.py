@@ -10,8 +10,7 @@ import torch
 
 from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
 from gpu.runtime.parking import ParkedStore
-from tests.unit.gpu._checkpoints import make_checkpoint, outputs, sample_inputs
-from workers.tools.bench import write_checkpoint
+from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs, write_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,

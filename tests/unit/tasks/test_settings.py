@@ -56,3 +56,48 @@ def test_soft_limit_below_hard(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPUFLEET_JOBS__SOFT_TIME_LIMIT_S", "400")
     with pytest.raises(SettingsError, match="soft_time_limit_s"):
         load_settings()
+
+
+def test_every_list_setting_takes_comma_separated_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nested sections included: pydantic-settings alone JSON-decodes those and fails on a,b.
+    monkeypatch.setenv("GPUFLEET_GPU__WARMUP__OPERATIONS", "matmul, memory")
+    monkeypatch.setenv("GPUFLEET_GPU__MEMORY_POOL__COMMON_SIZES_MB", "128,512")
+    monkeypatch.setenv("GPUFLEET_PRIORITY_MODELS", '["org/a"]')
+    monkeypatch.setenv("GPUFLEET_FLEET__GPU_TYPES", "h100,l4")
+    settings = load_settings()
+    assert [op.value for op in settings.gpu.warmup.operations] == ["matmul", "memory"]
+    assert settings.gpu.memory_pool.common_sizes_mb == (128, 512)
+    assert settings.priority_models == ("org/a",)
+    assert settings.fleet.gpu_types == ("h100", "l4")
+
+
+def test_an_empty_list_setting_is_an_empty_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_GPU__WARMUP__OPERATIONS", "")
+    monkeypatch.setenv("GPUFLEET_FLEET__GPU_TYPES", " ")
+    settings = load_settings()
+    assert settings.gpu.warmup.operations == ()
+    assert settings.fleet.gpu_types == ()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GPUFLEET_GPU__WARMUP__OPERATIONS", "[matmul", "not a JSON list"),
+        ("GPUFLEET_GPU__WARMUP__OPERATIONS", "matmul,bogus", "'matmul', 'conv2d' or 'memory'"),
+        ("GPUFLEET_PRIORITY_MODELS", '["org/a", ', "not a JSON list"),
+        ("GPUFLEET_GPU__MEMORY_POOL__COMMON_SIZES_MB", "64,big", "integer"),
+    ],
+)
+def test_bad_list_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable) as raised:
+        load_settings()
+    assert message in str(raised.value)
+
+
+def test_a_bad_json_section_is_a_settings_error_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_GPU", '{"warmup": ')
+    with pytest.raises(SettingsError, match='field "gpu"'):
+        load_settings()

@@ -4,32 +4,125 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+import uuid
+from pathlib import Path
 
 import pytest
+from celery import Celery
+from celery.result import AsyncResult
 
 from gpu.plan.selection import plan
-from workers.cli import build_parser, main
+from tasks.routing import placement_for
+from tasks.settings import get_settings, load_settings
+from workers.cli import _wait, build_parser, load_progress, main
 from workers.launch import gpufleet_command
+from workers.local_redis import LocalRedis, free_port
 
 
-def test_plan_json_works_without_torch() -> None:
-    code = (
-        "import importlib.abc, sys\n"
-        "class B(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in {'torch', 'transformers', 'pynvml'}:\n"
-        "            raise ImportError(name)\n"
-        "sys.meta_path.insert(0, B())\n"
-        "from workers.cli import main\n"
-        "sys.exit(main(['plan', 'meta-llama/Llama-3.1-70B-Instruct', '--json']))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    placement = json.loads(done.stdout)
-    # The field names themselves are pinned in tests/unit/gpu/test_selection.py; the CLI prints exactly the Placement.
+def test_plan_json_is_the_placement_and_its_queue(capsys: pytest.CaptureFixture[str]) -> None:
+    # That plan needs no torch is checked at run time by tests/unit/test_import_boundaries.py.
+    assert main(["plan", "meta-llama/Llama-3.1-70B-Instruct", "--json"]) == 0
+    placement = json.loads(capsys.readouterr().out)
+    # The field names are pinned in tests/unit/gpu/plan/test_selection.py; the CLI prints the Placement and its queue.
+    queue = placement.pop("queue")
     assert placement == json.loads(json.dumps(plan("meta-llama/Llama-3.1-70B-Instruct").to_dict()))
-    assert placement["queue"].startswith("gpu.")
+    assert queue == f"gpu.{placement['gpu_type']}"
+
+
+def test_plan_names_the_type_the_router_would(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUFLEET_FLEET__GPU_TYPES", "h100,l4")
+    assert main(["plan", "openai-community/gpt2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    routed = placement_for("openai-community/gpt2", load_settings())
+    assert (shown["gpu_type"], shown["queue"]) == (routed.gpu_type, "gpu.l4")
+    assert main(["plan", "openai-community/gpt2"]) == 0
+    table = capsys.readouterr().out
+    assert "gpu.l4" in table and "h100, l4 (GPUFLEET_FLEET__GPU_TYPES)" in table
+    # The catalog view, for an operator sizing a fleet: the cheapest type anywhere.
+    assert main(["plan", "openai-community/gpt2", "--all-types", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpu_type"] == "t4"
+
+
+def test_plan_of_a_model_not_installed_says_so_and_plans_from_the_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GPUFLEET_MODEL_ROOT", str(tmp_path))
+    monkeypatch.setenv("GPUFLEET_HF_CACHE", str(tmp_path / "hf"))
+    assert main(["plan", "openai-community/gpt2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["gpu_type"] == "t4"
+    assert "not installed" in captured.err and "gpufleet models make-demo" in captured.err
+
+
+def test_a_comma_separated_nested_list_setting_does_not_crash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUFLEET_GPU__WARMUP__OPERATIONS", "matmul,memory")
+    assert main(["plan", "openai-community/gpt2"]) == 0
+    monkeypatch.setenv("GPUFLEET_GPU__WARMUP__OPERATIONS", "[matmul")
+    get_settings.cache_clear()
+    assert main(["plan", "openai-community/gpt2"]) == 1
+    assert "SettingsError" in capsys.readouterr().err
+
+
+def test_bench_help_is_the_benchmarks_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gpufleet bench") and "--repeats" in out and "--size" in out
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--no-such-option"])
+    assert exited.value.code == 2
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_status_with_the_broker_down_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUFLEET_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("GPUFLEET_BROKER__PUBLISH_MAX_RETRIES", "0")
+    assert main(["status", "--timeout", "0.2"]) == 1
+    err = _one_line_error(capsys)
+    assert "BrokerUnavailableError" in err and "did not answer" in err and "GPUFLEET_BROKER_URL" in err
+
+
+@pytest.mark.parametrize("command", [["status", "--timeout", "0.2"], ["load", "org/model-0.1B"]])
+def test_a_wrong_password_is_reported_as_authentication(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], redis_server: LocalRedis, command: list[str]
+) -> None:
+    monkeypatch.setenv("GPUFLEET_BROKER_URL", f"redis://:wrong@127.0.0.1:{redis_server.port}/0")
+    monkeypatch.setenv("GPUFLEET_RESULT_BACKEND", f"redis://:wrong@127.0.0.1:{redis_server.port}/1")
+    monkeypatch.setenv("GPUFLEET_BROKER__PUBLISH_MAX_RETRIES", "0")
+    monkeypatch.setenv("GPUFLEET_FLEET__GPU_TYPES", "cpu")
+    assert main(command) == 1
+    err = _one_line_error(capsys)
+    assert "BrokerAuthenticationError" in err and "authentication" in err and "did not answer" not in err
+    assert "check the password in GPUFLEET_" in err and ":wrong@" not in err
+
+
+def test_a_finished_job_is_never_drawn_as_load_progress(
+    redis_server: LocalRedis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = Celery("cli-test", backend=redis_server.url(41), broker=redis_server.url(40))
+    app.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    job = AsyncResult(str(uuid.uuid4()), app=app)
+    app.backend.store_result(job.id, {"bytes_done": 3 * 2**20, "bytes_total": 12 * 2**20}, "PROGRESS")
+    assert load_progress(job) == (3 * 2**20, 12 * 2**20)
+    # The job finishes: its result (no byte counts) must not become a "0/0 MiB" bar, as it did when the state
+    # and the progress were read one after the other.
+    app.backend.store_result(job.id, {"model": "m", "action": "loaded"}, "SUCCESS")
+    assert load_progress(job) is None
+    assert _wait(job, timeout_s=5.0, progress=True) == {"model": "m", "action": "loaded"}
+    assert capsys.readouterr().err == ""  # no bar and no stray newline after a job that showed no progress
+    app.close()
 
 
 def test_plan_table_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,7 +130,8 @@ def test_plan_table_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     table = capsys.readouterr().out
     assert "gpu" in table.lower()
     assert main(["plan", "mystery-model"]) == 1
-    assert "ModelSpecError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "RoutingError" in err and "mystery-model" in err and "GPUFLEET_MODEL_ROOT" in err
 
 
 def test_console_script_help() -> None:

@@ -1,33 +1,46 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from gpu.errors import DeviceOutOfMemoryError
+from tasks.settings import load_settings
+from workers.errors import WorkerStartError
 from workers.faults import Faults
 
 
 def test_no_faults_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GPUFLEET_FAULTS", raising=False)
-    faults = Faults.from_env()
+    faults = Faults.from_settings(load_settings())
     faults.check("load", "a/b")
     faults.delay("warmup")
+    assert faults == Faults()
 
 
-def test_injected_oom_counts_down(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GPUFLEET_FAULTS", "oom:load:a/b:2,oom:infer:*:1,slow:warmup:0.01")
-    faults = Faults.from_env()
-    for _ in range(2):
-        with pytest.raises(DeviceOutOfMemoryError, match="injected"):
-            faults.check("load", "a/b")
-    faults.check("load", "a/b")
-    faults.check("load", "c/d")
-    with pytest.raises(DeviceOutOfMemoryError):
-        faults.check("infer", "c/d")
-    faults.check("infer", "c/d")
+def test_faults_need_diagnostics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_FAULTS", "oom:load:a/b:1")
+    with pytest.raises(WorkerStartError, match="GPUFLEET_DIAGNOSTICS=true"):
+        Faults.from_settings(load_settings())
+    assert Faults.from_settings(load_settings(diagnostics=True)).ooms == {("load", "a/b"): 1}
+
+
+def test_armed_oom_comes_out_of_the_real_forward_and_counts_down() -> None:
+    faults = Faults.parse("oom:infer:a/b:1,oom:load:*:1,slow:warmup:0.01")
+    module = torch.nn.Linear(4, 4)
+    faults.arm("infer", "c/d", module)  # nothing left for c/d at the infer stage
+    module(torch.ones(1, 4))
+    faults.arm("infer", "a/b", module)
+    with pytest.raises(torch.OutOfMemoryError):
+        module(torch.ones(1, 4))
+    module(torch.ones(1, 4))  # the hook fired its one time and is gone
+    faults.arm("infer", "a/b", module)  # the count is spent
+    module(torch.ones(1, 4))
+    faults.arm("load", "any/model", module)
+    with pytest.raises(torch.OutOfMemoryError):
+        module(torch.ones(1, 4))
     assert faults.delays_s == {"warmup": 0.01}
 
 
-def test_unreadable_fault_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GPUFLEET_FAULTS", "boom:load:a:1")
-    with pytest.raises(ValueError, match="GPUFLEET_FAULTS"):
-        Faults.from_env()
+@pytest.mark.parametrize("spec", ["boom:load:a:1", "oom:load:a:many", "oom:train:a:1", "slow:load:x", "oom"])
+def test_unreadable_fault_spec(spec: str) -> None:
+    with pytest.raises(WorkerStartError, match="GPUFLEET_FAULTS"):
+        Faults.parse(spec)

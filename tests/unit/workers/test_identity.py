@@ -73,7 +73,12 @@ class FakeNvml:
     class NVMLError(Exception):
         pass
 
-    DEVICES = (("NVIDIA H100 80GB HBM3", 85_520_809_984), ("NVIDIA L4", 24_152_899_584))
+    DEVICES = (
+        ("NVIDIA H100 80GB HBM3", 85_520_809_984),
+        ("NVIDIA L4", 24_152_899_584),
+        # A board the catalog does not know: it must not inherit L40S's FP8 (compute capability 8.6 has none).
+        ("NVIDIA RTX A6000", 51_527_024_640),
+    )
 
     def nvmlInit(self) -> None: ...
 
@@ -91,6 +96,9 @@ class FakeNvml:
     def nvmlDeviceGetUUID(self, handle: int) -> str:
         return f"GPU-{handle:04d}"
 
+    def nvmlDeviceGetCudaComputeCapability(self, handle: int) -> tuple[int, int]:
+        return ((9, 0), (8, 9), (8, 6))[handle]
+
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
         total = self.DEVICES[handle][1]
         return type("Memory", (), {"total": total, "used": 0, "free": total})()
@@ -106,8 +114,10 @@ def test_gpu_identity_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert h100.device == "cuda:0" and h100.device_label == "cuda:0 (NVIDIA H100 80GB HBM3)"
     l4 = gpu_identity(1, name="l4-1@box")
     assert l4.gpu_type == "l4" and l4.queues == ("gpu.l4", "gpu.l4.l4-1@box")
-    with pytest.raises(WorkerStartError, match=r"--gpu 0\.\.1"):
-        gpu_identity(2)
+    a6000 = gpu_identity(2)
+    assert a6000.gpu_type == "a100-40gb", "an unknown board stands in for a type it fully covers, without FP8"
+    with pytest.raises(WorkerStartError, match=r"--gpu 0\.\.2"):
+        gpu_identity(3)
 
 
 def test_gpu_disabled_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 import gpu.errors as gpu_errors
 from tasks import errors
 from tasks.contracts import EmbedRequest
-from workers.jobs import job_errors, parse
+from workers.task_base import job_errors, parse
 
 
 def test_parse_refuses_positional_and_names_fields() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from gpu.errors import AllPinnedError, ModelNotFoundError
 from tasks.settings import Settings, load_settings
+from workers import state
 from workers.identity import cpu_identity
 from workers.runtime import WorkerRuntime
 
@@ -43,8 +44,11 @@ def test_hit_after_load_and_measured_size_reconciled(tiny_root: Path, tmp_path: 
     assert first.action == "loaded" and first.loaded.bytes > 0
     again = runtime.acquire("org/a")
     assert again.action == "hit" and again.loaded is first.loaded
-    assert runtime.pool is not None and runtime.pool.reservations()["org/a"] == first.loaded.bytes
-    snapshot = runtime.snapshot()
+    # The measured size is recorded once, by the cache; the pool's reservation ended with the load.
+    assert runtime.cache is not None and runtime.cache.size_of("org/a") == first.loaded.bytes
+    assert runtime.pool is not None and runtime.pool.reservations() == {}
+    assert runtime.pool.stats()["resident_bytes"] == first.loaded.bytes
+    snapshot = state.snapshot(runtime)
     assert snapshot["ready"] is True and snapshot["cache"]["stats"]["hits"] == 1
     assert snapshot["models"]["loaded"][0]["key"] == "org/a"
 
@@ -65,7 +69,7 @@ def test_eviction_parks_and_restore_comes_back(tiny_root: Path, tmp_path: Path) 
     assert back.action == "restored" and back.loaded.loader == "parked-restore"
     logits_after = back.loaded.module(back.loaded.tokenizer("hello", return_tensors="pt")["input_ids"]).logits
     assert (logits_after == logits_before).all()
-    assert runtime.snapshot()["cache"]["parked"]["stats"]["restores"] == 1
+    assert state.snapshot(runtime)["cache"]["parked"]["stats"]["restores"] == 1
 
 
 def test_pinned_models_are_never_evicted(tiny_root: Path, tmp_path: Path) -> None:
@@ -75,14 +79,14 @@ def test_pinned_models_are_never_evicted(tiny_root: Path, tmp_path: Path) -> Non
     runtime.acquire("org/b", pinned=True)
     with pytest.raises(AllPinnedError, match="org/a"):
         runtime.acquire("org/c")
-    assert runtime.cache is not None and set(runtime.cache.keys()) == {"org/a", "org/b"}
+    assert runtime.cache is not None and {e["key"] for e in runtime.cache.entries()} == {"org/a", "org/b"}
     assert runtime.unload("org/b") is not None
     assert runtime.acquire("org/c").action == "loaded"
 
 
 def test_priority_models_preload_pinned(tiny_root: Path, tmp_path: Path) -> None:
     runtime = runtime_for(tiny_root, tmp_path, priority_models=("org/b",))
-    assert runtime.cache is not None and runtime.cache.is_pinned("org/b")
+    assert runtime.cache is not None and [e["pinned"] for e in runtime.cache.entries() if e["key"] == "org/b"] == [True]
 
 
 def test_unknown_model_and_unload_of_absent(tiny_root: Path, tmp_path: Path) -> None:
@@ -96,4 +100,4 @@ def test_unknown_model_and_unload_of_absent(tiny_root: Path, tmp_path: Path) -> 
 def test_model_code_is_imported_before_the_first_job(tiny_root: Path, tmp_path: Path) -> None:
     runtime = runtime_for(tiny_root, tmp_path)
     assert {"llama", "qwen2", "mistral"} <= set(runtime.preimported)
-    assert runtime.snapshot()["preimported_model_code"] == runtime.preimported
+    assert state.snapshot(runtime)["preimported_model_code"] == runtime.preimported

@@ -11,7 +11,6 @@ from gpu.errors import ConfigError
 from gpu.plan.catalog import get_gpu_type
 from gpu.plan.estimate import (
     GPU_RUNTIME_BYTES,
-    dtype_bytes,
     estimate_activation_bytes,
     estimate_kv_cache_bytes,
     estimate_memory,
@@ -19,7 +18,7 @@ from gpu.plan.estimate import (
     estimate_weights_bytes,
 )
 from gpu.plan.specs import load_spec, spec_from_config, spec_from_name
-from gpu.units import GB, GiB
+from gpu.units import GB, GiB, dtype_bytes
 
 
 def _quantized(llama_config: dict[str, Any], quantization_config: dict[str, Any]) -> int:

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 
 from gpu.errors import ModelSpecError
+from gpu.plan.architectures import SUPPORTED_ARCHITECTURES
+from gpu.plan.model_names import QuantMethod
 from gpu.plan.specs import (
-    SUPPORTED_ARCHITECTURES,
     ModelSpec,
-    QuantMethod,
     SpecSource,
     load_spec,
+    read_config,
     spec_from_config,
     spec_from_name,
     spec_from_path,
@@ -406,6 +407,37 @@ def test_config_that_is_not_json_is_refused(make_model_dir: MakeDir) -> None:
 def test_config_that_is_not_an_object_is_refused(make_model_dir: MakeDir) -> None:
     with pytest.raises(ModelSpecError, match="not an object"):
         load_spec(make_model_dir("[1, 2, 3]"))
+
+
+def test_read_config_reads_each_version_of_the_file_once(
+    make_model_dir: MakeDir, llama_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_path = make_model_dir(llama_config) / "config.json"
+    reads: list[Path] = []
+    real_read_text = Path.read_text
+
+    def counting_read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+        reads.append(self)
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    first = read_config(config_path)
+    first["hidden_size"] = -1  # callers get copies: this must not leak into the cache
+    assert read_config(config_path) == llama_config
+    load_spec(config_path.parent)
+    assert reads == [config_path]
+
+    rewritten = {**llama_config, "num_hidden_layers": 3}
+    real_write = json.dumps(rewritten) + " " * 64  # a different size, so even a coarse mtime sees a change
+    with config_path.open("w") as handle:
+        handle.write(real_write)
+    assert read_config(config_path)["num_hidden_layers"] == 3
+    assert len(reads) == 2
+
+
+def test_read_config_refuses_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelSpecError, match="cannot read"):
+        read_config(tmp_path / "config.json")
 
 
 @pytest.mark.parametrize("missing", ["/nonexistent/model", "./no/such/config.json", "~/no-such-model-dir"])

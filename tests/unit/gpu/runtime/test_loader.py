@@ -11,15 +11,11 @@ import torch
 
 from gpu.errors import ModelLoadError
 from gpu.runtime.inference import LoadedModel, embed
-from gpu.runtime.loader import (
-    FastSafetensorsLoader,
-    PretrainedLoader,
-    ProgressFn,
-    read_safetensors_header,
-    safetensors_files,
-)
-from tests.unit.gpu._checkpoints import make_checkpoint, outputs, sample_inputs, save_tokenizer
-from workers.tools.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID, make_tiny_causal_lm
+from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader, ProgressFn
+from gpu.runtime.safetensors_io import read_safetensors_header, safetensors_files
+from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
+from workers.tools.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID
+from workers.tools.tokenizer import save_tokenizer
 
 # Small chunks, so tensors are cut into several reads (and the dtype-converting path is cut too).
 SMALL_CHUNKS = {"staging_bytes": 2 * 2 * 8192, "read_threads": 2}
@@ -74,7 +70,7 @@ def test_fast_load_is_identical_to_from_pretrained(case: str, tmp_path: Path) ->
 @pytest.mark.parametrize("arch", ["gpt_neox", "phi3"])
 def test_transformers_renamed_keys_load_fast(arch: str, tmp_path: Path) -> None:
     # GPT-NeoX checkpoints say embed_out, transformers 5 modules say lm_head: renamed with transformers' table.
-    path = make_tiny_causal_lm(tmp_path / arch, arch=arch)
+    path = make_checkpoint(tmp_path / arch, arch)
     reference = PretrainedLoader().load(arch, path, device="cpu", dtype="bfloat16")
     fast = FastSafetensorsLoader().load(arch, path, device="cpu", dtype="bfloat16")
     assert fast.loader == "fast-safetensors"

@@ -1,4 +1,5 @@
-"""GPUMemoryPool: budgets, reservations and stats, over a fake source and the real CPU source alike."""
+"""GPUMemoryPool: budgets, reservations of loads in flight, resident bytes read from a real ModelCache, and
+stats, over a fake source and the real CPU source alike."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from gpu.runtime.memory_pool import (
     configure_allocator,
     source_for_device,
 )
+from gpu.runtime.model_cache import ModelCache
 from gpu.units import GiB, MiB
 
 
@@ -56,8 +58,14 @@ def source(request: pytest.FixtureRequest) -> MemorySource:
 
 
 @pytest.fixture
-def pool(source: MemorySource) -> GPUMemoryPool:
-    return GPUMemoryPool("cpu", budget_bytes=1000, source=source)
+def cache() -> ModelCache[str]:
+    return ModelCache(1000)
+
+
+@pytest.fixture
+def pool(source: MemorySource, cache: ModelCache[str]) -> GPUMemoryPool:
+    """A 1000-byte budget whose resident bytes are what the cache holds, as in the worker."""
+    return GPUMemoryPool("cpu", budget_bytes=1000, source=source, resident_bytes=lambda: cache.used_bytes)
 
 
 def test_sources_satisfy_the_protocol() -> None:
@@ -115,17 +123,45 @@ def test_preallocation_is_a_no_op_on_cpu(source: MemorySource) -> None:
         pool.preallocate([0])
 
 
-def test_reserve_reconcile_release(pool: GPUMemoryPool) -> None:
+def test_reserve_commit_release(pool: GPUMemoryPool, cache: ModelCache[str]) -> None:
     pool.reserve("a", 400)
     pool.reserve("b", 300)
-    assert (pool.reserved_bytes, pool.free_bytes) == (700, 300)
+    assert (pool.reserved_bytes, pool.resident_bytes, pool.free_bytes) == (700, 0, 300)
     assert pool.reservations() == {"a": 400, "b": 300}
-    assert pool.reconcile("a", 450) == 50
-    assert pool.reconcile("b", 250) == -50
-    assert pool.reserved_bytes == 700
-    assert pool.release("a") == 450
-    assert pool.release("a") == 0
-    assert pool.reservations() == {"b": 250}
+    # The load of "a" measured 450 bytes: the cache records that size, the pool's reservation ends.
+    cache.put("a", "A", 450)
+    assert pool.commit("a", 450) == 50
+    assert pool.reservations() == {"b": 300}
+    assert (pool.reserved_bytes, pool.resident_bytes, pool.free_bytes) == (300, 450, 250)
+    # The load of "b" failed: releasing is idempotent and frees its reservation.
+    assert pool.release("b") == 300
+    assert pool.release("b") == 0
+    assert pool.reservations() == {} and pool.free_bytes == 550
+
+
+def test_resident_models_count_against_reservations(pool: GPUMemoryPool, cache: ModelCache[str]) -> None:
+    cache.put("resident", "R", 600)
+    with pytest.raises(CapacityError, match=r"400 B free of its 1000 B budget \(600 B held by resident models\)"):
+        pool.reserve("next", 500)
+    pool.reserve("next", 400)
+    cache.pop("resident")  # evicted: its bytes are free again without telling the pool
+    pool.reserve("other", 600)
+    assert pool.reservations() == {"next": 400, "other": 600}
+
+
+def test_a_size_is_recorded_once(pool: GPUMemoryPool, cache: ModelCache[str]) -> None:
+    pool.reserve("a", 100)
+    cache.put("a", "A", 120)
+    pool.commit("a", 120)
+    stats = pool.stats()
+    assert (stats["resident_bytes"], stats["reserved_bytes"], stats["reservations"]) == (120, 0, {})
+    assert stats["free_bytes"] == 880
+
+
+def test_pool_without_a_cache_counts_only_reservations(source: MemorySource) -> None:
+    pool = GPUMemoryPool("cpu", budget_bytes=1000, source=source)
+    pool.reserve("a", 1000)
+    assert (pool.resident_bytes, pool.free_bytes) == (0, 0)
 
 
 def test_reserve_again_replaces(pool: GPUMemoryPool) -> None:
@@ -142,6 +178,7 @@ def test_reserve_refused_names_holders_and_changes_nothing(pool: GPUMemoryPool) 
     message = str(info.value)
     assert "'org/big' needs 300 B" in message
     assert "200 B free of its 1000 B budget" in message
+    assert "800 B reserved by loads in flight" in message
     assert message.index("org/medium (500 B)") < message.index("org/small (300 B)")
     assert "route" in message
     assert pool.reservations() == {"org/small": 300, "org/medium": 500}
@@ -153,13 +190,17 @@ def test_reserve_larger_than_budget(pool: GPUMemoryPool) -> None:
     assert pool.reservations() == {}
 
 
-def test_reconcile_may_exceed_budget(pool: GPUMemoryPool, caplog: pytest.LogCaptureFixture) -> None:
-    pool.reserve("a", 900)
-    assert pool.reconcile("a", 1200) == 300
+def test_commit_may_exceed_budget(source: MemorySource, caplog: pytest.LogCaptureFixture) -> None:
+    # A cache bigger than the pool's budget, so the low estimate below shows up in the pool alone.
+    cache: ModelCache[str] = ModelCache(2000)
+    pool = GPUMemoryPool("cpu", budget_bytes=1000, source=source, resident_bytes=lambda: cache.used_bytes)
+    pool.reserve("big", 900)
+    cache.put("big", "B", 1200)  # the estimate was low; the model is on the device anyway
+    assert pool.commit("big", 1200) == 300
     assert pool.free_bytes == 0
     assert "over the" in caplog.text
     with pytest.raises(KeyError):
-        pool.reconcile("never-reserved", 1)
+        pool.commit("never-reserved", 1)
 
 
 def test_invalid_arguments(source: MemorySource) -> None:
@@ -170,7 +211,7 @@ def test_invalid_arguments(source: MemorySource) -> None:
         pool.reserve("a", -1)
     pool.reserve("a", 1)
     with pytest.raises(ConfigError):
-        pool.reconcile("a", -1)
+        pool.commit("a", -1)
 
 
 def test_stats_keys_and_json(pool: GPUMemoryPool, source: MemorySource) -> None:
@@ -179,6 +220,7 @@ def test_stats_keys_and_json(pool: GPUMemoryPool, source: MemorySource) -> None:
     assert set(stats) == {
         "device",
         "budget_bytes",
+        "resident_bytes",
         "reserved_bytes",
         "free_bytes",
         "reservations",
@@ -191,6 +233,7 @@ def test_stats_keys_and_json(pool: GPUMemoryPool, source: MemorySource) -> None:
     }
     assert stats["reservations"] == {"a": 100}
     assert (stats["budget_bytes"], stats["reserved_bytes"], stats["free_bytes"]) == (1000, 100, 900)
+    assert stats["resident_bytes"] == 0
     assert stats["device_total_bytes"] == source.total_bytes()
     if isinstance(source, FakeSource):
         assert stats["reserved_to_allocated"] == pytest.approx(1.5)

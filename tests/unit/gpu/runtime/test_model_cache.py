@@ -1,4 +1,4 @@
-"""ModelCache: byte-weighted LRU with pins, idle expiry, feasibility-first eviction, hooks and stats."""
+"""ModelCache: byte-weighted LRU with pins, idle expiry, feasibility-first eviction, hooks, usage and stats."""
 
 from __future__ import annotations
 
@@ -46,24 +46,33 @@ def cache(clock: FakeClock, hook: Recorder) -> ModelCache[str]:
     return ModelCache(100, on_evict=hook, clock=clock)
 
 
+def lru_order(cache: ModelCache[str]) -> list[str]:
+    """Resident keys, least recently used first (entries() lists the most recent first)."""
+    return [entry["key"] for entry in reversed(cache.entries())]
+
+
+def is_pinned(cache: ModelCache[str], key: str) -> bool:
+    return any(entry["key"] == key and entry["pinned"] for entry in cache.entries())
+
+
 def test_put_get_and_occupancy(cache: ModelCache[str]) -> None:
     assert cache.put("a", "A", 30) == []
     assert cache.put("b", "B", 20) == []
     assert cache.get("a") == "A"
     assert "a" in cache and "z" not in cache
     assert len(cache) == 2
-    assert (cache.used_bytes, cache.free_bytes, cache.capacity_bytes) == (50, 50, 100)
+    assert (cache.used_bytes, cache.capacity_bytes) == (50, 100)
     assert cache.size_of("b") == 20 and cache.size_of("z") is None
 
 
 def test_lru_order_follows_get_not_peek(cache: ModelCache[str]) -> None:
     for key in "abc":
         cache.put(key, key.upper(), 10)
-    assert cache.keys() == ["a", "b", "c"]
+    assert lru_order(cache) == ["a", "b", "c"]
     cache.get("a")
-    assert cache.keys() == ["b", "c", "a"]
+    assert lru_order(cache) == ["b", "c", "a"]
     assert cache.peek("b") == "B"
-    assert cache.keys() == ["b", "c", "a"]
+    assert lru_order(cache) == ["b", "c", "a"]
     assert cache.stats().hits == 1  # peek does not count
 
 
@@ -74,7 +83,7 @@ def test_eviction_takes_least_recently_used_until_it_fits(cache: ModelCache[str]
     evicted = cache.put("c", "C", 50)
     assert evicted == ["b"]
     assert hook.calls == [("b", "B", "lru")]
-    assert cache.keys() == ["a", "c"]
+    assert lru_order(cache) == ["a", "c"]
     assert cache.used_bytes == 90
 
 
@@ -82,14 +91,14 @@ def test_make_room_evicts_several_and_returns_them_in_order(cache: ModelCache[st
     for key in "abcd":
         cache.put(key, key, 25)
     assert cache.make_room(60, for_key="new") == ["a", "b", "c"]
-    assert cache.free_bytes == 75
+    assert cache.used_bytes == 25
 
 
 def test_pinned_entries_are_never_evicted(cache: ModelCache[str], hook: Recorder) -> None:
     cache.put("priority", "P", 40, pinned=True)
     cache.put("b", "B", 40)
     assert cache.put("c", "C", 50) == ["b"]
-    assert cache.is_pinned("priority")
+    assert is_pinned(cache, "priority")
     assert "priority" in cache
     assert hook.calls == [("b", "B", "lru")]
 
@@ -103,9 +112,9 @@ def test_all_pinned_error_has_no_side_effects(cache: ModelCache[str], hook: Reco
     message = str(info.value)
     assert "'big'" in message and "p1" in message and "p2" in message
     assert "30 B" in message and "50 B" in message  # sizes of the pinned, and the need
-    assert "unpin" in message and "route" in message
+    assert "unload" in message and "route" in message
     # The unpinned one would have been evicted had the plan been carried out: it must still be there.
-    assert cache.keys() == ["p1", "p2", "u"]
+    assert lru_order(cache) == ["p1", "p2", "u"]
     assert hook.calls == []
     assert cache.stats().evictions == 0
 
@@ -116,7 +125,7 @@ def test_capacity_error_when_bigger_than_whole_budget(cache: ModelCache[str], ho
         cache.put("huge", "H", 101)
     assert not isinstance(info.value, AllPinnedError)
     assert "whole budget" in str(info.value) and "quantized" in str(info.value)
-    assert cache.keys() == ["a"] and hook.calls == []
+    assert lru_order(cache) == ["a"] and hook.calls == []
 
 
 def test_capacity_error_message_in_gib() -> None:
@@ -133,7 +142,7 @@ def test_expired_entries_go_first_even_if_recently_used(
     clock.advance(10)  # "short" is now expired although more recently used than "old"
     assert cache.put("new", "N", 30) == ["short"]
     assert hook.calls == [("short", "S", "expired")]
-    assert cache.keys() == ["old", "new"]
+    assert lru_order(cache) == ["old", "new"]
     assert cache.stats().expirations == 1
 
 
@@ -149,14 +158,46 @@ def test_ttl_is_idle_time_and_get_refreshes_it(cache: ModelCache[str], clock: Fa
     assert (stats.hits, stats.misses, stats.expirations, stats.entries) == (2, 1, 1, 0)
 
 
-def test_pinned_entries_do_not_expire_and_unpin_restarts_idle_time(cache: ModelCache[str], clock: FakeClock) -> None:
-    cache.put("p", "P", 10, pinned=True, ttl_s=5)
+def test_pinned_entries_do_not_expire_and_unpinning_restarts_idle_time(
+    cache: ModelCache[str], clock: FakeClock
+) -> None:
+    value = "P"
+    cache.put("p", value, 10, pinned=True, ttl_s=5)
     clock.advance(100)
     assert cache.expire() == []
-    cache.unpin("p")
-    assert cache.get("p") == "P"
+    cache.put("p", value, 10, ttl_s=5)  # the same model put again unpinned: its idle time counts from now
+    assert not is_pinned(cache, "p")
+    assert cache.expire() == []
     clock.advance(6)
     assert cache.expire() == ["p"]
+
+
+def test_idle_ttl_of_the_cache_applies_to_every_entry(clock: FakeClock, hook: Recorder) -> None:
+    cache: ModelCache[str] = ModelCache(100, idle_ttl_s=10, on_evict=hook, clock=clock)
+    assert cache.idle_ttl_s == 10
+    cache.put("a", "A", 10)
+    cache.put("b", "B", 10, ttl_s=60)  # a per-entry TTL wins
+    cache.put("p", "P", 10, pinned=True)
+    assert [entry["expires_in_s"] for entry in cache.entries()] == [None, 60.0, 10.0]
+    clock.advance(9)
+    assert cache.expire() == []
+    assert cache.get("a") == "A"  # used: idle time restarts
+    clock.advance(9)
+    assert cache.expire() == []
+    clock.advance(1)
+    assert cache.expire() == ["a"]
+    assert hook.calls == [("a", "A", "expired")]
+    clock.advance(100)
+    assert cache.expire() == ["b"]
+    assert lru_order(cache) == ["p"]
+
+
+def test_no_idle_ttl_means_nothing_expires(cache: ModelCache[str], clock: FakeClock) -> None:
+    assert cache.idle_ttl_s is None
+    cache.put("a", "A", 10)
+    clock.advance(10**9)
+    assert cache.expire() == []
+    assert cache.get("a") == "A"
 
 
 def test_expire_sweeps_only_expired(cache: ModelCache[str], clock: FakeClock, hook: Recorder) -> None:
@@ -173,7 +214,7 @@ def test_failed_make_room_does_not_evict_expired_either(cache: ModelCache[str], 
     clock.advance(5)
     with pytest.raises(AllPinnedError):
         cache.make_room(50, for_key="x")
-    assert cache.keys() == ["p", "e"]
+    assert lru_order(cache) == ["p", "e"]
 
 
 def test_put_replaces_existing_key(cache: ModelCache[str], hook: Recorder) -> None:
@@ -184,7 +225,7 @@ def test_put_replaces_existing_key(cache: ModelCache[str], hook: Recorder) -> No
     assert hook.calls == [("a", "A1", "unload")]
     assert cache.peek("a") == "A2"
     assert cache.used_bytes == 100
-    assert cache.keys() == ["b", "a"]
+    assert lru_order(cache) == ["b", "a"]
 
 
 def test_put_same_object_updates_metadata_without_hook(cache: ModelCache[str], hook: Recorder) -> None:
@@ -193,7 +234,7 @@ def test_put_same_object_updates_metadata_without_hook(cache: ModelCache[str], h
     cache.get("a")
     cache.put("a", value, 12, pinned=True)
     assert hook.calls == []
-    assert cache.is_pinned("a") and cache.used_bytes == 12
+    assert is_pinned(cache, "a") and cache.used_bytes == 12 and cache.size_of("a") == 12
     stats = cache.stats()
     assert stats.loads == 1 and stats.load_s_total == 2.0
     assert cache.entries()[0]["hits"] == 1
@@ -205,40 +246,7 @@ def test_make_room_never_evicts_for_key(cache: ModelCache[str]) -> None:
     assert cache.make_room(40, for_key="a") == ["b"]
     with pytest.raises(CapacityError, match="put"):
         cache.make_room(50, for_key="a")
-    assert cache.keys() == ["a"]
-
-
-def test_resize_evicts_others_never_the_resized(cache: ModelCache[str], hook: Recorder) -> None:
-    cache.put("a", "A", 30)
-    cache.put("b", "B", 30)
-    cache.put("c", "C", 30)
-    # The estimate for "a" was low; measured it holds 60 bytes: 120 > 100.
-    assert cache.resize("a", 60) == ["b"]
-    assert hook.calls == [("b", "B", "capacity")]
-    assert cache.used_bytes == 90
-    assert cache.keys() == ["a", "c"]
-    assert cache.resize("a", 20) == []
-    assert cache.used_bytes == 50
-
-
-def test_resize_blocked_by_pins_stays_over_budget(cache: ModelCache[str], caplog: pytest.LogCaptureFixture) -> None:
-    cache.put("p", "P", 60, pinned=True)
-    cache.put("a", "A", 30)
-    assert cache.resize("a", 70) == []
-    assert cache.used_bytes == 130 and cache.free_bytes == 0
-    assert "over its budget" in caplog.text
-    with pytest.raises(KeyError):
-        cache.resize("missing", 1)
-
-
-def test_set_capacity_shrinks_with_capacity_reason(cache: ModelCache[str], hook: Recorder) -> None:
-    cache.put("a", "A", 40)
-    cache.put("b", "B", 40)
-    assert cache.set_capacity(50) == ["a"]
-    assert hook.calls == [("a", "A", "capacity")]
-    assert cache.capacity_bytes == 50
-    with pytest.raises(ConfigError):
-        cache.set_capacity(0)
+    assert lru_order(cache) == ["a"]
 
 
 def test_pop_unloads_even_pinned(cache: ModelCache[str], hook: Recorder) -> None:
@@ -255,7 +263,7 @@ def test_evict_unpinned_for_oom(cache: ModelCache[str], hook: Recorder) -> None:
     cache.put("b", "B", 10)
     assert cache.evict_unpinned() == ["a", "b"]
     assert [reason for _, _, reason in hook.calls] == ["oom", "oom"]
-    assert cache.keys() == ["p"]
+    assert lru_order(cache) == ["p"]
     with pytest.raises(ConfigError):
         cache.evict_unpinned("because")
 
@@ -268,11 +276,14 @@ def test_clear_removes_everything(cache: ModelCache[str], hook: Recorder) -> Non
     assert {reason for _, _, reason in hook.calls} == {"unload"}
 
 
-def test_pin_unpin_missing_key(cache: ModelCache[str]) -> None:
-    with pytest.raises(KeyError):
+def test_pin(cache: ModelCache[str], hook: Recorder) -> None:
+    cache.put("a", "A", 60)
+    cache.pin("a")
+    with pytest.raises(AllPinnedError):
+        cache.put("b", "B", 50)
+    assert hook.calls == []
+    with pytest.raises(KeyError, match="nope"):
         cache.pin("nope")
-    with pytest.raises(KeyError):
-        cache.unpin("nope")
 
 
 def test_hook_failure_is_logged_not_raised(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
@@ -283,7 +294,7 @@ def test_hook_failure_is_logged_not_raised(clock: FakeClock, caplog: pytest.LogC
     cache.put("a", "A", 10)
     assert cache.put("b", "B", 10) == ["a"]
     assert "on_evict hook failed" in caplog.text
-    assert cache.keys() == ["b"]
+    assert lru_order(cache) == ["b"]
 
 
 def test_hook_may_reenter_the_cache(clock: FakeClock) -> None:
@@ -318,6 +329,49 @@ def test_stats_and_hit_ratio(cache: ModelCache[str]) -> None:
     assert set(data) >= {"hits", "misses", "evictions", "expirations", "loads", "load_s_total", "entries"}
 
 
+def test_usage_is_kept_per_model_across_loads_and_evictions(cache: ModelCache[str], clock: FakeClock) -> None:
+    assert cache.get("a") is None  # a miss, before any load
+    cache.put("a", "A1", 60, load_s=1.5)
+    clock.advance(1)
+    assert cache.get("a") == "A1"
+    assert cache.get("a") == "A1"
+    cache.put("b", "B", 60, load_s=0.5)  # evicts "a"
+    clock.advance(2)
+    assert cache.get("a") is None
+    cache.put("a", "A2", 60, load_s=0.25)  # loaded again, evicting "b"
+    clock.advance(3)
+    usage = cache.usage()
+    assert set(usage) == {"a", "b"}
+    assert usage["a"] == {
+        "hits": 2,
+        "misses": 2,
+        "loads": 2,
+        "last_load_s": 0.25,
+        "load_s_total": 1.75,
+        "last_used_s_ago": 3.0,
+        "resident": True,
+    }
+    assert usage["b"]["loads"] == 1 and usage["b"]["hits"] == 0 and usage["b"]["resident"] is False
+    assert usage["b"]["last_used_s_ago"] == 5.0
+    assert json.loads(json.dumps(usage)) == usage
+    # The cache-wide counters are the sums of the per-model records, not a second count.
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.loads, stats.load_s_total) == (2, 2, 3, 2.25)
+
+
+def test_a_miss_on_an_unknown_key_is_recorded_without_a_load(cache: ModelCache[str]) -> None:
+    assert cache.get("never-loaded") is None
+    assert cache.usage()["never-loaded"] == {
+        "hits": 0,
+        "misses": 1,
+        "loads": 0,
+        "last_load_s": None,
+        "load_s_total": 0.0,
+        "last_used_s_ago": None,
+        "resident": False,
+    }
+
+
 def test_entries_snapshot_most_recent_first(cache: ModelCache[str], clock: FakeClock) -> None:
     cache.put("a", "A", 10, ttl_s=60, load_s=1.0)
     clock.advance(5)
@@ -350,6 +404,8 @@ def test_invalid_arguments() -> None:
         cache.put("a", "A", -1)
     with pytest.raises(ConfigError):
         cache.put("a", "A", 1, ttl_s=0)
+    with pytest.raises(ConfigError, match="IDLE_TTL_S"):
+        ModelCache(10, idle_ttl_s=0)
 
 
 def test_thread_safety_smoke() -> None:
@@ -387,7 +443,7 @@ def test_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import gpu.runtime.model_cache; print('ok')"
+        "import gpu.runtime.model_cache, gpu.runtime.cache_stats; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr

@@ -1,4 +1,5 @@
-"""The parked tier: round trips give identical outputs, the budget evicts oldest first, too-big models are refused."""
+"""The parked tier: round trips give identical outputs, the budget evicts oldest first (freeing the host copy),
+too-big models are refused."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from gpu.errors import ConfigError
 from gpu.runtime.inference import LoadedModel
 from gpu.runtime.loader import FastSafetensorsLoader
 from gpu.runtime.parking import ParkedStore
-from tests.unit.gpu._checkpoints import make_checkpoint, outputs, sample_inputs
+from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,10 @@ def test_budget_evicts_the_oldest_parked_model(checkpoint: Path) -> None:
     assert store.used_bytes <= store.host_budget_bytes
     entry = store.entries()[0]
     assert entry["bytes"] == models[1].bytes and entry["dtype"] == "float32" and entry["from_device"] == "cpu"
+    assert entry["pinned_memory"] is False and entry["parked_for_s"] >= 0  # no CUDA: nothing to page-lock
+    # The evicted model's host copy is let go even though this test still holds its LoadedModel.
+    assert models[0].module is None
+    assert models[1].module is not None and models[2].module is not None
 
 
 def test_a_model_bigger_than_the_budget_is_refused_without_evicting(checkpoint: Path) -> None:
@@ -75,10 +80,13 @@ def test_restore_of_an_unknown_model_is_a_miss_and_drop_forgets(checkpoint: Path
     store.park(model)
     store.park(model)  # parking the same id again replaces it
     assert len(store) == 1 and store.used_bytes == model.bytes
+    assert model.module is not None  # replaced by itself: the module stays
     assert store.drop("a") and not store.drop("a")
     assert store.used_bytes == 0 and store.stats()["budget_bytes"] == 10 * model.bytes
+    assert model.module is None  # dropped: its host memory is freed
 
 
-def test_negative_budget_is_a_config_error() -> None:
+@pytest.mark.parametrize("budget", [0, -1])
+def test_a_budget_that_is_not_positive_is_a_config_error(budget: int) -> None:
     with pytest.raises(ConfigError, match="HOST_BUDGET_BYTES"):
-        ParkedStore(host_budget_bytes=-1)
+        ParkedStore(host_budget_bytes=budget)

@@ -1,10 +1,8 @@
-"""GPUWarmupManager on the CPU: the device warm-up path, model warm-up on tiny random models, usage stats."""
+"""GPUWarmupManager on the CPU: the device warm-up path and model warm-up on tiny random models."""
 
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +11,7 @@ from gpu.errors import ConfigError, InferenceError
 from gpu.runtime.inference import LoadedModel, ModelKind
 from gpu.runtime.loader import PretrainedLoader
 from gpu.runtime.warmup import GPUWarmupManager, WarmupReport
-from workers.tools.demo_models import demo_tokenizer, make_tiny_causal_lm
+from workers.tools.checkpoints import make_checkpoint
 
 
 def test_cpu_warm_up_runs_every_op_for_every_dtype() -> None:
@@ -70,36 +68,15 @@ def test_cuda_without_cuda_is_a_clear_error() -> None:
         GPUWarmupManager("cuda", WarmupConfig()).warm_up()
 
 
-def make_tiny_bert(path: Path) -> Path:
-    """A 2-layer random BERT encoder with the demo tokenizer, built from a config (no download)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tokenizer = demo_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    BertModel(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    path = make_tiny_causal_lm(tmp_path_factory.mktemp("llama") / "tiny-llama", arch="llama")
+    path = make_checkpoint(tmp_path_factory.mktemp("llama") / "tiny-llama", "llama")
     return PretrainedLoader().load("test/tiny-llama", path, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    path = make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
+    path = make_checkpoint(tmp_path_factory.mktemp("bert") / "tiny-bert", "bert")
     return PretrainedLoader().load("test/tiny-bert", path, device="cpu", dtype="float32")
 
 
@@ -108,7 +85,7 @@ def test_warm_model_causal_lm(tiny_llama: LoadedModel) -> None:
     manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
     seconds = manager.warm_model(tiny_llama)
     assert seconds > 0
-    assert manager.usage()["test/tiny-llama"]["warm_s"] == seconds
+    assert tiny_llama.extra["warm_s"] == seconds  # left on the model for status reports
 
 
 def test_warm_model_embedding(tiny_bert: LoadedModel) -> None:
@@ -136,32 +113,6 @@ def test_warm_model_failure_is_an_inference_error(tiny_bert: LoadedModel) -> Non
     manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
     with pytest.raises(InferenceError, match=r"test/broken.*shape mismatch"):
         manager.warm_model(broken)
-
-
-def test_usage_stats() -> None:
-    manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
-    before = time.time()
-    manager.record_load("a", 1.5)
-    manager.record_use("a", hit=False)
-    manager.record_use("a", hit=True)
-    manager.record_use("a", hit=True)
-    manager.record_load("a", 0.5)
-    manager.record_use("b", hit=True)
-    usage = manager.usage()
-    assert set(usage) == {"a", "b"}
-    a = usage["a"]
-    assert (a["loads"], a["hits"], a["misses"]) == (2, 2, 1)
-    assert a["last_load_s"] == 0.5 and a["load_s_total"] == 2.0
-    assert a["last_use"] >= before
-    assert usage["b"]["loads"] == 0 and usage["b"]["last_load_s"] is None
-    assert json.loads(json.dumps(usage)) == usage
-
-
-def test_cpu_memory_report() -> None:
-    report = GPUWarmupManager("cpu", WarmupConfig()).memory_report()
-    assert report["device"] == "cpu"
-    assert 0 < report["free_bytes"] <= report["total_bytes"]
-    assert report["process_rss_bytes"] > 0
 
 
 def test_imports_without_torch() -> None:

@@ -1,11 +1,9 @@
-"""The demo models and tiny test models: made offline, idempotent, and served by the real loader and inference."""
+"""The demo models: made offline, idempotent, and served by the real loader and inference."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +15,11 @@ from gpu.runtime.loader import PretrainedLoader
 from workers.tools.demo_models import (
     DEMO_CHAT_ID,
     DEMO_EMBEDDING_ID,
-    TINY_ARCHS,
     DemoModel,
-    demo_tokenizer,
     make_demo_models,
-    make_tiny_causal_lm,
     minilm_source_dir,
 )
+from workers.tools.tokenizer import demo_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +44,6 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 
 # --- the model root -------------------------------------------------------------------------------------------
-
-
-def test_module_imports_without_torch() -> None:
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'tokenizers', 'safetensors'):\n"
-        "            raise ImportError(f'blocked: {name}')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import workers.tools.demo_models\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[4])
 
 
 def test_demo_root_holds_both_models(demo_root: Path) -> None:
@@ -137,47 +120,6 @@ def test_unwritable_root_is_a_config_error(tmp_path: Path) -> None:
         make_demo_models(blocker)
 
 
-# --- the tokenizer ------------------------------------------------------------------------------------------
-
-
-def test_tokenizer_special_tokens_and_chat_template() -> None:
-    tokenizer = demo_tokenizer()
-    assert 1000 <= len(tokenizer) <= 2000
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
-        "<s>",
-        "<|end|>",
-        "<pad>",
-        "<unk>",
-    )
-    ids = tokenizer("Hello world, how are you?")["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hello world, how are you?"
-    # Byte-level: text the corpus never saw still round-trips, with no unknown tokens.
-    odd = "Grüße 東京 🚀"
-    assert tokenizer.decode(tokenizer(odd)["input_ids"], skip_special_tokens=True) == odd
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    assert rendered == "<s><|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
-
-
-def test_tokenizer_training_is_deterministic() -> None:
-    code = (
-        "import hashlib\n"
-        "from workers.tools.demo_models import _trained_tokenizer_json\n"
-        "print(hashlib.sha256(_trained_tokenizer_json().encode()).hexdigest())\n"
-    )
-    digests = {
-        subprocess.run(
-            [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=Path(__file__).parents[4]
-        ).stdout
-        for _ in range(2)
-    }
-    assert len(digests) == 1
-
-
 # --- serving the demo models --------------------------------------------------------------------------------
 
 
@@ -215,66 +157,6 @@ def test_tiny_chat_greedy_is_deterministic(tiny_chat: LoadedModel) -> None:
 def test_tiny_chat_sampling_with_a_seed_repeats(tiny_chat: LoadedModel) -> None:
     options = {"prompt": "Once", "max_new_tokens": 8, "temperature": 1.0, "seed": 7}
     assert generate(tiny_chat, **options) == generate(tiny_chat, **options)  # type: ignore[arg-type]
-
-
-# --- tiny causal LMs for tests -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_tiny_causal_lm_each_arch_loads_and_generates(arch: str, tmp_path: Path) -> None:
-    path = make_tiny_causal_lm(tmp_path / arch, arch=arch)
-    config = json.loads((path / "config.json").read_text())
-    assert config["model_type"] == arch
-    loaded = PretrainedLoader().load(f"test/{arch}", path, device="cpu", dtype="float32")
-    result = generate(loaded, prompt="The weather", max_new_tokens=4)
-    assert 0 < result.completion_tokens <= 4
-
-
-def test_tiny_causal_lm_sharded_and_tied(tmp_path: Path) -> None:
-    path = make_tiny_causal_lm(tmp_path / "sharded", tie_word_embeddings=True, max_shard_size="200KB")
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    shards = set(index["weight_map"].values())
-    assert len(shards) > 2 and all((path / shard).is_file() for shard in shards)
-    assert not (path / "model.safetensors").exists()
-    # Tied: the checkpoint holds the embedding once, with no separate output head.
-    assert "lm_head.weight" not in index["weight_map"]
-    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
-    loaded = PretrainedLoader().load("test/sharded", path, device="cpu", dtype="float32")
-    assert loaded.module.lm_head.weight.data_ptr() == loaded.module.model.embed_tokens.weight.data_ptr()
-    assert generate(loaded, prompt="Hello", max_new_tokens=3).completion_tokens <= 3
-
-
-def test_tiny_causal_lm_same_seed_same_weights(tmp_path: Path) -> None:
-    a = make_tiny_causal_lm(tmp_path / "a", seed=3, with_tokenizer=False)
-    b = make_tiny_causal_lm(tmp_path / "b", seed=3, with_tokenizer=False)
-    c = make_tiny_causal_lm(tmp_path / "c", seed=4, with_tokenizer=False)
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
-    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
-    assert not (a / "tokenizer.json").exists()
-
-
-def test_tiny_causal_lm_dtype(tmp_path: Path) -> None:
-    path = make_tiny_causal_lm(tmp_path / "half", arch="qwen2", dtype="bfloat16", with_tokenizer=False)
-    header_len = int.from_bytes((path / "model.safetensors").read_bytes()[:8], "little")
-    header = json.loads((path / "model.safetensors").read_bytes()[8 : 8 + header_len])
-    assert {entry["dtype"] for name, entry in header.items() if name != "__metadata__"} == {"BF16"}
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"arch": "bert"}, "architecture 'bert' is not supported"), ({"dtype": "int8"}, "dtype 'int8'")],
-)
-def test_tiny_causal_lm_refuses_bad_arguments(kwargs: dict[str, str], match: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=match):
-        make_tiny_causal_lm(tmp_path / "x", **kwargs)  # type: ignore[arg-type]
-
-
-def test_tiny_causal_lm_refuses_to_overwrite(tmp_path: Path) -> None:
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "keep.txt").write_text("someone's file")
-    with pytest.raises(ConfigError, match="not empty"):
-        make_tiny_causal_lm(tmp_path / "taken")
-    assert (tmp_path / "taken" / "keep.txt").read_text() == "someone's file"
 
 
 def test_demo_model_record_is_plain_data(demo_root: Path) -> None:
