@@ -138,8 +138,7 @@ class FleetClient:
         # Broker and results usually share one Redis; when the backend is down the broker is likely down too.
         also = " (and GPUFLEET_BROKER_URL, usually the same Redis)" if backend else ""
         return BrokerUnavailableError(
-            f"{action}: the {what} at {url} did not answer{detail}; start it or point {setting}{also} at a "
-            "running one"
+            f"{action}: the {what} at {url} did not answer{detail}; start it or point {setting}{also} at a running one"
         )
 
 
