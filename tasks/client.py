@@ -25,7 +25,7 @@ from tasks.contracts import (
 )
 from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
 from tasks.names import TaskName
-from tasks.settings import Settings
+from tasks.settings import Settings, redact_url
 
 ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 
@@ -127,7 +127,7 @@ class FleetClient:
     def _unreachable(self, action: str, exc: BaseException, *, backend: bool) -> BrokerUnavailableError:
         """The error for a broker (or result backend) that failed ``action``: refused the password, or is down."""
         what, setting = ("result backend", "GPUFLEET_RESULT_BACKEND") if backend else ("broker", "GPUFLEET_BROKER_URL")
-        url = _redact(str(self.app.conf.result_backend if backend else self.app.conf.broker_url))
+        url = redact_url(str(self.app.conf.result_backend if backend else self.app.conf.broker_url))
         failure = connection_failure(exc)
         if failure is not None and _is_authentication_error(failure):
             return BrokerAuthenticationError(
@@ -167,13 +167,3 @@ def connection_failure(exc: BaseException) -> BaseException | None:
         ):
             return link
     return None
-
-
-def _redact(url: str) -> str:
-    """A broker URL without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user + ':***' if ':' in credentials else user}@{host}"

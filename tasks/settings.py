@@ -89,6 +89,25 @@ class FleetOptions(_Section):
     # GPU types (catalog names, e.g. H100,L4 or cpu) that have workers; the router plans only onto these.
     # Empty means every GPU type in the catalog (not cpu).
     gpu_types: tuple[str, ...] = ()
+    # The live fleet: each worker's parent writes a heartbeat to the registry (in the broker's Redis, or the
+    # result backend's when the broker is not Redis) every heartbeat_interval_s; it drops out heartbeat_ttl_s
+    # after the last one. Readers cache what they read for registry_cache_s, so routing costs no round trip.
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0)
+    registry_cache_s: float = Field(default=1.0, ge=0)
+    # Route to live workers (prefer the one holding the model); false: plan by GPU type alone, as without a registry.
+    live_routing: bool = True
+    # A worker holding the model is preferred until this many jobs wait on it; then the type's queue is used.
+    max_backlog: int = Field(default=8, ge=0)
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> FleetOptions:
+        if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                "fleet.heartbeat_ttl_s must be at least twice fleet.heartbeat_interval_s, or a live worker "
+                "flickers out of the fleet between two heartbeats"
+            )
+        return self
 
 
 _SEQUENCE_ORIGINS = (tuple, list, set, frozenset)
@@ -238,3 +257,13 @@ def load_settings(**overrides: Any) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings, read once. Tests call ``get_settings.cache_clear()`` after changing env."""
     return load_settings()
+
+
+def redact_url(url: str) -> str:
+    """A broker or backend URL without its password, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':***' if ':' in credentials else user}@{host}"

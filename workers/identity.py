@@ -20,7 +20,13 @@ class WorkerIdentity:
     device: str  # torch device inside the process: "cuda:0" or "cpu"
     device_index: int | None  # physical (NVML / PCI order) index; None on CPU
     device_name: str  # "NVIDIA H100 80GB HBM3" or "cpu"
-    memory_bytes: int  # device memory (host memory for cpu workers)
+    memory_bytes: int  # device memory, summed over its GPUs (host memory for cpu workers)
+    gpu_indices: tuple[int, ...] = ()  # physical (NVML) indices of every GPU it owns; empty on CPU
+
+    @property
+    def gpu_count(self) -> int:
+        """Devices one model may span (1 on a CPU worker)."""
+        return max(1, len(self.gpu_indices))
 
     @property
     def queues(self) -> tuple[str, ...]:
@@ -86,6 +92,7 @@ def gpu_identity(index: int, *, name: str | None = None) -> WorkerIdentity:
         device_index=index,
         device_name=info.name,
         memory_bytes=info.memory_bytes,
+        gpu_indices=(index,),
     )
 
 
