@@ -125,8 +125,9 @@ class WorkerRuntime:
         self.warmup: GPUWarmupManager | None = None
         self.parked: ParkedStore | None = None
         self.jobs_done = 0
-        # Held while a job uses the device, so idle expiry never evicts a model under a running job.
-        self._serving = threading.Lock()
+        # Held while a job uses the device (and by acquire itself), so idle expiry never evicts a model that is
+        # being loaded, checked or run. Re-entrant: a job holds it around its own acquire.
+        self._serving = threading.RLock()
         self._stop = threading.Event()
         self._expiry: threading.Thread | None = None
 
@@ -190,6 +191,10 @@ class WorkerRuntime:
             gpu errors: ModelNotFoundError, UnsafeModelIdError, CapacityError (incl. AllPinnedError),
             DeviceOutOfMemoryError (no retry here: :mod:`workers.oom_policy` decides), ModelLoadError.
         """
+        with self._serving:
+            return self._acquire(model_id, pinned=pinned, progress=progress)
+
+    def _acquire(self, model_id: str, *, pinned: bool, progress: ProgressFn | None) -> Acquired:
         pool, cache, warmup = self._require()
         cached = cache.get(model_id)
         if cached is not None:
@@ -291,7 +296,10 @@ class WorkerRuntime:
             yield
 
     def expire_idle(self) -> list[str]:
-        """Evict models idle for longer than ``idle_ttl_s``, unless a job is running; returns their ids."""
+        """Evict models idle for longer than ``idle_ttl_s``, unless a job is running; returns their ids.
+
+        Called from the expiry thread: the serving lock is re-entrant, so a caller holding it would not be kept out.
+        """
         if self.cache is None or not self._serving.acquire(blocking=False):
             return []
         try:

@@ -75,13 +75,19 @@ def test_job_of_a_killed_child_is_requeued_and_completes(worker_factory: WorkerF
 
 
 def test_no_job_is_consumed_before_warm_up_ends(worker_factory: WorkerFactory) -> None:
-    worker = worker_factory({"GPUFLEET_FAULTS": "slow:warmup:4"}, wait=False)
+    worker = worker_factory({"GPUFLEET_FAULTS": "slow:warmup:20"}, wait=False)
     enqueued_at = time.time()
-    job = worker.client.embed(EMBED, ["sent before the worker was warm"])
-    time.sleep(2.0)  # the worker is up and answering control commands, but still warming
-    queues = worker.client.app.control.inspect(destination=[worker.name], timeout=2.0).active_queues() or {}
-    names = {queue["name"] for queue in queues.get(worker.name, [])}
+    # Straight to the type queue: the router would (rightly) wait for a heartbeat, and this checks the worker.
+    job = worker.client.embed(EMBED, ["sent before the worker was warm"], queue="cpu")
+    # Ask until the worker's parent answers (it may take seconds to start on a loaded machine); the warm-up is
+    # held 20 s longer than usual, so an answer within 15 s comes from a worker that is still warming.
+    names: set[str] = set()
+    deadline = time.monotonic() + 15
+    while not names and time.monotonic() < deadline:
+        queues = worker.client.app.control.inspect(destination=[worker.name], timeout=1.0).active_queues() or {}
+        names = {queue["name"] for queue in queues.get(worker.name, [])}
     assert names and "cpu" not in names, f"consuming {names} while warming"
+    assert not job.ready()
     result = job.get(timeout=180)
     ready_at = worker.client.status("gpu_status")[worker.name]["ready_at"]
     job_started_at = enqueued_at + result["timings"]["queue_wait_s"]
