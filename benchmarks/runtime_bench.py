@@ -133,7 +133,7 @@ def child_describe(_: dict[str, Any]) -> dict[str, Any]:
 
 def child_first_forward(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one model in this fresh process, warm up per ``mode``, then time the first and steady requests."""
-    from gpu.runtime.memory_pool import configure_allocator
+    from gpu.runtime.device_memory import configure_allocator
 
     configure_allocator()
     from gpu.config import WarmupConfig, WarmupSize

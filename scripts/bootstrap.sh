@@ -21,6 +21,15 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
     || echo "bootstrap: docker-compose unavailable; the compose file gets the structural check only" >&2
 fi
 
+# Debian's chromium loads the dashboard page headless in tests/integration/test_api.py.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing chromium (for the dashboard's browser test)" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+    || { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+    || echo "bootstrap: chromium unavailable; the dashboard's browser test will be skipped" >&2
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 # The allocator reads its configuration when CUDA starts: set it before anything can touch CUDA.
-from gpu.runtime.memory_pool import configure_allocator
+from gpu.runtime.device_memory import configure_allocator
 
 ALLOC_CONF = configure_allocator()
 

@@ -24,10 +24,20 @@ from tasks.contracts import (
     validate_request,
 )
 from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
+from tasks.live_routing import RouteDecision
 from tasks.names import TaskName
-from tasks.settings import Settings, redact_url
+from tasks.routing import LiveRouter, app_router
+from tasks.settings import Settings, get_settings, redact_url
 
 ENQUEUED_AT_HEADER = "fleet_enqueued_at"
+ROUTE_ATTRIBUTE = "fleet_route"
+
+
+def route_of(result: Any) -> RouteDecision | None:
+    """Where :meth:`FleetClient.submit` sent a job and why; None for a job sent without a model (or elsewhere)."""
+    route = getattr(result, ROUTE_ATTRIBUTE, None)
+    return route if isinstance(route, RouteDecision) else None
+
 
 _REQUESTS: dict[TaskName, type[BaseModel]] = {
     TaskName.EMBED: EmbedRequest,
@@ -48,6 +58,8 @@ class FleetClient:
 
     def __init__(self, app: Celery | None = None, settings: Settings | None = None) -> None:
         self.app = app or create_app(settings)
+        # The app's own router when it has one (one registry cache for both), else one for these settings.
+        self.router = app_router(self.app) or LiveRouter(settings or get_settings())
 
     def submit(self, task: TaskName | str, queue: str | None = None, **kwargs: Any) -> AsyncResult:
         """Validate ``kwargs`` against the task's contract and enqueue it.
@@ -58,7 +70,8 @@ class FleetClient:
             **kwargs: the request fields.
 
         Returns:
-            The Celery result; ``.get(timeout=...)`` returns the documented JSON dict.
+            The Celery result; ``.get(timeout=...)`` returns the documented JSON dict, and :func:`route_of` says
+            where it was sent and why.
 
         Raises:
             InvalidRequestError: the arguments do not match the contract (nothing was sent).
@@ -71,11 +84,16 @@ class FleetClient:
         name = TaskName(task)
         request = validate_request(_REQUESTS[name], kwargs)
         options: dict[str, Any] = {"headers": {ENQUEUED_AT_HEADER: time.time()}}
-        if queue:
-            options["queue"] = queue
+        model = getattr(request, "model", None)
+        # Routed here rather than by the app's router, so the caller learns where the job waits (route_of).
+        route = self.router.decide(model, queue=queue) if isinstance(model, str) and model else None
+        if route is not None or queue:
+            options["queue"] = route.queue if route is not None else queue
         action = f"could not enqueue {name.value} (nothing was sent)"
         try:
-            return self.app.send_task(name.value, kwargs=request.model_dump(mode="json"), **options)
+            result = self.app.send_task(name.value, kwargs=request.model_dump(mode="json"), **options)
+            setattr(result, ROUTE_ATTRIBUTE, route)
+            return result
         except OperationalError as exc:
             raise self._unreachable(action, exc, backend=False) from exc
         except RuntimeError as exc:

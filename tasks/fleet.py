@@ -13,10 +13,17 @@ Redis layout (database of the registry URL)::
 
     gpufleet:fleet:index            ZSET  worker name -> expires_at (unix seconds)
     gpufleet:fleet:worker:<name>    STRING  WorkerRecord JSON, EX = ttl
+    gpufleet:fleet:queues           HASH  worker name -> {"name", "type_queue", "direct_queue"} JSON, no TTL
+    gpufleet:fleet:departed         ZSET  that JSON -> when the worker left (removed or claimed)
+
+The queues hash outlives a dead worker's record on purpose: whoever claims the dead worker
+(:meth:`FleetRegistry.claim_expired`) learns from it which direct queue to move back to the type queue. The
+departed set lets live workers keep moving jobs that kombu gives back to a departed worker's direct queue.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -25,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import BrokerUnavailableError
+from gpu.units import fmt_bytes
+from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
 from tasks.settings import redact_url
 
 if TYPE_CHECKING:
@@ -33,6 +41,8 @@ if TYPE_CHECKING:
 
 INDEX_KEY = "gpufleet:fleet:index"
 WORKER_KEY_PREFIX = "gpufleet:fleet:worker:"
+QUEUES_KEY = "gpufleet:fleet:queues"
+DEPARTED_KEY = "gpufleet:fleet:departed"
 
 Holding = Literal["resident", "parked"]
 
@@ -116,6 +126,14 @@ class WorkerRecord(_Record):
         return None
 
 
+class ClaimedWorker(_Record):
+    """A dead worker one caller claimed, with the queues it published (None if it published none)."""
+
+    name: str
+    type_queue: str | None = None
+    direct_queue: str | None = None
+
+
 class FleetSnapshot(_Record):
     """The fleet as read at one moment: every worker whose record had not expired."""
 
@@ -133,6 +151,41 @@ class FleetSnapshot(_Record):
 
     def get(self, name: str) -> WorkerRecord | None:
         return next((w for w in self.live() if w.name == name), None)
+
+
+def describe(record: WorkerRecord, *, now: float) -> str:
+    """One line about a worker for a person: name, type, readiness, memory, models, running job, backlog.
+
+    Args:
+        record: the worker's heartbeat.
+        now: seconds since the epoch (for the running job's age).
+
+    Returns:
+        e.g. ``cpu-0@box  cpu  ready  mem 86.7 MiB / 12.0 GiB / 15.6 GiB  resident: org/a (86.7 MiB, pinned)
+        job: fleet.embed 1f2e3d4c (org/a, 2.1 s)  backlog 0``.
+    """
+
+    def held(models: tuple[HeldModel, ...]) -> str:
+        shown = [f"{m.model} ({fmt_bytes(m.bytes)}{', pinned' if m.pinned else ''})" for m in models]
+        return ", ".join(shown) or "none"
+
+    readiness = "ready" if record.ready else "NOT READY"
+    memory = (
+        f"mem {fmt_bytes(record.memory_used_bytes)} / {fmt_bytes(record.memory_budget_bytes)} / "
+        f"{fmt_bytes(record.memory_total_bytes)}"
+    )
+    gpus = f"x{record.gpu_count}" if record.gpu_count > 1 else ""
+    parts = [record.name, record.gpu_type + gpus, readiness, memory, "resident: " + held(record.resident)]
+    if record.parked:
+        parts.append("parked: " + held(record.parked))
+    job = record.running_job
+    if job is None:
+        parts.append("job: idle")
+    else:
+        on = f"{job.model}, " if job.model else ""
+        parts.append(f"job: {job.task} {job.id[:8]} ({on}{max(0.0, now - job.started_at):.1f} s)")
+    parts.append(f"backlog {record.backlog}")
+    return "  ".join(parts)
 
 
 def registry_url(settings: Settings) -> str | None:
@@ -184,41 +237,102 @@ class FleetRegistry:
     # -- writing (worker side) --------------------------------------------------------------------------
 
     def publish(self, record: WorkerRecord) -> None:
-        """Write a worker's heartbeat.
+        """Write a worker's heartbeat (and its queue names, which outlive the record).
 
         Raises:
             BrokerUnavailableError: Redis did not answer.
         """
+        queues = _queues_json(record.name, record.type_queue, record.direct_queue)
         pipe = self._client.pipeline()
         pipe.set(worker_key(record.name), record.model_dump_json(), ex=max(1, math.ceil(record.ttl_s)))
         pipe.zadd(INDEX_KEY, {record.name: record.expires_at})
+        pipe.hset(QUEUES_KEY, record.name, queues)
+        pipe.zrem(DEPARTED_KEY, queues)  # back under the same name: it consumes its direct queue itself again
         self._run(pipe.execute, "publish the heartbeat of " + record.name)
 
     def remove(self, name: str) -> None:
-        """Take a worker out of the fleet at once (graceful stop, or after its expiry was handled)."""
-        pipe = self._client.pipeline()
-        pipe.delete(worker_key(name))
-        pipe.zrem(INDEX_KEY, name)
-        self._run(pipe.execute, "remove " + name)
+        """Take a worker out of the fleet at once (graceful stop: it moves its direct queue itself).
 
-    def expired(self) -> list[str]:
-        """Workers in the index whose heartbeat expired (dead, or stopped without removing themselves)."""
-        names = self._run(lambda: self._client.zrangebyscore(INDEX_KEY, "-inf", self._clock()), "list expired")
+        Its queue names move to the departed set, so live workers keep moving anything that still lands on its
+        direct queue (see :meth:`departed`).
+
+        Raises:
+            BrokerUnavailableError: Redis did not answer.
+        """
+        script = (
+            "redis.call('DEL', KEYS[1]) redis.call('ZREM', KEYS[2], ARGV[1]) "
+            "local q = redis.call('HGET', KEYS[3], ARGV[1]) "
+            "if q then redis.call('ZADD', KEYS[4], ARGV[2], q) redis.call('HDEL', KEYS[3], ARGV[1]) end "
+            "return 1"
+        )
+        keys = (worker_key(name), INDEX_KEY, QUEUES_KEY, DEPARTED_KEY)
+        self._run(lambda: self._client.eval(script, 4, *keys, name, self._clock()), "remove " + name)
+
+    def expired(self, *, grace_s: float = 0.0) -> list[str]:
+        """Workers in the index whose heartbeat expired over ``grace_s`` ago (dead, or stopped uncleanly).
+
+        Args:
+            grace_s: how long past its expiry a worker must be. A producer's cached snapshot may still show a
+                worker for ``registry_cache_s`` after it expired, so a claimer waits that long before moving its
+                direct queue, or a job routed from a stale snapshot would land there after the move.
+
+        Raises:
+            BrokerUnavailableError: Redis did not answer.
+        """
+        limit = self._clock() - grace_s
+        names = self._run(lambda: self._client.zrangebyscore(INDEX_KEY, "-inf", limit), "list expired workers")
         return [_text(name) for name in names]
 
-    def claim_expired(self, name: str) -> bool:
-        """Take ``name`` out of the index if it is still expired; True for exactly one caller fleet-wide.
+    def claim_expired(self, name: str, *, grace_s: float = 0.0) -> ClaimedWorker | None:
+        """Take ``name`` out of the fleet if it is still expired (by ``grace_s``); exactly one caller wins.
 
-        Whoever wins handles the dead worker's leftovers (its direct queue); a worker that heartbeats again in
-        between has a fresh score and is not claimed.
+        Whoever wins moves the dead worker's direct queue; a worker that heartbeats again in between has a fresh
+        score and is not claimed. Its queue names move to the departed set (see :meth:`departed`).
+
+        Returns:
+            The dead worker and its queues for the one caller that claimed it; None for everyone else.
+
+        Raises:
+            BrokerUnavailableError: Redis did not answer.
         """
         script = (
             "local s = redis.call('ZSCORE', KEYS[1], ARGV[1]) "
-            "if s and tonumber(s) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) return 1 end "
-            "return 0"
+            "if s and tonumber(s) <= tonumber(ARGV[2]) then "
+            "redis.call('ZREM', KEYS[1], ARGV[1]) "
+            "local q = redis.call('HGET', KEYS[2], ARGV[1]) "
+            "if q then redis.call('ZADD', KEYS[3], ARGV[3], q) redis.call('HDEL', KEYS[2], ARGV[1]) end "
+            "return {1, q} end "
+            "return {0}"
         )
-        claimed = self._run(lambda: self._client.eval(script, 1, INDEX_KEY, name, self._clock()), "claim " + name)
-        return bool(claimed)
+        now = self._clock()
+        keys = (INDEX_KEY, QUEUES_KEY, DEPARTED_KEY)
+        reply = self._run(lambda: self._client.eval(script, 3, *keys, name, now - grace_s, now), "claim " + name)
+        if not reply or int(reply[0]) != 1:
+            return None
+        claimed = _claimed(reply[1] if len(reply) > 1 else None)
+        return claimed if claimed is not None and claimed.name == name else ClaimedWorker(name=name)
+
+    def departed(self, *, retention_s: float) -> list[ClaimedWorker]:
+        """Workers that left (stopped or claimed) within ``retention_s``, with their queues.
+
+        Kombu puts a job it gives back (a consumer lost, or past the visibility timeout) on the queue it was first
+        sent to, which for a job sent to a direct queue is that worker's, even after it was moved to the type
+        queue. Live workers check these queues each heartbeat and move what lands there. Older entries are
+        dropped: pass at least the broker's visibility timeout.
+
+        Raises:
+            BrokerUnavailableError: Redis did not answer.
+        """
+        limit = self._clock() - retention_s
+
+        def read() -> list[Any]:
+            pipe = self._client.pipeline()
+            pipe.zremrangebyscore(DEPARTED_KEY, "-inf", f"({limit}")
+            pipe.zrange(DEPARTED_KEY, 0, -1)
+            return list(pipe.execute()[1])
+
+        workers = (_claimed(raw) for raw in self._run(read, "list departed workers"))
+        return [worker for worker in workers if worker is not None]
 
     # -- reading (producer side) ------------------------------------------------------------------------
 
@@ -259,15 +373,29 @@ class FleetRegistry:
         try:
             return call()
         except redis.AuthenticationError as exc:
-            raise BrokerUnavailableError(
-                f"could not {what}: the fleet registry at {redact_url(self.url)} refused the password ({exc}); check "
-                "the password in GPUFLEET_BROKER_URL (or GPUFLEET_RESULT_BACKEND when the broker is not Redis)"
+            raise BrokerAuthenticationError(
+                f"could not {what}: authentication to the fleet registry at {redact_url(self.url)} failed ({exc}); "
+                "check the password in GPUFLEET_BROKER_URL (or GPUFLEET_RESULT_BACKEND when the broker is not Redis)"
             ) from exc
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise BrokerUnavailableError(
                 f"could not {what}: the fleet registry at {redact_url(self.url)} did not answer ({exc}); start Redis "
                 "or point GPUFLEET_BROKER_URL (or GPUFLEET_RESULT_BACKEND) at a running one"
             ) from exc
+
+
+def _queues_json(name: str, type_queue: str, direct_queue: str) -> str:
+    # One spelling per worker: the departed set is keyed by this exact text (publish removes it by value).
+    return json.dumps({"name": name, "type_queue": type_queue, "direct_queue": direct_queue}, sort_keys=True)
+
+
+def _claimed(raw: Any) -> ClaimedWorker | None:
+    if raw is None:
+        return None
+    try:
+        return ClaimedWorker.model_validate_json(_text(raw))
+    except ValueError:
+        return None  # unreadable: nothing known to move
 
 
 def _text(value: Any) -> str:

@@ -1,154 +1,120 @@
-"""The producer-side router: a pure planning function behind a thin Celery router adapter.
+"""The producer-side router: the Celery adapter over :mod:`tasks.live_routing` and :mod:`tasks.planning`.
 
-``FleetRouter`` is listed in ``task_routes``; Celery calls it for every job sent. It plans the job's model onto the
-cheapest GPU type of the fleet (``GPUFLEET_FLEET__GPU_TYPES``) that can hold it (``gpu.plan.selection.plan``, from
-the model's config.json when the producer can see the model root, else from its name) and returns that type's
-queue. An explicit ``queue=`` on the call always wins. ``gpufleet plan`` calls :func:`placement_for` too, so it
-names the GPU type the router would.
+Every producer path decides a job's queue the same way: the Celery router (:class:`FleetRouter`, listed in
+``task_routes``, so Flower's send-task gets it too), :class:`tasks.client.FleetClient` and ``gpufleet plan --live``
+all go through one :class:`LiveRouter`. It routes on the live fleet (:func:`tasks.live_routing.route_live`) while
+it can read the registry; without a Redis registry, with ``GPUFLEET_FLEET__LIVE_ROUTING=false``, or while the
+registry cannot be read, jobs are routed by GPU type alone (:func:`tasks.live_routing.route_by_type`). An explicit
+``queue=`` always wins.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
+import logging
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
-from gpu.errors import GpuError, ModelSpecError, UnsafeModelIdError
-from gpu.errors import ModelNotFoundError as GpuModelNotFoundError
-from gpu.plan.catalog import get_gpu_type
-from gpu.plan.selection import Placement, Preference, plan
-from gpu.repository import default_hf_cache, resolve_model, validate_model_id
-from tasks.errors import ModelNotFoundError, RoutingError
-from tasks.names import gpu_type_queue
-from tasks.settings import Settings, get_settings
+from tasks.errors import BrokerUnavailableError
+from tasks.fleet import FleetRegistry, FleetSnapshot
+from tasks.live_routing import RouteDecision, route_by_type, route_live
+from tasks.settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+REGISTRY_RETRY_S = 5.0
+"""After the registry failed to answer, route by type this long before asking it again: a dead Redis host costs
+the whole connect timeout per attempt, and the broker may well still be up."""
 
 
-def fleet_gpu_types(settings: Settings) -> tuple[str, ...] | None:
-    """The GPU types the router plans onto: ``GPUFLEET_FLEET__GPU_TYPES``, or ``None`` for every catalog GPU type."""
-    return settings.fleet.gpu_types or None
-
-
-def plan_target(model: str, settings: Settings) -> str | Path:
-    """What to plan ``model`` from: its installed directory when the producer can see it, else its name.
-
-    Raises:
-        RoutingError: the id is malformed or escapes the model root.
-        ModelNotFoundError: the producer sees the model root, and neither it nor the HF cache holds the model.
-    """
-    root = settings.model_root
-    if root is None or not root.is_dir():
-        return model  # a producer without the workers' storage plans from the name
-    hf_cache = settings.hf_cache or default_hf_cache()
-    try:
-        return resolve_model(model, root, hf_cache).path
-    except UnsafeModelIdError as exc:
-        raise RoutingError(str(exc)) from None
-    except GpuModelNotFoundError:
-        raise ModelNotFoundError(
-            f"model {model!r} is not installed: {root / model} has no config.json and the Hugging Face cache "
-            f"{hf_cache} has no snapshot of it. Copy the model directory to {root / model} "
-            f"(`gpufleet models make-demo {root}` creates the demo models), then send the job again"
-        ) from None
-
-
-@functools.lru_cache(maxsize=1024)
-def _plan_cached(
-    target: str | Path,
-    gpu_types: tuple[str, ...] | None,
-    context_length: int | None,
-    batch_size: int,
-    prefer: str,
-) -> Placement:
-    return plan(target, context_length=context_length, batch_size=batch_size, prefer=prefer, allowed_types=gpu_types)
-
-
-def placement_for(
-    model: str,
-    settings: Settings | None = None,
-    *,
-    context_length: int | None = None,
-    batch_size: int = 1,
-    prefer: Preference | str = Preference.COST,
-    all_types: bool = False,
-) -> Placement:
-    """The placement of ``model`` on the fleet, as the router decides it (cached per model and arguments).
+class LiveRouter:
+    """One producer's routing decisions: on the live fleet while it can read the registry, else by GPU type.
 
     Args:
-        model: a model id (``org/name``).
-        settings: default :func:`get_settings`.
-        context_length: tokens per sequence; ``None`` for the planner's default (what the router uses).
-        batch_size: sequences served at once (the router plans for 1).
-        prefer: ``"cost"`` (what the router uses) or ``"memory"``.
-        all_types: plan over the whole catalog instead of ``GPUFLEET_FLEET__GPU_TYPES``.
-
-    Returns:
-        The placement.
-
-    Raises:
-        RoutingError: the id is malformed, or the model cannot be planned onto any GPU type of the fleet.
-        ModelNotFoundError: the producer sees the model root and the model is not installed there.
+        settings: the producer's settings.
+        registry: the registry to read; default the one of ``settings``, made on first use (a process that never
+            routes never connects), and none when ``GPUFLEET_FLEET__LIVE_ROUTING`` is false or neither broker nor
+            result backend is Redis.
+        clock: monotonic seconds, for the registry's retry delay (tests pass a fake).
     """
-    settings = settings or get_settings()
-    try:
-        validate_model_id(model)
-    except UnsafeModelIdError as exc:
-        raise RoutingError(str(exc)) from None
-    target = plan_target(model, settings)
-    gpu_types = None if all_types else fleet_gpu_types(settings)
-    try:
-        return _plan_cached(target, gpu_types, context_length, batch_size, Preference(prefer).value)
-    except ValueError:
-        raise RoutingError(f"prefer={prefer!r} is not a preference: use 'cost' or 'memory'") from None
-    except ModelSpecError as exc:
-        raise RoutingError(
-            f"cannot route a job for {model!r}: {exc}. Install it under GPUFLEET_MODEL_ROOT (planned from its "
-            "config.json then), or pass queue=... explicitly"
-        ) from exc
-    except GpuError as exc:
-        fleet = ", ".join(gpu_types or ()) or "every catalog GPU type"
-        raise RoutingError(
-            f"cannot route a job for {model!r} (fleet: {fleet}): {exc}. Set GPUFLEET_FLEET__GPU_TYPES to the "
-            "types your workers run on, or pass queue=... explicitly"
-        ) from exc
 
+    def __init__(
+        self, settings: Settings, registry: FleetRegistry | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self._registry = registry
+        self._built = registry is not None or not settings.fleet.live_routing
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_until = -float("inf")
+        self._warned = False
 
-def queue_for_model(model: str, settings: Settings | None = None) -> str:
-    """The queue a job for ``model`` goes to.
+    @property
+    def registry(self) -> FleetRegistry | None:
+        """The registry this router reads, or None when it routes by type alone."""
+        if not self._built:
+            with self._lock:
+                if not self._built:
+                    self._registry = FleetRegistry.from_settings(self.settings)
+                    self._built = True
+        return self._registry
 
-    Raises:
-        RoutingError: see :func:`placement_for`.
-        ModelNotFoundError: see :func:`placement_for`.
-    """
-    return gpu_type_queue(placement_for(model, settings).gpu_type)
+    def fleet(self) -> FleetSnapshot | None:
+        """The live fleet (through the registry's cache), or None when routing by type.
 
+        A registry that does not answer is logged once per outage and not asked again for
+        :data:`REGISTRY_RETRY_S`: jobs are routed by type meanwhile, since the broker may well be fine.
+        """
+        registry = self.registry
+        now = self._clock()
+        if registry is None or now < self._down_until:
+            return None
+        try:
+            snapshot = registry.snapshot()
+        except BrokerUnavailableError as exc:
+            self._down_until = now + REGISTRY_RETRY_S
+            if not self._warned:
+                self._warned = True
+                log.warning("routing jobs by GPU type until the fleet registry answers again: %s", exc)
+            return None
+        if self._warned:
+            self._warned = False
+            log.info("the fleet registry at %s answers again: routing on the live fleet", redact_url(registry.url))
+        return snapshot
 
-def next_fallback_queue(model: str, current_gpu_type: str, settings: Settings | None = None) -> str | None:
-    """Where to re-send a job that ran out of memory on ``current_gpu_type``: the first type of the model's plan
-    (primary, then fallbacks) with more memory; from ``cpu``, the first GPU type of the plan. None if none is left.
-    """
-    try:
-        placement = placement_for(model, settings)
-        current = get_gpu_type(current_gpu_type)
-    except (RoutingError, ModelNotFoundError, GpuError):
-        return None
-    for name in (placement.gpu_type, *placement.fallbacks):
-        candidate = get_gpu_type(name)
-        if candidate.is_cpu or candidate.name == current.name:
-            continue
-        if current.is_cpu or candidate.memory_bytes > current.memory_bytes:
-            return gpu_type_queue(candidate.name)
-    return None
+    def decide(self, model: str, *, queue: str | None = None) -> RouteDecision:
+        """Where a job for ``model`` goes (an explicit ``queue`` always wins).
+
+        Raises:
+            RoutingError: the id is malformed, the model cannot be planned, or no live worker can run it.
+            ModelNotFoundError: the producer sees the model root and the model is not installed.
+        """
+        if queue:
+            return RouteDecision(queue=queue, worker=None, reason="explicit queue", live=False)
+        fleet = self.fleet()
+        if fleet is None:
+            if not self.settings.fleet.live_routing:
+                why = "GPUFLEET_FLEET__LIVE_ROUTING is false"
+            elif self.registry is None:
+                why = "no fleet registry: neither the broker nor the result backend is Redis"
+            else:
+                why = f"the fleet registry at {redact_url(self.registry.url)} did not answer"
+            return route_by_type(model, self.settings, why)
+        return route_live(model, fleet, self.settings)
 
 
 class FleetRouter:
     """Celery router bound to one app's settings: ``{"queue": ...}`` for jobs that name a model.
 
     Jobs without a model (or with an explicit ``queue=``) are left to Celery; a worker refuses a malformed
-    request with a clear error.
+    request with a clear error. Its :class:`LiveRouter` (``.live``) is shared with the app's
+    :class:`tasks.client.FleetClient`, so both read one registry cache.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, live: LiveRouter | None = None) -> None:
         self.settings = settings
+        self.live = live or LiveRouter(settings)
 
     def __call__(
         self, name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None, **_: Any
@@ -158,4 +124,13 @@ class FleetRouter:
         model = kwargs.get("model") if isinstance(kwargs, dict) else None
         if not isinstance(model, str) or not model:
             return None
-        return {"queue": queue_for_model(model, self.settings)}
+        return {"queue": self.live.decide(model).queue}
+
+
+def app_router(app: Any) -> LiveRouter | None:
+    """The :class:`LiveRouter` behind a Celery app's ``task_routes``, or None when it has no :class:`FleetRouter`."""
+    routes = app.conf.task_routes or ()
+    for route in routes if isinstance(routes, (list, tuple)) else (routes,):
+        if isinstance(route, FleetRouter):
+            return route.live
+    return None

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -110,6 +110,23 @@ class FleetOptions(_Section):
         return self
 
 
+class ApiOptions(_Section):
+    """``GPUFLEET_API__*``: the fleet HTTP API and dashboard (``gpufleet api``)."""
+
+    # Bearer token every endpoint but /healthz requires; unset means no authentication (loopback use only).
+    token: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would accept "Bearer " from anyone: refuse it rather than guess what was meant.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the API token is empty: unset it to turn authentication off, or set a token")
+        return value
+
+
 _SEQUENCE_ORIGINS = (tuple, list, set, frozenset)
 
 
@@ -201,6 +218,7 @@ class Settings(BaseSettings):
     broker: BrokerOptions = BrokerOptions()
     worker: WorkerOptions = WorkerOptions()
     fleet: FleetOptions = FleetOptions()
+    api: ApiOptions = ApiOptions()
 
     @classmethod
     def settings_customise_sources(

@@ -52,6 +52,34 @@ def _progress_bar(done_bytes: int, total_bytes: int, width: int = 30) -> str:
     return f"\rloading [{'#' * filled}{'.' * (width - filled)}] {done_bytes / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB"
 
 
+def _timeout_message(async_result: Any, timeout_s: float) -> str:
+    """Why no result came: still running (wait longer), or waiting on a queue no worker takes it from (and what to
+    do about that queue)."""
+    from tasks.client import route_of
+
+    meta = async_result.backend.get_task_meta(async_result.id)
+    route = route_of(async_result)
+    if meta.get("status") in ("STARTED", "PROGRESS"):
+        on = f" on {meta['worker']}" if meta.get("worker") else ""
+        return (
+            f"job {async_result.id} is still running{on} after {timeout_s:g} s: wait longer with --timeout, or "
+            "see what the worker is doing with `gpufleet status`"
+        )
+    if route is None:
+        where, start = "its queue", "a worker for it"
+    else:
+        where = f"queue {route.queue!r} ({route.reason})"
+        on_gpu = f" on a {route.gpu_type} GPU" if route.gpu_type else ""
+        cpu = route.queue.split(".")[0] == "cpu"
+        start = "`gpufleet worker --cpu`" if cpu else f"`gpufleet worker --gpu N`{on_gpu}"
+    return (
+        f"no result for job {async_result.id} within {timeout_s:g} s: it is still waiting on {where} and no worker "
+        f"has taken it. Check which workers are live and what they consume (`gpufleet status`, `gpufleet plan "
+        f"--live MODEL`); start {start} if none is, or send it elsewhere with --queue. The job stays queued and "
+        "runs once a worker takes it"
+    )
+
+
 def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dict[str, Any]:
     from tasks.errors import FleetError
 
@@ -59,10 +87,7 @@ def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dic
     drawn = False
     while not async_result.ready():
         if time.monotonic() > deadline:
-            raise FleetError(
-                f"no result for job {async_result.id} within {timeout_s:g} s; is a worker consuming its queue? "
-                "(`gpufleet status`)"
-            )
+            raise FleetError(_timeout_message(async_result, timeout_s))
         loading = load_progress(async_result) if progress else None
         if loading is not None:
             sys.stderr.write(_progress_bar(*loading))
@@ -78,7 +103,7 @@ def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dic
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import run_worker
 
-    run_worker(gpu=args.gpu, cpu=args.cpu, name=args.name, loglevel=args.loglevel)
+    run_worker(gpu=args.gpu, gpus=args.gpus, cpu=args.cpu, name=args.name, loglevel=args.loglevel)
     return 0
 
 
@@ -130,6 +155,33 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if not args.control:
+        # The registry the workers' heartbeats fill: one Redis read, no broadcast to wait on, no Celery import.
+        from tasks.fleet import FleetRegistry, describe, registry_url
+        from tasks.settings import get_settings, redact_url
+
+        url = registry_url(get_settings())
+        if url is None:
+            print(
+                "gpufleet status: no fleet registry: neither GPUFLEET_BROKER_URL nor GPUFLEET_RESULT_BACKEND is "
+                "Redis; use a Redis result backend, or ask the workers directly with `gpufleet status --control`",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        fleet = FleetRegistry(url, cache_s=0, connect_timeout_s=args.timeout).snapshot()
+        live = fleet.live()
+        if args.json:
+            _print_json([worker.model_dump(mode="json") for worker in live])
+            return 0
+        if not live:
+            print(
+                f"no live workers in the fleet registry at {redact_url(url)}: start one (`gpufleet worker --cpu` or "
+                "`--gpu N`) with this GPUFLEET_BROKER_URL, or see `gpufleet status --control`"
+            )
+            return EXIT_FAILED
+        for worker in live:
+            print(describe(worker, now=fleet.read_at))
+        return 0
     client = _client()
     report = {
         command: client.status(command, timeout_s=args.timeout)
@@ -163,15 +215,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_live(model: str, settings: Any, *, as_json: bool) -> int:
+    """``gpufleet plan --live``: the router's decision for ``model`` and the live fleet it was made on."""
+    from tasks.errors import RoutingError
+    from tasks.live_routing import RouteDecision
+    from tasks.routing import LiveRouter
+
+    router = LiveRouter(settings)
+    fleet = router.fleet()
+    workers = () if fleet is None else fleet.live()
+    decision: RouteDecision | None = None
+    error = None
+    try:
+        decision = router.decide(model)
+    except RoutingError as exc:
+        error = str(exc)
+    if as_json:
+        _print_json(
+            {
+                "model": model,
+                "decision": None if decision is None else decision.to_dict(),
+                "error": error,
+                "fleet": None if fleet is None else [w.model_dump(mode="json") for w in workers],
+            }
+        )
+        return EXIT_FAILED if error else 0
+    if fleet is None:
+        print("fleet: not read (routing by GPU type)")
+    else:
+        print(f"fleet: {len(workers)} live worker(s), {len(fleet.ready())} ready")
+    for worker in workers:
+        held = [f"{m.model} ({m.bytes / 2**20:.1f} MiB{', pinned' if m.pinned else ''})" for m in worker.resident]
+        parked = [m.model for m in worker.parked]
+        print(
+            f"  {worker.name}: {worker.gpu_count} x {worker.gpu_type}  {'ready' if worker.ready else 'NOT READY'}  "
+            f"budget {worker.memory_budget_bytes / 2**30:.2f} GiB, used {worker.memory_used_bytes / 2**30:.2f} GiB  "
+            f"backlog {worker.backlog}  queues {worker.type_queue}, {worker.direct_queue}"
+        )
+        print(f"    resident: {', '.join(held) or 'none'}" + (f"  parked: {', '.join(parked)}" if parked else ""))
+    if decision is None:
+        print(f"gpufleet plan: RoutingError: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"queue: {decision.queue}")
+    print(f"worker: {decision.worker or '(shared queue: any worker consuming it)'}")
+    print(f"why: {decision.reason}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from gpu.plan.report import render_placement
     from gpu.plan.selection import Placement, plan
     from tasks.errors import ModelNotFoundError
     from tasks.names import gpu_type_queue
-    from tasks.routing import fleet_gpu_types, placement_for
+    from tasks.planning import fleet_gpu_types, placement_for
     from tasks.settings import get_settings
 
     settings = get_settings()
+    if args.live:
+        return _plan_live(args.model, settings, as_json=args.json)
     options: dict[str, Any] = {
         "context_length": args.context_length,
         "batch_size": args.batch_size,
@@ -230,13 +331,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=Path(args.workdir), gpu=args.gpu, keep=args.keep)
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from tasks.settings import get_settings
+
+    try:
+        from tasks.api.app import serve
+    except ModuleNotFoundError as exc:  # the API's libraries are an extra, not the producer's base install
+        print(f"gpufleet api: needs the api extra (`pip install 'gpufleet[api]'`): {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    serve(get_settings(), host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description=__doc__.splitlines()[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    worker = commands.add_parser("worker", help="run a worker pinned to one GPU (or the CPU)")
+    worker = commands.add_parser("worker", help="run a worker pinned to one GPU, several GPUs or the CPU")
     device = worker.add_mutually_exclusive_group(required=True)
     device.add_argument("--gpu", type=int, metavar="N", help="physical GPU index (NVML / PCI order)")
+    device.add_argument(
+        "--gpus",
+        metavar="N,M",
+        help="several physical GPUs of one type, one worker: models are split across them (--gpus 0 == --gpu 0)",
+    )
     device.add_argument("--cpu", action="store_true", help="serve on the CPU (queue 'cpu')")
     worker.add_argument("--name", help="worker name (default <gpu-type>-<index>@<host>)")
     worker.add_argument("--loglevel", help="Celery log level (default GPUFLEET_WORKER__LOGLEVEL)")
@@ -277,9 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_wait_options(unload)
     unload.set_defaults(func=cmd_unload)
 
-    status = commands.add_parser("status", help="gpu, models and cache status of every worker")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for replies")
+    status = commands.add_parser("status", help="the live fleet: each worker's memory, models, job and backlog")
+    status.add_argument("--json", action="store_true", help="print the workers' heartbeat records")
+    status.add_argument(
+        "--control",
+        action="store_true",
+        help="ask every worker over the broker instead (gpu_status, models_status, cache_status: more detail, slower)",
+    )
+    status.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for the registry (or for replies with --control)"
+    )
     status.set_defaults(func=cmd_status)
 
     plan = commands.add_parser("plan", help="which GPU type can serve a model (no torch needed)")
@@ -293,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan over the whole catalog instead of the fleet's GPUFLEET_FLEET__GPU_TYPES (what the router uses)",
     )
     plan.add_argument("--json", action="store_true", help="print the Placement (and its queue) as JSON")
+    plan.add_argument(
+        "--live",
+        action="store_true",
+        help="route MODEL on the live fleet as a job would be, and show the workers the decision saw",
+    )
     plan.set_defaults(func=cmd_plan)
 
     models = commands.add_parser("models", help="local model root tools")
@@ -312,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--gpu", type=int, metavar="N", help="run the worker on GPU N instead of the CPU")
     demo.add_argument("--keep", action="store_true", help="leave redis and the worker running")
     demo.set_defaults(func=cmd_demo)
+
+    api = commands.add_parser("api", help="serve the fleet HTTP API, Prometheus metrics and the dashboard")
+    api.add_argument("--host", help="address to listen on (default GPUFLEET_API__HOST, 127.0.0.1)")
+    api.add_argument("--port", type=int, help="port to listen on (default GPUFLEET_API__PORT, 8000)")
+    api.set_defaults(func=cmd_api)
     return parser
 
 

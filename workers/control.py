@@ -14,15 +14,17 @@ from workers import state
 
 
 def _live_memory() -> dict[str, int] | None:
+    """Driver-level memory of this worker's GPUs, summed (NVML: safe in the parent, which has no CUDA context)."""
     context = state.context()
-    if context is None or context.identity.device_index is None:
+    if context is None or not context.identity.gpu_indices:
         return None
     from gpu.runtime.nvml import device_memory
 
     try:
-        return device_memory(context.identity.device_index)
+        per_gpu = [device_memory(index) for index in context.identity.gpu_indices]
     except Exception:  # NVML trouble must not break the status answer
         return None
+    return {key: sum(memory[key] for memory in per_gpu) for key in per_gpu[0]}
 
 
 def gpu_status_payload() -> dict[str, Any]:

@@ -72,7 +72,7 @@ class LocalRedis:
             "--save",
             "",
             "--databases",
-            "64",
+            "256",
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]

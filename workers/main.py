@@ -9,6 +9,7 @@ killing the child (solo and threads ignore them, celery#8395, #9203), and a cras
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from celery import signals
 
@@ -18,22 +19,36 @@ from tasks.app import create_app
 from tasks.names import boot_queue
 from tasks.settings import Settings, load_settings
 from workers.errors import WorkerStartError
-from workers.identity import WorkerIdentity, bind_gpu, cpu_identity, gpu_identity
+from workers.identity import WorkerIdentity, bind_gpus, cpu_identity, gpus_identity, parse_gpu_list
 
 log = logging.getLogger(__name__)
 
 
-def build_identity(*, gpu: int | None, cpu: bool, name: str | None) -> WorkerIdentity:
-    """Decide the worker's identity and bind its GPU (before any torch import).
+def build_identity(
+    *, gpu: int | None, cpu: bool, name: str | None, gpus: str | Sequence[int] | None = None
+) -> WorkerIdentity:
+    """Decide the worker's identity and bind its GPUs (before any torch import).
+
+    ``gpus=[0]`` (``--gpus 0``) gives exactly the identity of ``gpu=0`` (``--gpu 0``): same name, queues, device.
+
+    Args:
+        gpu: one physical GPU index (``--gpu N``).
+        cpu: serve on the CPU (``--cpu``).
+        name: the worker name; default from the GPU type and index.
+        gpus: several physical GPU indices, as ``"0,1"`` or a sequence (``--gpus 0,1``), all of one type.
 
     Raises:
-        WorkerStartError: neither or both of --gpu/--cpu, no such GPU, or torch already imported.
+        WorkerStartError: not exactly one of --gpu/--gpus/--cpu, a bad list, no such GPU, GPUs of mixed types,
+            or torch already imported.
     """
-    if (gpu is None) == (not cpu):
-        raise WorkerStartError("pass exactly one of --gpu N or --cpu")
-    if gpu is not None:
-        identity = gpu_identity(gpu, name=name)
-        bind_gpu(gpu)
+    if sum((gpu is not None, gpus is not None, cpu)) != 1:
+        raise WorkerStartError("pass exactly one of --gpu N, --gpus N,M or --cpu")
+    if gpu is not None or gpus is not None:
+        indices: tuple[int, ...] = (gpu,) if gpu is not None else ()
+        if gpus is not None:
+            indices = parse_gpu_list(gpus) if isinstance(gpus, str) else tuple(gpus)
+        identity = gpus_identity(indices, name=name, flag="--gpu" if gpu is not None else "--gpus")
+        bind_gpus(indices)
         return identity
     return cpu_identity(name=name)
 
@@ -64,8 +79,15 @@ def celery_argv(identity: WorkerIdentity, settings: Settings, loglevel: str | No
     ]
 
 
-def run_worker(*, gpu: int | None, cpu: bool, name: str | None = None, loglevel: str | None = None) -> None:
-    """Start a worker; returns when it shuts down.
+def run_worker(
+    *,
+    gpu: int | None,
+    cpu: bool,
+    name: str | None = None,
+    loglevel: str | None = None,
+    gpus: str | Sequence[int] | None = None,
+) -> None:
+    """Start a worker; returns when it shuts down (``gpus``: several GPUs, see :func:`build_identity`).
 
     Raises:
         WorkerStartError: the worker cannot start (flags, device, settings, priority models).
@@ -76,12 +98,12 @@ def run_worker(*, gpu: int | None, cpu: bool, name: str | None = None, loglevel:
         settings = load_settings()
     except SettingsError as exc:
         raise WorkerStartError(str(exc)) from exc
-    if gpu is not None and not settings.gpu.enabled:
+    if (gpu is not None or gpus is not None) and not settings.gpu.enabled:
         raise WorkerStartError("GPUFLEET_GPU__ENABLED is false: start this worker with --cpu, or enable the GPU")
-    identity = build_identity(gpu=gpu, cpu=cpu, name=name)
+    identity = build_identity(gpu=gpu, cpu=cpu, name=name, gpus=gpus)
     check_priority_models(settings)
 
-    from workers import control, process, state
+    from workers import control, heartbeat, process, state
     from workers.faults import Faults
     from workers.jobs import register_tasks
 
@@ -92,5 +114,8 @@ def run_worker(*, gpu: int | None, cpu: bool, name: str | None = None, loglevel:
     state.configure(app, identity, settings)
     signals.worker_process_init.connect(process.on_process_init, weak=False)
     signals.worker_process_shutdown.connect(process.on_process_shutdown, weak=False)
+    # The parent heartbeats to the fleet registry (never the child: it may be busy or replaced).
+    signals.worker_ready.connect(heartbeat.on_worker_ready, weak=False)
+    signals.worker_shutdown.connect(heartbeat.on_worker_shutdown, weak=False)
     log.info("starting %s on %s (queues after warm-up: %s)", identity.name, identity.device_label, identity.queues)
     app.worker_main(celery_argv(identity, settings, loglevel))

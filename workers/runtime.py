@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from gpu.errors import GpuError
+from gpu.errors import CapacityError, GpuError
 from gpu.plan.specs import read_config
 from gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
+from gpu.runtime.device_map import DeviceMapLoader, plan_device_map
+from gpu.runtime.device_memory import configure_allocator
 from gpu.runtime.inference import LoadedModel
 from gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
-from gpu.runtime.memory_pool import GPUMemoryPool, configure_allocator
+from gpu.runtime.memory_pool import GPUMemoryPool
 from gpu.runtime.model_cache import ModelCache
 from gpu.runtime.parking import ParkedStore
 from gpu.runtime.warmup import GPUWarmupManager
@@ -34,6 +36,9 @@ from workers.identity import WorkerIdentity
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+# Upper bounds (seconds) of the load-time histogram the heartbeat carries to /metrics: a parked restore takes
+# tenths of a second, a demo model about one, a large checkpoint from cold storage minutes.
+LOAD_S_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,8 @@ class WorkerRuntime:
         self.faults = faults or Faults.from_settings(settings)
         self.on_change = on_change
         self.idle_ttl_s = settings.gpu.memory_pool.idle_ttl_s
-        self.loader = loader or default_loader(settings)
+        # Several GPUs: each model gets a device map planned from what every GPU has free (gpu.runtime.device_map).
+        self.loader = loader or (default_loader(settings) if identity.gpu_count == 1 else self._device_map_loader())
         self.started_at = time.time()
         self.ready = False
         self.ready_at: float | None = None
@@ -125,6 +131,12 @@ class WorkerRuntime:
         self.warmup: GPUWarmupManager | None = None
         self.parked: ParkedStore | None = None
         self.jobs_done = 0
+        # What the heartbeat publishes: the running job (id, task, model, started_at) and counters since this
+        # child started, jobs by "task|outcome" and disk/parked loads as a cumulative histogram (LOAD_S_BUCKETS).
+        self.current_job: dict[str, Any] | None = None
+        self.jobs_by_outcome: dict[str, int] = {}
+        self.load_s_buckets: dict[str, int] = {str(bound): 0 for bound in (*LOAD_S_BUCKETS, "+Inf")}
+        self.load_s_sum = 0.0
         # Held while a job uses the device (and by acquire itself), so idle expiry never evicts a model that is
         # being loaded, checked or run. Re-entrant: a job holds it around its own acquire.
         self._serving = threading.RLock()
@@ -140,7 +152,10 @@ class WorkerRuntime:
         self.dtype = choose_dtype(self.identity, self.settings)
         # The cache is the one record of resident bytes; the pool reads it to check reservations against.
         self.pool = GPUMemoryPool.from_config(
-            self.device, self.settings.gpu, resident_bytes=lambda: 0 if self.cache is None else self.cache.used_bytes
+            self.device,
+            self.settings.gpu,
+            resident_bytes=lambda: 0 if self.cache is None else self.cache.used_bytes,
+            devices=self.identity.devices,  # several GPUs: the budget of each, summed
         )
         self.cache = ModelCache(self.pool.budget_bytes, idle_ttl_s=self.idle_ttl_s, on_evict=self._on_evict)
         self.warmup = GPUWarmupManager(self.device, self.settings.gpu.warmup, dtypes=(self.dtype,))
@@ -159,7 +174,55 @@ class WorkerRuntime:
 
     def _make_parked_store(self) -> ParkedStore | None:
         host_budget_bytes = self.settings.gpu.memory_pool.host_budget_bytes
+        if host_budget_bytes > 0 and self.identity.gpu_count > 1:
+            # A restore puts a model back on one device; a model split by a device map must come back split.
+            log.warning(
+                "the parked tier is off on a worker of %d GPUs: evicted models reload from disk",
+                self.identity.gpu_count,
+            )
+            return None
         return ParkedStore(host_budget_bytes) if host_budget_bytes > 0 else None
+
+    def _device_map_loader(self) -> ModelLoader:
+        trust = self.settings.trust_remote_code
+        return DeviceMapLoader(self.gpu_free_budgets, single=default_loader(self.settings), trust_remote_code=trust)
+
+    def gpu_free_budgets(self) -> list[int]:
+        """What each GPU may still take: its budget less what resident models hold on it.
+
+        Returns:
+            One byte count per GPU (never negative), from each resident model's ``extra["device_bytes"]``
+            (a model without one counts whole on GPU 0).
+
+        Raises:
+            RuntimeError: :meth:`start` has not run.
+        """
+        pool, cache, _ = self._require()
+        free = list(pool.device_budgets_bytes)
+        for entry in cache.entries():
+            loaded = cache.peek(entry["key"])
+            held = {} if loaded is None else loaded.extra.get("device_bytes", {0: loaded.bytes})
+            for index, n_bytes in held.items():
+                free[index] -= n_bytes
+        return [max(0, n_bytes) for n_bytes in free]
+
+    def _fits_gpus(self, resolved: ResolvedModel, *, empty: bool) -> bool:
+        """Whether the model's device map fits the GPUs (True on one GPU, where the summed budget is the budget).
+
+        Raises:
+            CapacityError: ``empty`` and the model does not fit even GPUs holding nothing.
+        """
+        if self.identity.gpu_count == 1:
+            return True
+        pool, _, _ = self._require()
+        budgets = list(pool.device_budgets_bytes) if empty else self.gpu_free_budgets()
+        try:
+            plan_device_map(resolved.path, self.dtype, budgets, trust_remote_code=self.settings.trust_remote_code)
+        except CapacityError:
+            if empty:
+                raise
+            return False
+        return True
 
     # -- models -------------------------------------------------------------------------------------------
 
@@ -205,6 +268,7 @@ class WorkerRuntime:
         started = time.perf_counter()
         loaded, action, evicted = self._load(resolved, progress)
         load_s = time.perf_counter() - started
+        self._count_load(load_s)
         try:
             evicted += cache.put(model_id, loaded, loaded.bytes, pinned=pinned, load_s=load_s)
         except BaseException:
@@ -223,7 +287,11 @@ class WorkerRuntime:
         pool, cache, _ = self._require()
         model_id = resolved.model_id
         estimate = self.estimate_bytes(resolved)
+        self._fits_gpus(resolved, empty=True)  # several GPUs: refuse what never fits before evicting anything
         evicted = cache.make_room(estimate, for_key=model_id)
+        if not self._fits_gpus(resolved, empty=False):
+            # Room in the summed budget, not on each GPU for its blocks: evict every unpinned model (rare).
+            evicted += cache.evict_unpinned(reason="lru")
         pool.reserve(model_id, estimate)
         try:
             self.faults.check("load", model_id)
@@ -259,6 +327,26 @@ class WorkerRuntime:
         """Count a finished job and publish the state (cache hits change it too)."""
         self.jobs_done += 1
         self.changed()
+
+    def begin_job(self, job_id: str, task: str, model: str | None) -> None:
+        """Record the job now running and publish it (the heartbeat shows it)."""
+        self.current_job = {"id": job_id, "task": task, "model": model, "started_at": time.time()}
+        self.changed()
+
+    def end_job(self, task: str, outcome: str) -> None:
+        """Count the job under ``task|outcome`` ("ok" or the error's class name) and publish that none runs."""
+        key = f"{task}|{outcome}"
+        self.jobs_by_outcome[key] = self.jobs_by_outcome.get(key, 0) + 1
+        self.current_job = None
+        self.changed()
+
+    def _count_load(self, load_s: float) -> None:
+        # Cumulative like Prometheus' buckets: a load counts in every bucket whose bound it does not exceed.
+        for bound in LOAD_S_BUCKETS:
+            if load_s <= bound:
+                self.load_s_buckets[str(bound)] += 1
+        self.load_s_buckets["+Inf"] += 1
+        self.load_s_sum += load_s
 
     def relieve_memory(self) -> list[str]:
         """After an out-of-memory during a job: evict every unpinned model and return cached blocks."""

@@ -92,6 +92,13 @@ def snapshot(runtime: WorkerRuntime) -> dict[str, Any]:
         "jobs_done": runtime.jobs_done,
         "loader": getattr(runtime.loader, "name", type(runtime.loader).__name__),
         "preimported_model_code": runtime.preimported,
+        "running_job": runtime.current_job,
+        # Counters since this child started, for the heartbeat (workers.heartbeat) and /metrics.
+        "metrics": {
+            "jobs_by_outcome": dict(runtime.jobs_by_outcome),
+            "load_s_buckets": dict(runtime.load_s_buckets),
+            "load_s_sum": runtime.load_s_sum,
+        },
     }
     if runtime.pool is None or runtime.cache is None or runtime.warmup is None:
         return {**base, "gpu": {}, "models": {}, "cache": {}}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from pydantic import BaseModel
 
 import gpu.errors as gpu_errors
@@ -105,12 +105,24 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
     def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         started = time.time()
         runtime = state.runtime()
-        with job_errors(self.name, self.soft_time_limit):
-            self._count_delivery(runtime)
-            request: RequestT = parse(self.request_model, args, kwargs)  # type: ignore[assignment]
-            with runtime.serving():
-                served = self.serve(runtime, request)
-            runtime.job_done()
+        model_arg = kwargs.get("model")
+        runtime.begin_job(str(self.request.id or ""), self.name, model_arg if isinstance(model_arg, str) else None)
+        outcome = "ok"
+        try:
+            with job_errors(self.name, self.soft_time_limit):
+                self._count_delivery(runtime)
+                request: RequestT = parse(self.request_model, args, kwargs)  # type: ignore[assignment]
+                with runtime.serving():
+                    served = self.serve(runtime, request)
+                runtime.job_done()
+        except Ignore:  # Celery's replace(): the OOM policy re-sent the job to a bigger GPU type
+            outcome = "rerouted"
+            raise
+        except BaseException as exc:
+            outcome = type(exc).__name__  # the contract error's class name, as the caller receives it
+            raise
+        finally:
+            runtime.end_job(self.name, outcome)
         if not self.common_fields:
             return dump(self.result_model(**served.fields))
         model = str(getattr(request, "model", ""))
@@ -171,7 +183,7 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
 
     @staticmethod
     def _next_queue(model: str, runtime: WorkerRuntime) -> str | None:
-        from tasks.routing import next_fallback_queue
+        from tasks.planning import next_fallback_queue
 
         return next_fallback_queue(model, runtime.identity.gpu_type, runtime.settings)
 

@@ -13,187 +13,67 @@
 :meth:`GPUMemoryPool.stats` is the one report of device and allocator memory (budget, resident, reserved,
 driver figures, allocator counters); nothing else in :mod:`gpu.runtime` reports them.
 
-Where the bytes come from is a :class:`MemorySource`: :class:`CudaMemorySource` asks torch's CUDA caching
-allocator, :class:`CpuMemorySource` asks psutil, and tests may plug in a fake behind the same protocol.
+Where the bytes come from is a :class:`~gpu.runtime.device_memory.MemorySource` (torch's CUDA caching allocator,
+psutil on the CPU, or a fake in tests).
 
-Fragmentation is handled by the allocator configuration, not by the pool: :func:`configure_allocator` turns on
-``expandable_segments`` before CUDA starts. Preallocating common block sizes (the original design's idea) is
-kept as an option, off by default, until ``benchmarks/runtime_bench.py`` shows it helps on a GPU.
+Fragmentation is handled by the allocator configuration, not by the pool:
+:func:`~gpu.runtime.device_memory.configure_allocator` turns on ``expandable_segments`` before CUDA starts.
+Preallocating common block sizes (the original design's idea) is kept as an option, off by default, until
+``benchmarks/runtime_bench.py`` shows it helps on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from gpu.config import GpuConfig
 from gpu.errors import CapacityError, ConfigError
+from gpu.runtime.device_memory import (
+    ALLOC_CONF_ENV,
+    GENERIC_ALLOC_CONF_ENV,
+    MemorySource,
+    MultiDeviceMemorySource,
+    source_for_device,
+)
 from gpu.units import MiB, fmt_bytes
 
-__all__ = [
-    "ALLOC_CONF_ENV",
-    "DEFAULT_ALLOC_CONF",
-    "CpuMemorySource",
-    "CudaMemorySource",
-    "GPUMemoryPool",
-    "MemorySource",
-    "configure_allocator",
-    "source_for_device",
-]
+__all__ = ["GPUMemoryPool", "device_budget_bytes"]
 
 logger = logging.getLogger(__name__)
 
-ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
-# torch >= 2.9 also reads the device-generic name; the CUDA allocator prefers ALLOC_CONF_ENV when both are set.
-GENERIC_ALLOC_CONF_ENV = "PYTORCH_ALLOC_CONF"
-DEFAULT_ALLOC_CONF = "expandable_segments:True"
 
+def device_budget_bytes(device: str, total_bytes: int, config: GpuConfig) -> int:
+    """One device's byte budget: ``memory_pool.budget_bytes`` when set, else ``memory_fraction`` of its total.
 
-@runtime_checkable
-class MemorySource(Protocol):
-    """Where a pool reads device memory figures from."""
-
-    def total_bytes(self) -> int:
-        """Total memory of the device."""
-        ...
-
-    def free_bytes(self) -> int:
-        """Memory of the device not in use by anyone (this process's allocator cache counts as used)."""
-        ...
-
-    def allocator_stats(self) -> dict[str, int]:
-        """This process's allocator counters (keys depend on the source; see the implementations)."""
-        ...
-
-
-class CudaMemorySource:
-    """Figures from the CUDA driver and torch's caching allocator for one device.
-
-    The first call initialises CUDA in this process (see :func:`configure_allocator` for why that matters).
+    The whole device when ``memory_pool.enabled`` is off. A worker owning several GPUs gets this on each.
 
     Args:
-        device: ``"cuda"`` or ``"cuda:N"``.
-    """
-
-    def __init__(self, device: str = "cuda") -> None:
-        self.device = device
-
-    def total_bytes(self) -> int:
-        import torch
-
-        return int(torch.cuda.mem_get_info(self.device)[1])
-
-    def free_bytes(self) -> int:
-        import torch
-
-        return int(torch.cuda.mem_get_info(self.device)[0])
-
-    def allocator_stats(self) -> dict[str, int]:
-        """``allocated_bytes``, ``reserved_bytes``, ``inactive_split_bytes`` (current), their peaks,
-        ``num_alloc_retries`` (cudaMalloc retried after freeing the cache: a fragmentation symptom) and
-        ``num_ooms``."""
-        import torch
-
-        stats = torch.cuda.memory_stats(self.device)
-        return {
-            "allocated_bytes": int(stats.get("allocated_bytes.all.current", 0)),
-            "reserved_bytes": int(stats.get("reserved_bytes.all.current", 0)),
-            "inactive_split_bytes": int(stats.get("inactive_split_bytes.all.current", 0)),
-            "allocated_bytes_peak": int(stats.get("allocated_bytes.all.peak", 0)),
-            "reserved_bytes_peak": int(stats.get("reserved_bytes.all.peak", 0)),
-            "num_alloc_retries": int(stats.get("num_alloc_retries", 0)),
-            "num_ooms": int(stats.get("num_ooms", 0)),
-        }
-
-
-class CpuMemorySource:
-    """Figures for host memory (a ``--cpu`` worker): psutil's total and available, and this process's RSS.
-
-    There is no caching allocator to inspect on the CPU, so :meth:`allocator_stats` reports ``rss_bytes`` only.
-    """
-
-    def total_bytes(self) -> int:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-
-    def free_bytes(self) -> int:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-
-    def allocator_stats(self) -> dict[str, int]:
-        import psutil
-
-        return {"rss_bytes": int(psutil.Process().memory_info().rss)}
-
-
-def source_for_device(device: str) -> MemorySource:
-    """The memory source for ``device``.
-
-    Args:
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        device: the device, for the message.
+        total_bytes: its total memory.
+        config: the worker's GPU settings.
 
     Returns:
-        A source; constructing it does not touch the device.
+        The budget in bytes.
 
     Raises:
-        ConfigError: the device is neither CPU nor CUDA.
+        ConfigError: the explicit budget is larger than the device.
     """
-    if device == "cpu":
-        return CpuMemorySource()
-    if device == "cuda" or device.startswith("cuda:"):
-        return CudaMemorySource(device)
-    raise ConfigError(f"device {device!r} is not served; use 'cpu', 'cuda' or 'cuda:N'")
-
-
-def cuda_initialized() -> bool:
-    """Whether this process has initialised CUDA, without initialising it (False when torch is not imported)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    return bool(torch.cuda.is_initialized())
-
-
-def configure_allocator(setting: str | None = None) -> str:
-    """Configure torch's CUDA caching allocator through ``PYTORCH_CUDA_ALLOC_CONF``, before CUDA starts.
-
-    The allocator parses its configuration once, when it is first used; later changes to the environment are
-    ignored. So this must run before anything touches CUDA in this process (even ``torch.cuda.is_available()``
-    can start it), ideally before ``import torch``. Setting it in the worker's parent also hands it to the pool
-    children it forks. An operator's own ``PYTORCH_CUDA_ALLOC_CONF`` or ``PYTORCH_ALLOC_CONF`` always wins.
-
-    ``expandable_segments:True`` is the default because it lets the allocator grow one mapped segment instead
-    of caching fixed-size blocks: after models of different sizes are loaded and evicted, freed memory can be
-    reused for a model of another size instead of stranding it in blocks that are split but unusable
-    (reserved ≫ allocated).
-
-    Args:
-        setting: the allocator configuration string; None means ``"expandable_segments:True"``.
-
-    Returns:
-        The setting in effect for this process ("" when the allocator runs with its defaults).
-    """
-    wanted = DEFAULT_ALLOC_CONF if setting is None else setting
-    existing = os.environ.get(ALLOC_CONF_ENV) or os.environ.get(GENERIC_ALLOC_CONF_ENV)
-    if existing is not None:
-        if existing != wanted:
-            logger.info("allocator configuration %r left as the environment set it (not %r)", existing, wanted)
-        return existing
-    if cuda_initialized():
-        logger.warning(
-            "CUDA is already initialised in this process, so setting %s=%r now would have no effect; the "
-            "allocator keeps its defaults. Call configure_allocator() before anything touches CUDA.",
-            ALLOC_CONF_ENV,
-            wanted,
-        )
-        return ""
-    os.environ[ALLOC_CONF_ENV] = wanted
-    return wanted
+    pool_config = config.memory_pool
+    if not pool_config.enabled:
+        return total_bytes
+    if pool_config.budget_bytes is not None:
+        if pool_config.budget_bytes > total_bytes:
+            raise ConfigError(
+                f"memory_pool.budget_bytes is {fmt_bytes(pool_config.budget_bytes)} but {device} has "
+                f"{fmt_bytes(total_bytes)} in all; lower GPUFLEET_GPU__MEMORY_POOL__BUDGET_BYTES (a budget per GPU) "
+                "or unset it to use GPUFLEET_GPU__MEMORY_FRACTION"
+            )
+        return pool_config.budget_bytes
+    return int(total_bytes * config.memory_fraction)
 
 
 class GPUMemoryPool:
@@ -207,9 +87,12 @@ class GPUMemoryPool:
         budget_bytes: how many bytes models may hold on the device together.
         source: where device figures come from; None picks :func:`source_for_device`.
         resident_bytes: returns the bytes resident models hold now; None counts none (a pool without a cache).
+        device_budgets_bytes: for a pool spanning several GPUs (``device`` is the first), each GPU's budget;
+            they sum to ``budget_bytes``. None: one device with the whole budget.
 
     Raises:
-        ConfigError: ``budget_bytes`` is not positive or the device is not served.
+        ConfigError: ``budget_bytes`` is not positive, the per-GPU budgets do not sum to it, or the device is not
+            served.
     """
 
     def __init__(
@@ -219,10 +102,17 @@ class GPUMemoryPool:
         budget_bytes: int,
         source: MemorySource | None = None,
         resident_bytes: Callable[[], int] | None = None,
+        device_budgets_bytes: Sequence[int] | None = None,
     ) -> None:
         if budget_bytes <= 0:
             raise ConfigError(f"memory budget for {device} must be a positive number of bytes, got {budget_bytes}")
+        budgets = tuple(device_budgets_bytes) if device_budgets_bytes is not None else (budget_bytes,)
+        if sum(budgets) != budget_bytes or any(b < 0 for b in budgets):
+            raise ConfigError(f"per-GPU budgets {list(budgets)} must be >= 0 and sum to the budget {budget_bytes}")
         self.device = device
+        # What messages call the pool's memory: the device, or "cuda:0-1" for a pool over two GPUs.
+        self.label = device if len(budgets) == 1 else f"{device}-{len(budgets) - 1}"
+        self.device_budgets_bytes = budgets
         self._budget_bytes = budget_bytes
         self._source = source if source is not None else source_for_device(device)
         self._resident_bytes = resident_bytes if resident_bytes is not None else _nothing_resident
@@ -238,39 +128,44 @@ class GPUMemoryPool:
         *,
         source: MemorySource | None = None,
         resident_bytes: Callable[[], int] | None = None,
+        devices: Sequence[str] | None = None,
     ) -> GPUMemoryPool:
         """A pool whose budget is ``memory_pool.budget_bytes`` when set, else ``memory_fraction`` of the device total.
 
         When ``memory_pool.enabled`` is off the budget is the whole device (reservations are still tracked, for
-        reporting). When ``memory_pool.preallocate_common_sizes`` is on, :meth:`preallocate` runs here.
+        reporting). When ``memory_pool.preallocate_common_sizes`` is on, :meth:`preallocate` runs here. Over
+        several GPUs (``devices``), each gets that budget (:func:`device_budget_bytes`) and the pool's is their
+        sum; reservations and commits work on the sum, the device map on the per-GPU budgets.
 
         Args:
-            device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the first of ``devices`` when given).
             config: the worker's GPU settings.
-            source: where device figures come from; None picks :func:`source_for_device`.
+            source: where device figures come from; None picks :func:`source_for_device` (summed over
+                ``devices`` by :class:`MultiDeviceMemorySource`).
             resident_bytes: returns the bytes resident models hold now (the model cache's ``used_bytes``).
+            devices: every device the pool spans, for a worker owning several GPUs; None: ``device`` only.
 
         Returns:
             The pool.
 
         Raises:
-            ConfigError: the explicit budget is larger than the device.
+            ConfigError: the explicit budget is larger than a device.
         """
-        source = source if source is not None else source_for_device(device)
-        total = source.total_bytes()
-        pool_config = config.memory_pool
-        if not pool_config.enabled:
-            budget = total
-        elif pool_config.budget_bytes is not None:
-            budget = pool_config.budget_bytes
-            if budget > total:
-                raise ConfigError(
-                    f"memory_pool.budget_bytes is {fmt_bytes(budget)} but {device} has {fmt_bytes(total)} in all; "
-                    "lower GPUFLEET_GPU__MEMORY_POOL__BUDGET_BYTES or unset it to use GPUFLEET_GPU__MEMORY_FRACTION"
-                )
+        if devices is not None and len(devices) > 1:
+            sources = [source_for_device(d) for d in devices]
+            budgets = [device_budget_bytes(d, s.total_bytes(), config) for d, s in zip(devices, sources, strict=True)]
+            source = source if source is not None else MultiDeviceMemorySource(sources)
         else:
-            budget = int(total * config.memory_fraction)
-        pool = cls(device, budget_bytes=budget, source=source, resident_bytes=resident_bytes)
+            source = source if source is not None else source_for_device(device)
+            budgets = [device_budget_bytes(device, source.total_bytes(), config)]
+        pool_config = config.memory_pool
+        pool = cls(
+            device,
+            budget_bytes=sum(budgets),
+            source=source,
+            resident_bytes=resident_bytes,
+            device_budgets_bytes=budgets,
+        )
         if pool_config.enabled and pool_config.preallocate_common_sizes:
             pool.preallocate(pool_config.common_sizes_mb)
         return pool
@@ -329,7 +224,7 @@ class GPUMemoryPool:
             raise ConfigError(f"estimate for {model_id!r} must be >= 0 bytes, got {estimate_bytes}")
         if estimate_bytes > self._budget_bytes:
             raise CapacityError(
-                f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; the whole budget of {self.device} is "
+                f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; the whole budget of {self.label} is "
                 f"{fmt_bytes(self._budget_bytes)}; try a quantized variant or route it to a GPU with more memory"
             )
         # Read outside this pool's lock: the cache calls eviction hooks under its own lock, so taking the two
@@ -348,7 +243,7 @@ class GPUMemoryPool:
             holders = ", ".join(f"{k} ({fmt_bytes(v)})" for k, v in sorted(others.items(), key=lambda kv: -kv[1]))
             held += f", {fmt_bytes(sum(others.values()))} reserved by loads in flight: {holders}"
         return (
-            f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; {self.device} has {fmt_bytes(max(0, free))} "
+            f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; {self.label} has {fmt_bytes(max(0, free))} "
             f"free of its {fmt_bytes(self._budget_bytes)} budget ({held}); unload a model (the model cache evicts "
             f"unpinned ones first), or route {model_id!r} to another worker or a quantized variant"
         )
@@ -375,14 +270,14 @@ class GPUMemoryPool:
             raise ConfigError(f"measured size of {model_id!r} must be >= 0 bytes, got {measured_bytes}")
         with self._lock:
             if model_id not in self._reservations:
-                raise KeyError(f"{model_id!r} holds no reservation on {self.device}; reserve it before loading")
+                raise KeyError(f"{model_id!r} holds no reservation on {self.label}; reserve it before loading")
             delta = measured_bytes - self._reservations.pop(model_id)
             reserved = sum(self._reservations.values())
         total = self._resident_bytes() + reserved
         if total > self._budget_bytes:
             logger.warning(
                 "%s: %r measured %s (estimate off by %s); resident and reserved now %s, over the %s budget",
-                self.device,
+                self.label,
                 model_id,
                 fmt_bytes(measured_bytes),
                 fmt_bytes(delta),
@@ -471,8 +366,6 @@ class GPUMemoryPool:
             "alloc_conf": os.environ.get(ALLOC_CONF_ENV) or os.environ.get(GENERIC_ALLOC_CONF_ENV) or "",
             "preallocated_mb": list(self._preallocated_mb),
         }
-
-    configure_allocator = staticmethod(configure_allocator)
 
 
 def _nothing_resident() -> int:

@@ -17,7 +17,9 @@ from workers.launch import spawn_worker, stop_process, wait_until_ready
 from workers.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
-_db = itertools.count(2, 2)  # broker on an even database, results on the next one
+# Broker on an even database from 100 up, results on the next one; tests that use a database of their own pick one
+# below 100, so a worker never consumes another test's queue.
+_db = itertools.count(100, 2)
 
 
 @dataclass

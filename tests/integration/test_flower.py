@@ -84,7 +84,7 @@ def flower(worker: RunningWorker, tmp_path_factory: pytest.TempPathFactory) -> I
 def test_send_task_through_flower_api(flower: str, worker: RunningWorker) -> None:
     sent = call(
         f"{flower}/api/task/send-task/fleet.embed",
-        body={"kwargs": {"model": EMBED, "texts": ["sent through flower"]}, "options": {"queue": "cpu"}},
+        body={"kwargs": {"model": EMBED, "texts": ["sent through flower"]}},  # no queue: the fleet router decides
     )
     # Flower reads the state before it waits for the result, so poll until it reports SUCCESS.
     deadline = time.monotonic() + 120

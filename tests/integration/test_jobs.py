@@ -141,17 +141,24 @@ def test_status_cli(worker: RunningWorker) -> None:
 
     from workers.launch import gpufleet_command
 
-    done = subprocess.run(
-        [*gpufleet_command(), "status", "--json"],
-        env={**os.environ, **worker.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    def status(*flags: str) -> object:
+        done = subprocess.run(
+            [*gpufleet_command(), "status", "--json", *flags],
+            env={**os.environ, **worker.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    records = status()  # the fleet registry the heartbeats fill
+    assert isinstance(records, list)
+    mine = [record for record in records if record["name"] == worker.name]
+    assert mine and mine[0]["ready"] is True and mine[0]["memory_budget_bytes"] > 0
+    report = status("--control")  # the workers' own answers to the control commands
+    assert isinstance(report, dict) and set(report) == {"gpu_status", "models_status", "cache_status"}
     assert report["gpu_status"][worker.name]["ready"] is True
-    assert set(report) == {"gpu_status", "models_status", "cache_status"}
 
 
 def test_no_result_is_lost_waiting(worker: RunningWorker) -> None:

@@ -149,7 +149,8 @@ def test_queued_jobs_survive_a_redis_restart(
     try:
         settings = load_settings(broker_url=server.url(0), result_backend=server.url(1), fleet={"gpu_types": ("cpu",)})
         client = FleetClient(settings=settings)
-        jobs = [client.embed(EMBED, [f"before restart {i}"]) for i in range(3)]
+        # No worker is live yet, so the router would refuse them: straight to the CPU type queue.
+        jobs = [client.embed(EMBED, [f"before restart {i}"], queue="cpu") for i in range(3)]
         time.sleep(1.2)  # appendfsync everysec
         server.restart()
         worker = _worker_on(worker_factory, server)

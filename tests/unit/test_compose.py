@@ -1,5 +1,5 @@
 """docker-compose.yml: valid for Compose, and it keeps what the README promises (AOF Redis with a password, Flower
-behind auth, one worker per GPU, a CPU profile).
+behind auth, the fleet API behind a token, one worker per GPU, a CPU profile), and docs/prometheus.yml scrapes that API.
 
 The structural checks read the YAML as Compose would before interpolation (anchors and ``<<`` merges resolved by
 PyYAML) and always run. The Compose validation needs a ``docker-compose`` binary (Debian: ``apt-get install
@@ -30,7 +30,13 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENV_EXAMPLE = REPO / ".env.example"
-TEST_ENV = {"REDIS_PASSWORD": "s3cret-for-tests", "FLOWER_USER": "admin", "FLOWER_PASSWORD": "flower-pw"}
+PROMETHEUS_EXAMPLE = REPO / "docs" / "prometheus.yml"
+TEST_ENV = {
+    "REDIS_PASSWORD": "s3cret-for-tests",
+    "FLOWER_USER": "admin",
+    "FLOWER_PASSWORD": "flower-pw",
+    "API_TOKEN": "api-token-for-tests",
+}
 PROFILES = ("cpu", "setup")
 
 
@@ -125,12 +131,20 @@ def test_compose_interpolates_the_password_into_every_url() -> None:
             assert env["GPUFLEET_RESULT_BACKEND"] == f"redis://:{password}@redis:6379/1", name
     auth = _option(_command(rendered["flower"]), "--basic-auth")
     assert auth == f"{TEST_ENV['FLOWER_USER']}:{TEST_ENV['FLOWER_PASSWORD']}"
+    assert rendered["api"]["environment"]["GPUFLEET_API__TOKEN"] == TEST_ENV["API_TOKEN"]
 
 
 def test_compose_refuses_to_start_without_a_redis_password() -> None:
-    result = _run_compose("config", "-q", env=_env(FLOWER_USER="admin", FLOWER_PASSWORD="pw"))
+    result = _run_compose("config", "-q", env=_env(FLOWER_USER="admin", FLOWER_PASSWORD="pw", API_TOKEN="t"))
     assert result.returncode != 0
     assert "REDIS_PASSWORD" in result.stderr
+
+
+def test_compose_refuses_to_start_the_api_without_a_token() -> None:
+    without = {key: value for key, value in TEST_ENV.items() if key != "API_TOKEN"}
+    result = _run_compose("config", "-q", env=_env(**without))
+    assert result.returncode != 0
+    assert "API_TOKEN" in result.stderr
 
 
 # --- Redis ------------------------------------------------------------------------------------------------
@@ -175,6 +189,43 @@ def test_flower_app_path_exists() -> None:
 
     module = importlib.import_module("tasks.app")
     assert hasattr(module, "app"), "the Flower command names tasks.app:app; expose a module-level `app`"
+
+
+# --- the fleet API ----------------------------------------------------------------------------------------
+
+
+def test_api_serves_on_all_container_interfaces_behind_a_token(services: dict[str, dict[str, Any]]) -> None:
+    api = services["api"]
+    command = _command(api)
+    assert command[:2] == ["gpufleet", "api"]
+    # Inside the container 127.0.0.1 would be unreachable from the published port.
+    assert _option(command, "--host") == "0.0.0.0"
+    assert _option(command, "--port") == "8000"
+    # Token on by default: Compose refuses to start it with an empty or unset API_TOKEN.
+    assert re.fullmatch(r"\$\{API_TOKEN:\?[^}]*\}", api["environment"]["GPUFLEET_API__TOKEN"])
+    assert "profiles" not in api, "the API starts with a plain `docker compose up`"
+    assert "deploy" not in api, "the API reads the registry only: it needs no GPU"
+
+
+def test_api_is_published_on_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:
+    (port,) = services["api"]["ports"]
+    assert str(port) == "${API_BIND:-127.0.0.1}:${API_PORT:-8000}:8000"
+
+
+def test_api_healthcheck_uses_the_open_endpoint(services: dict[str, dict[str, Any]]) -> None:
+    check = " ".join(services["api"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/healthz" in check  # the one endpoint that answers without the token
+
+
+def test_prometheus_example_scrapes_the_api_with_its_token(services: dict[str, dict[str, Any]]) -> None:
+    config = yaml.safe_load(PROMETHEUS_EXAMPLE.read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "gpufleet"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"], "the token comes from a file, never inline"
+    (targets,) = [group["targets"] for group in job["static_configs"]]
+    published = str(services["api"]["ports"][0]).rsplit(":", 1)[-1]
+    assert all(target.rsplit(":", 1)[-1] == published for target in targets)
 
 
 # --- workers ----------------------------------------------------------------------------------------------
@@ -229,7 +280,7 @@ def test_broker_urls_carry_the_password(services: dict[str, dict[str, Any]]) -> 
     users = {
         name: s["environment"] for name, s in services.items() if "GPUFLEET_BROKER_URL" in s.get("environment", {})
     }
-    assert set(_workers(services)) | {"flower"} <= set(users)
+    assert set(_workers(services)) | {"flower", "api"} <= set(users)
     for name, env in users.items():
         for key, db in (("GPUFLEET_BROKER_URL", 0), ("GPUFLEET_RESULT_BACKEND", 1)):
             assert re.fullmatch(rf"redis://:\$\{{REDIS_PASSWORD(:\?[^}}]*)?\}}@redis:6379/{db}", env[key]), (name, key)
@@ -243,7 +294,7 @@ def test_models_setup_service_fills_the_volume(services: dict[str, dict[str, Any
 
 
 def test_workers_wait_for_a_healthy_redis(services: dict[str, dict[str, Any]]) -> None:
-    for name, service in {**_workers(services), "flower": services["flower"]}.items():
+    for name, service in {**_workers(services), "flower": services["flower"], "api": services["api"]}.items():
         assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
 
 
@@ -263,13 +314,14 @@ def test_dockerfile_installs_the_extras_pyproject_defines() -> None:
     match = re.search(r"pip install \"?\.\[([a-z,]+)\]", text)
     assert match, "the Dockerfile must pip install the project with its extras"
     extras = set(match.group(1).split(","))
-    assert extras == {"worker", "monitor", "demo"}
+    # api: the `api` service runs `gpufleet api` (FastAPI, uvicorn) from this image.
+    assert extras == {"worker", "monitor", "demo", "api"}
     defined = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras <= set(defined)
 
 
 def test_env_example_names_every_required_variable() -> None:
     required = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):\?", COMPOSE_FILE.read_text()))
-    assert required >= {"REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD"}
+    assert required >= {"REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "API_TOKEN"}
     documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
     assert required <= documented, f"add to .env.example: {sorted(required - documented)}"

@@ -14,7 +14,8 @@ def _settings(broker_url: str, result_backend: str) -> Settings:
     return load_settings(
         broker_url=broker_url,
         result_backend=result_backend,
-        fleet={"gpu_types": ("cpu",)},
+        # By type: these tests are about reaching the broker and backend, not about which workers are live.
+        fleet={"gpu_types": ("cpu",), "live_routing": False},
         broker={"publish_max_retries": 0, "connect_timeout_s": 1.0},
     )
 

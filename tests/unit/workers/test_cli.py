@@ -12,7 +12,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from gpu.plan.selection import plan
-from tasks.routing import placement_for
+from tasks.planning import placement_for
 from tasks.settings import get_settings, load_settings
 from workers.cli import _wait, build_parser, load_progress, main
 from workers.launch import gpufleet_command

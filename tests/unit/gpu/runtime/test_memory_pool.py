@@ -14,17 +14,17 @@ import pytest
 
 from gpu.config import GpuConfig, MemoryPoolConfig
 from gpu.errors import CapacityError, ConfigError
-from gpu.runtime import memory_pool
-from gpu.runtime.memory_pool import (
+from gpu.runtime import device_memory
+from gpu.runtime.device_memory import (
     ALLOC_CONF_ENV,
     DEFAULT_ALLOC_CONF,
     CpuMemorySource,
     CudaMemorySource,
-    GPUMemoryPool,
     MemorySource,
     configure_allocator,
     source_for_device,
 )
+from gpu.runtime.memory_pool import GPUMemoryPool
 from gpu.runtime.model_cache import ModelCache
 from gpu.units import GiB, MiB
 
@@ -250,12 +250,12 @@ def test_stats_keys_and_json(pool: GPUMemoryPool, source: MemorySource) -> None:
 @pytest.fixture
 def clean_alloc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv(ALLOC_CONF_ENV, raising=False)
-    monkeypatch.delenv(memory_pool.GENERIC_ALLOC_CONF_ENV, raising=False)
+    monkeypatch.delenv(device_memory.GENERIC_ALLOC_CONF_ENV, raising=False)
     yield
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in (ALLOC_CONF_ENV, memory_pool.GENERIC_ALLOC_CONF_ENV)}
+    base = {k: v for k, v in os.environ.items() if k not in (ALLOC_CONF_ENV, device_memory.GENERIC_ALLOC_CONF_ENV)}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**base, **env},
@@ -270,7 +270,7 @@ def test_configure_allocator_before_torch_in_a_fresh_process() -> None:
     result = _run(
         """
         import os, sys
-        from gpu.runtime.memory_pool import configure_allocator
+        from gpu.runtime.device_memory import configure_allocator
         assert "torch" not in sys.modules, "gpu.runtime.memory_pool must not import torch"
         print(configure_allocator())
         print(os.environ["PYTORCH_CUDA_ALLOC_CONF"])
@@ -283,7 +283,7 @@ def test_configure_allocator_before_torch_in_a_fresh_process() -> None:
 def test_configure_allocator_respects_operator_setting() -> None:
     code = """
         import os
-        from gpu.runtime.memory_pool import configure_allocator
+        from gpu.runtime.device_memory import configure_allocator
         print(configure_allocator("expandable_segments:True"))
         print(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "-"))
         """
@@ -299,7 +299,7 @@ def test_configure_allocator_custom_setting_after_torch_import_without_cuda() ->
     result = _run(
         """
         import torch
-        from gpu.runtime.memory_pool import configure_allocator
+        from gpu.runtime.device_memory import configure_allocator
         print(configure_allocator("expandable_segments:True,max_split_size_mb:256"))
         """
     )
@@ -309,12 +309,12 @@ def test_configure_allocator_custom_setting_after_torch_import_without_cuda() ->
 def test_configure_allocator_after_cuda_started_changes_nothing(
     clean_alloc_env: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(memory_pool, "cuda_initialized", lambda: True)
+    monkeypatch.setattr(device_memory, "cuda_initialized", lambda: True)
     assert configure_allocator() == ""
     assert ALLOC_CONF_ENV not in os.environ
     assert "already initialised" in caplog.text
 
 
 def test_configure_allocator_in_process(clean_alloc_env: None) -> None:
-    assert GPUMemoryPool.configure_allocator() == DEFAULT_ALLOC_CONF
+    assert configure_allocator() == DEFAULT_ALLOC_CONF
     assert os.environ[ALLOC_CONF_ENV] == DEFAULT_ALLOC_CONF

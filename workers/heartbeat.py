@@ -1,0 +1,437 @@
+"""The worker's heartbeat: its parent process tells the fleet registry who it is and what it holds.
+
+The parent (which never imports torch) publishes a :class:`~tasks.fleet.WorkerRecord` every
+``GPUFLEET_FLEET__HEARTBEAT_INTERVAL_S`` with a TTL of ``GPUFLEET_FLEET__HEARTBEAT_TTL_S``, built from its identity
+and the snapshot the pool child keeps writing (:mod:`workers.state`), so it reports the child's models, memory and
+running job even while a long job holds the child. It starts on Celery's ``worker_ready`` and stops on
+``worker_shutdown``; a failed beat (a Redis blip) is logged and retried on the next tick, never fatal.
+
+No job may wait on a queue nobody consumes. A worker's direct queue is moved back to its type queue:
+
+- by the worker itself on a graceful stop (after Celery gave back its unacknowledged jobs);
+- by whichever live worker claims it once its heartbeat expired (a kill -9 leaves no chance to do it itself);
+- by every live worker, each tick, for workers that left recently: kombu gives a job back (consumer lost,
+  visibility timeout) to the queue it was first sent to, even after it was moved.
+
+Only Redis brokers have lists to move; over RabbitMQ a dead worker's direct queue keeps its jobs until a worker of
+that name returns (the router never targets a worker that is not heartbeating).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from tasks.fleet import FleetRegistry, HeldModel, RunningJob, WorkerRecord
+
+if TYPE_CHECKING:
+    import redis
+
+    from tasks.settings import Settings
+    from workers.identity import WorkerIdentity
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("gpufleet", "celery", "kombu", "torch", "transformers")
+# Between a producer's routing decision and its job landing on a queue: a claimer waits this long past a dead
+# worker's expiry (plus the producers' registry cache) so no job routed from a stale snapshot lands after the move.
+SEND_MARGIN_S = 0.5
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def package_versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """Installed versions from package metadata (nothing is imported: the parent must not load torch)."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _section(data: Mapping[str, Any], *path: str) -> dict[str, Any]:
+    for key in path:
+        value = data.get(key)
+        if not isinstance(value, dict):
+            return {}
+        data = value
+    return dict(data)
+
+
+def _count(value: Any) -> int:
+    return max(0, int(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _held(entries: Any, name_key: str, bytes_key: str) -> tuple[HeldModel, ...]:
+    held = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get(name_key), str):
+            pinned = bool(entry.get("pinned", False))
+            held.append(HeldModel(model=entry[name_key], bytes=_count(entry.get(bytes_key)), pinned=pinned))
+    return tuple(held)
+
+
+def _running_job(data: Any) -> RunningJob | None:
+    if not isinstance(data, dict):
+        return None
+    try:
+        return RunningJob.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def build_record(
+    identity: WorkerIdentity,
+    snapshot: Mapping[str, Any],
+    *,
+    ttl_s: float,
+    now: float,
+    backlog: int = 0,
+    host: str | None = None,
+    pid: int | None = None,
+    versions: Mapping[str, str] | None = None,
+    since: float | None = None,
+) -> WorkerRecord:
+    """The heartbeat record of a worker, from its identity and its pool child's snapshot.
+
+    Args:
+        identity: who the worker is (name, GPU type and indices, device, queues, device memory).
+        snapshot: the pool child's last snapshot (:func:`workers.state.snapshot`); missing sections read as
+            "not ready, nothing held".
+        ttl_s: how long the record stays valid without another heartbeat.
+        now: seconds since the epoch (the heartbeat's time).
+        backlog: jobs waiting on the worker's direct queue.
+        host: host name (default this host's).
+        pid: the parent's process id (default this process's).
+        versions: package versions (see :func:`package_versions`).
+        since: when this worker's parent started; a snapshot written before it is a previous run's and is ignored.
+
+    Returns:
+        The record to publish.
+    """
+    updated_at = snapshot.get("updated_at")
+    if since is not None and isinstance(updated_at, (int, float)) and updated_at < since:
+        snapshot = {}  # left by a previous worker of this name: its models and readiness are not ours
+    pool = _section(snapshot, "gpu", "memory_pool")
+    cache_stats = _section(snapshot, "cache", "stats")
+    metrics = _section(snapshot, "metrics")
+    type_queue, direct_queue = identity.queues
+    return WorkerRecord(
+        name=identity.name,
+        host=host or socket.gethostname(),
+        pid=os.getpid() if pid is None else pid,
+        gpu_type=identity.gpu_type,
+        gpu_indices=identity.gpu_indices,
+        gpu_count=identity.gpu_count,
+        device=identity.device_label,
+        type_queue=type_queue,
+        direct_queue=direct_queue,
+        memory_total_bytes=identity.memory_bytes,
+        memory_budget_bytes=_count(pool.get("budget_bytes")),
+        memory_used_bytes=_count(pool.get("resident_bytes")),
+        resident=_held(_section(snapshot, "models").get("loaded"), "key", "size_bytes"),
+        parked=_held(_section(snapshot, "cache", "parked").get("entries"), "model_id", "bytes"),
+        ready=snapshot.get("ready") is True,
+        warm=_section(snapshot, "gpu").get("warm") is True,
+        running_job=_running_job(snapshot.get("running_job")),
+        backlog=backlog,
+        jobs_done=_count(snapshot.get("jobs_done")),
+        jobs_by_outcome={str(k): _count(v) for k, v in _section(metrics, "jobs_by_outcome").items()},
+        load_s_buckets={str(k): _count(v) for k, v in _section(metrics, "load_s_buckets").items()},
+        load_s_sum=float(metrics.get("load_s_sum") or 0.0),
+        cache_hits=_count(cache_stats.get("hits")),
+        cache_misses=_count(cache_stats.get("misses")),
+        cache_evictions=_count(cache_stats.get("evictions")),
+        versions=dict(versions or {}),
+        heartbeat_at=now,
+        ttl_s=ttl_s,
+    )
+
+
+# -- the broker's lists ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KombuRedisLayout:
+    """How kombu's Redis transport stores a queue: a list named after it, plus one list per priority step.
+
+    Priority 0 is the queue's own key; step ``n`` is ``<queue><sep><n>`` (kombu.transport.redis
+    ``Channel._q_for_pri``), every key under the transport's ``global_keyprefix``.
+    """
+
+    sep: str = "\x06\x16"
+    priority_steps: tuple[int, ...] = (0, 3, 6, 9)
+    prefix: str = ""
+
+    @classmethod
+    def from_transport_options(cls, options: Mapping[str, Any] | None) -> KombuRedisLayout:
+        """The layout for these ``broker_transport_options`` (kombu's defaults for what they do not set)."""
+        from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+        options = options or {}
+        return cls(
+            sep=str(options.get("sep", Channel.sep)),
+            priority_steps=tuple(int(step) for step in options.get("priority_steps", PRIORITY_STEPS)),
+            prefix=str(options.get("global_keyprefix", "")),
+        )
+
+    def keys(self, queue: str) -> list[str]:
+        """The list keys holding ``queue``'s messages, highest priority (consumed first) first."""
+        return [self.prefix + (f"{queue}{self.sep}{step}" if step else queue) for step in self.priority_steps]
+
+
+class BrokerQueues:
+    """The Redis broker's queue lists: how many jobs wait on one, and moving one onto another.
+
+    Args:
+        client: a Redis client on the broker's database.
+        layout: how kombu names the lists.
+    """
+
+    def __init__(self, client: redis.Redis, layout: KombuRedisLayout | None = None) -> None:
+        self._client = client
+        self.layout = layout or KombuRedisLayout()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, transport_options: Mapping[str, Any] | None) -> BrokerQueues | None:
+        """The broker's queues, or None when the broker is not Redis (RabbitMQ has no lists to move)."""
+        if not settings.broker_url.startswith(REDIS_SCHEMES):
+            return None
+        import redis
+
+        timeout_s = settings.broker.connect_timeout_s
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        return cls(client, KombuRedisLayout.from_transport_options(transport_options))
+
+    def backlog(self, queue: str) -> int:
+        """Jobs waiting on ``queue`` (all priorities), not counting those a worker already reserved."""
+        pipe = self._client.pipeline()
+        for key in self.layout.keys(queue):
+            pipe.llen(key)
+        return sum(int(size) for size in pipe.execute())
+
+    def drain(self, source: str, target: str) -> int:
+        """Move every job waiting on ``source`` to ``target``, keeping their order and priorities.
+
+        One message at a time, each move atomic (RPOPLPUSH): a crash between two moves loses nothing, and
+        concurrent consumers of ``target`` see a valid queue throughout. The oldest job (the list's right end,
+        which kombu pops first) moves first and lands behind what ``target`` already holds.
+
+        Returns:
+            How many jobs were moved.
+        """
+        moved = 0
+        for source_key, target_key in zip(self.layout.keys(source), self.layout.keys(target), strict=True):
+            # Nothing routes to a worker that left, so the source only shrinks and this loop ends.
+            while self._client.rpoplpush(source_key, target_key) is not None:
+                moved += 1
+        return moved
+
+
+# -- the heartbeat ---------------------------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Publishes one worker's record on a timer thread and looks after the direct queues of workers that left.
+
+    Args:
+        identity: the worker.
+        settings: its settings (``fleet.*``, ``broker.visibility_timeout_s``).
+        registry: the fleet registry.
+        queues: the broker's lists, or None when the broker is not Redis.
+        read_snapshot: the pool child's last snapshot (parent side).
+        since: when the worker's parent started (older snapshots are a previous run's).
+        clock: seconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        identity: WorkerIdentity,
+        settings: Settings,
+        registry: FleetRegistry,
+        queues: BrokerQueues | None,
+        read_snapshot: Callable[[], Mapping[str, Any]],
+        *,
+        since: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.registry = registry
+        self.queues = queues
+        self._read_snapshot = read_snapshot
+        self._since = since
+        self._clock = clock
+        self._versions = package_versions()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def record(self) -> WorkerRecord:
+        """This worker's record now (reads the snapshot and, on Redis, its direct queue's length)."""
+        backlog = 0 if self.queues is None else self.queues.backlog(self.identity.queues[1])
+        return build_record(
+            self.identity,
+            self._read_snapshot(),
+            ttl_s=self.settings.fleet.heartbeat_ttl_s,
+            now=self._clock(),
+            backlog=backlog,
+            versions=self._versions,
+            since=self._since,
+        )
+
+    def beat(self) -> None:
+        """Publish the record, then move the direct queues of workers that died or left.
+
+        Raises:
+            BrokerUnavailableError: the registry did not answer (redis errors from the broker's lists likewise).
+        """
+        self.registry.publish(self.record())
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Claim workers whose heartbeat expired and move their direct queues, and what landed on departed ones.
+
+        Returns:
+            How many jobs were moved.
+        """
+        grace_s = self.settings.fleet.registry_cache_s + SEND_MARGIN_S
+        moved = 0
+        for name in self.registry.expired(grace_s=grace_s):
+            if name == self.identity.name:
+                continue  # our own beats failed for a while; we are back and consume our queue ourselves
+            claimed = self.registry.claim_expired(name, grace_s=grace_s)
+            if claimed is None:
+                continue  # another worker claimed it, or it heartbeats again
+            log.warning("worker %s stopped heartbeating; it left the fleet", name)
+            if self.queues is not None and claimed.direct_queue and claimed.type_queue:
+                moved += self._move(claimed.direct_queue, claimed.type_queue, f"worker {name} died")
+        if self.queues is None:
+            return moved
+        # Kept as long as kombu may still give back a job first sent there (its visibility timeout, twice).
+        retention_s = 2 * self.settings.broker.visibility_timeout_s
+        for departed in self.registry.departed(retention_s=retention_s):
+            if departed.direct_queue and departed.type_queue and self.queues.backlog(departed.direct_queue):
+                moved += self._move(departed.direct_queue, departed.type_queue, f"worker {departed.name} left")
+        return moved
+
+    def _move(self, source: str, target: str, why: str) -> int:
+        assert self.queues is not None
+        moved = self.queues.drain(source, target)
+        if moved:
+            log.warning("%s: moved %d job(s) from its direct queue %s to %s", why, moved, source, target)
+        return moved
+
+    def tick(self) -> bool:
+        """One beat that never raises: a failure is logged (once until it recovers) and retried next tick."""
+        try:
+            self.beat()
+        except Exception as exc:
+            if not self._failing:
+                log.warning(
+                    "heartbeat of %s failed (retrying every %g s): %s", self.identity.name, self.interval_s, exc
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("heartbeat of %s published again", self.identity.name)
+        self._failing = False
+        return True
+
+    @property
+    def interval_s(self) -> float:
+        return self.settings.fleet.heartbeat_interval_s
+
+    def start(self) -> None:
+        """Beat at once, then every ``interval_s`` on a daemon thread."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while True:
+                self.tick()
+                if self._stop.wait(self.interval_s):
+                    return
+
+        self._thread = threading.Thread(target=loop, name="gpufleet-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        """Stop beating, leave the fleet at once and move our direct queue to our type queue.
+
+        Call after Celery stopped consuming (it gives back unacknowledged jobs to the direct queue first).
+        Failures are logged: a record left behind expires with its TTL and a peer then moves the queue.
+
+        Returns:
+            How many jobs were moved.
+        """
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + self.settings.broker.connect_timeout_s)
+        type_queue, direct_queue = self.identity.queues
+        try:
+            self.registry.remove(self.identity.name)
+            return 0 if self.queues is None else self._move(direct_queue, type_queue, f"{self.identity.name} stopped")
+        except Exception as exc:
+            log.warning(
+                "%s could not leave the fleet cleanly (its record expires in %g s): %s",
+                self.identity.name,
+                self.settings.fleet.heartbeat_ttl_s,
+                exc,
+            )
+            return 0
+
+
+# -- Celery signals (worker parent) ---------------------------------------------------------------------------
+
+_heartbeat: Heartbeat | None = None
+
+
+def on_worker_ready(**_: Any) -> None:
+    """``worker_ready`` (parent): start the heartbeat; nothing when the broker and results have no Redis."""
+    global _heartbeat
+    from workers import state
+
+    context = state.context()
+    if context is None or _heartbeat is not None:
+        return
+    registry = FleetRegistry.from_settings(context.settings)
+    if registry is None:
+        log.warning(
+            "no fleet registry: neither GPUFLEET_BROKER_URL nor GPUFLEET_RESULT_BACKEND is Redis, so %s does not "
+            "heartbeat and live routing cannot see it; use a Redis result backend",
+            context.identity.name,
+        )
+        return
+    queues = BrokerQueues.from_settings(context.settings, context.app.conf.broker_transport_options)
+    _heartbeat = Heartbeat(
+        context.identity, context.settings, registry, queues, state.read_snapshot, since=_process_started_at()
+    )
+    _heartbeat.start()
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    """``worker_shutdown`` (parent): leave the fleet and hand the direct queue back."""
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
+
+
+def _process_started_at() -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(os.getpid()).create_time())
+    except psutil.Error:
+        return None
