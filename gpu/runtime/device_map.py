@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -295,48 +294,15 @@ class DeviceMapLoader:
         dtype: str,
         progress: ProgressFn | None,
     ) -> LoadedModel:
-        from transformers import AutoModel, AutoModelForCausalLM
+        from gpu.runtime.loader import PretrainedLoader
 
-        from gpu.runtime.inference import ModelKind, detect_kind, detect_pooling, module_bytes
-        from gpu.runtime.loader import load_tokenizer, torch_dtype
-        from gpu.runtime.oom import translate_oom
-
-        started = time.perf_counter()
         on_gpus = device.startswith("cuda")
         placement = device_map if on_gpus else dict.fromkeys(device_map, "cpu")
-        kind = detect_kind(path)
-        auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
-        try:
-            with translate_oom(f"loading {model_id} across {len(set(device_map.values()))} GPU(s)"):
-                module: Any = auto.from_pretrained(
-                    str(path),
-                    dtype=torch_dtype(dtype),
-                    device_map=placement,
-                    local_files_only=True,
-                    trust_remote_code=self.trust_remote_code,
-                )
-            module.eval()
-            tokenizer = load_tokenizer(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(
-                f"could not load {model_id!r} from {path} with device map {device_map}: {exc}; check that the "
-                "directory holds config.json, safetensors weights and tokenizer files"
-            ) from exc
-        n_bytes = module_bytes(module)
-        if progress is not None:
-            progress(n_bytes, n_bytes)  # from_pretrained does not report along the way
-        gpus = ",".join(str(i) for i in sorted({int(d) for d in device_map.values()}))
-        return LoadedModel(
-            model_id=model_id,
-            path=path,
-            kind=kind,
-            module=module,
-            tokenizer=tokenizer,
-            # Inputs go where the first block (the embeddings) is; accelerate's hooks carry them on from there.
-            device=f"cuda:{first_device(device_map)}" if on_gpus else device,
-            dtype=dtype,
-            bytes=n_bytes,
-            loader=f"from_pretrained (device map over GPUs {gpus})",
-            load_s=time.perf_counter() - started,
-            pooling=detect_pooling(path),
+        loaded = PretrainedLoader(trust_remote_code=self.trust_remote_code).load(
+            model_id, path, device=device, dtype=dtype, progress=progress, device_map=placement
         )
+        # Inputs go where the first block (the embeddings) is; accelerate's hooks carry them on from there.
+        loaded.device = f"cuda:{first_device(device_map)}" if on_gpus else device
+        gpus = ",".join(str(i) for i in sorted({int(d) for d in device_map.values()}))
+        loaded.loader = f"from_pretrained (device map over GPUs {gpus})"
+        return loaded

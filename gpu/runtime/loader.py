@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -129,12 +129,20 @@ class PretrainedLoader:
         self.trust_remote_code = trust_remote_code
 
     def load(
-        self, model_id: str, path: Path, *, device: str, dtype: str, progress: ProgressFn | None = None
+        self,
+        model_id: str,
+        path: Path,
+        *,
+        device: str,
+        dtype: str,
+        progress: ProgressFn | None = None,
+        device_map: Mapping[str, int | str] | None = None,
     ) -> LoadedModel:
         """Load with ``AutoModel(ForCausalLM).from_pretrained(device_map=device)``; see :class:`ModelLoader`.
 
         ``progress`` is called once, with (total, total), when the weights are in place: ``from_pretrained``
-        does not report along the way.
+        does not report along the way. ``device_map`` (module name -> device), when given, spreads the model
+        instead (:mod:`gpu.runtime.device_map` computes it); the result's ``device`` is still ``device``.
         """
         from gpu.runtime.oom import translate_oom
 
@@ -145,7 +153,11 @@ class PretrainedLoader:
 
             auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
             # transformers needs accelerate for any device_map; without it, load on the CPU and move.
-            placement = {"device_map": device} if _has_accelerate() else {}
+            placement: dict[str, Any] = {}
+            if device_map is not None:
+                placement = {"device_map": dict(device_map)}
+            elif _has_accelerate():
+                placement = {"device_map": device}
             module: Any
             with translate_oom(f"loading {model_id}"):
                 module = auto.from_pretrained(
