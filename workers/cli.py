@@ -1,4 +1,4 @@
-"""The ``gpufleet`` command line: worker, submit, load, unload, status, plan, models, bench, demo.
+"""The ``gpufleet`` command line: worker, submit, load, unload, status, plan, models, bench, demo, api.
 
 Each command imports what it needs when it runs, so producer-side commands (submit, status, plan) work on a
 machine without torch.
