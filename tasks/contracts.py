@@ -17,9 +17,12 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
+from gpu.errors import UnsafeModelIdError
+from gpu.repository import validate_model_id
 from tasks.errors import InvalidRequestError
 
 MAX_TEXTS = 1024
@@ -32,6 +35,16 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: StrictStr = Field(min_length=1, max_length=256, description="model id, e.g. 'org/name'")
+
+    @field_validator("model")
+    @classmethod
+    def _safe_model_id(cls, value: str) -> str:
+        # The same rule for every task and every producer (a plain Celery client included): an id that could
+        # escape the model root is refused before a worker acts on it, even for an unload that would find nothing.
+        try:
+            return validate_model_id(value)
+        except UnsafeModelIdError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class EmbedRequest(_Request):

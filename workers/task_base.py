@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TaskPredicate
 from pydantic import BaseModel
 
 import gpu.errors as gpu_errors
@@ -82,6 +82,16 @@ def job_errors(task_name: str, soft_limit_s: float | None) -> Iterator[None]:
             if isinstance(exc, source):
                 raise target(str(exc)) from None
         raise
+    except TaskPredicate:
+        raise  # Celery's own control flow (a re-route's replace, a retry), not a failure
+    except Exception as exc:
+        # Anything else (a library's own exception type) still reaches the caller as a contract error; the
+        # traceback stays in the worker log, where it is useful.
+        log.exception("%s failed with an unexpected %s", task_name, type(exc).__name__)
+        raise errors.JobError(
+            f"{task_name} failed unexpectedly: {type(exc).__name__}: {exc}; the worker keeps serving. If it repeats, "
+            "the worker log has the traceback: please report it"
+        ) from None
 
 
 @dataclass

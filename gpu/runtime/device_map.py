@@ -172,6 +172,7 @@ def _meta_model(model_dir: str, config_mtime_ns: int, dtype: str, trust_remote_c
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from gpu.runtime.inference import ModelKind, detect_kind
+    from gpu.runtime.loader import CHECKPOINT_ERRORS
     from gpu.runtime.skeleton import parameters_on_meta
 
     path = Path(model_dir)
@@ -182,7 +183,7 @@ def _meta_model(model_dir: str, config_mtime_ns: int, dtype: str, trust_remote_c
             module: torch.nn.Module = auto.from_config(  # type: ignore[no-untyped-call]
                 config, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except CHECKPOINT_ERRORS as exc:
         raise ModelLoadError(
             f"could not build the model of {path} to plan its device map: {exc}; check its config.json"
         ) from exc

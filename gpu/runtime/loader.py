@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -54,6 +55,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# What reading a checkpoint raises when the files are wrong: missing or unreadable files, bad JSON or shapes, a
+# pickle that torch's weights-only loader refuses (never executed), a size mismatch. A device OOM is translated
+# before these are caught, so it stays an out-of-memory error.
+CHECKPOINT_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
 
 # (bytes done, bytes total). The worker turns it into Celery PROGRESS state.
 ProgressFn = Callable[[int, int], None]
@@ -171,7 +177,7 @@ class PretrainedLoader:
                     module = module.to(device)
             module.eval()
             tokenizer = load_tokenizer(path)
-        except (OSError, ValueError, KeyError) as exc:
+        except CHECKPOINT_ERRORS as exc:
             raise _load_error(model_id, path, exc) from exc
         n_bytes = module_bytes(module)
         if progress is not None:
@@ -307,7 +313,7 @@ class FastSafetensorsLoader:
                 entries.update(read_safetensors_header(file))
             module: Any = build_skeleton(path, kind, target_dtype)
             tokenizer = load_tokenizer(path)
-        except (OSError, ValueError, KeyError) as exc:
+        except CHECKPOINT_ERRORS as exc:
             raise _load_error(model_id, path, exc) from exc
         check_supported(module, entries, target_dtype)
 

@@ -95,6 +95,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("fleet.generate", {"model": CHAT}, "InvalidRequestError"),
     ("fleet.generate", {"model": EMBED, "prompt": "x"}, "InferenceError"),
     ("fleet.embed", {"model": CHAT, "texts": ["x"]}, "InferenceError"),
+    ("fleet.unload_model", {"model": "../x"}, "InvalidRequestError"),  # refused, not "not-loaded"
 ]
 
 

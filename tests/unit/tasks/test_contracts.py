@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from tasks.contracts import EmbedRequest, GenerateRequest, LoadModelRequest
+from tasks.contracts import EmbedRequest, GenerateRequest, LoadModelRequest, UnloadModelRequest, validate_request
+from tasks.errors import InvalidRequestError
 
 
 def test_embed_request_defaults() -> None:
@@ -50,3 +51,16 @@ def test_generate_request_refusals(payload: dict[str, Any], fragment: str) -> No
 def test_load_request_priority_must_be_bool() -> None:
     with pytest.raises(ValidationError):
         LoadModelRequest.model_validate({"model": "a/b", "priority": "yes"})
+
+
+@pytest.mark.parametrize("request_model", [EmbedRequest, GenerateRequest, LoadModelRequest, UnloadModelRequest])
+@pytest.mark.parametrize("model_id", ["../x", "/etc/passwd", "org/../../x", "org/na me"])
+def test_every_request_refuses_unsafe_model_ids(request_model: type[BaseModel], model_id: str) -> None:
+    extra: dict[str, Any] = {
+        EmbedRequest: {"texts": ["x"]},
+        GenerateRequest: {"prompt": "x"},
+        LoadModelRequest: {},
+        UnloadModelRequest: {},
+    }[request_model]
+    with pytest.raises(InvalidRequestError, match=r"model: .*is not allowed: use 'org/name'"):
+        validate_request(request_model, {"model": model_id, **extra})

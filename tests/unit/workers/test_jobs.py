@@ -35,3 +35,18 @@ def test_gpu_errors_map_to_contract_errors(raised: Exception, expected: type[Exc
 def test_soft_time_limit_message() -> None:
     with pytest.raises(errors.JobError, match="GPUFLEET_JOBS__SOFT_TIME_LIMIT_S"), job_errors("fleet.embed", 5.0):
         raise SoftTimeLimitExceeded()
+
+
+def test_an_unknown_exception_becomes_a_contract_error() -> None:
+    import pickle
+
+    unexpected = r"fleet.load_model failed unexpectedly: UnpicklingError: nope"
+    with pytest.raises(errors.JobError, match=unexpected), job_errors("fleet.load_model", 10.0):
+        raise pickle.UnpicklingError("nope")
+
+
+def test_celery_control_flow_passes_through() -> None:
+    from celery.exceptions import Ignore
+
+    with pytest.raises(Ignore), job_errors("fleet.embed", 10.0):
+        raise Ignore()  # what Task.replace raises when the OOM policy re-routes a job

@@ -172,6 +172,25 @@ def test_pytorch_bin_only_falls_back_and_says_so(tmp_path: Path) -> None:
     )
 
 
+class _RunsCode:
+    """A pickle that would call a function when loaded: torch's weights-only loader must refuse it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (print, ("pickle code ran",))
+
+
+def test_a_pickle_that_runs_code_is_refused_as_a_load_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pickle
+
+    path = make_checkpoint(tmp_path / "evil", "llama")
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _RunsCode()}))
+    for loader in (PretrainedLoader(), FastSafetensorsLoader()):
+        with pytest.raises(ModelLoadError, match=r"could not load 'evil'"):
+            loader.load("evil", path, device="cpu", dtype="float32")
+    assert "pickle code ran" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
