@@ -323,18 +323,18 @@ class WorkerRuntime:
         self.changed()
         return None if loaded is None else int(entry_bytes or loaded.bytes)
 
-    def job_done(self) -> None:
-        """Count a finished job and publish the state (cache hits change it too)."""
-        self.jobs_done += 1
-        self.changed()
-
     def begin_job(self, job_id: str, task: str, model: str | None) -> None:
         """Record the job now running and publish it (the heartbeat shows it)."""
         self.current_job = {"id": job_id, "task": task, "model": model, "started_at": time.time()}
         self.changed()
 
     def end_job(self, task: str, outcome: str) -> None:
-        """Count the job under ``task|outcome`` ("ok" or the error's class name) and publish that none runs."""
+        """Count the job under ``task|outcome`` ("ok" or the error's class name) and publish that none runs.
+
+        One publish per finished job: it carries the count, the cache's changes and the idle state together.
+        """
+        if outcome == "ok":
+            self.jobs_done += 1
         key = f"{task}|{outcome}"
         self.jobs_by_outcome[key] = self.jobs_by_outcome.get(key, 0) + 1
         self.current_job = None

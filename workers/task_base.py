@@ -124,7 +124,6 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
                 request: RequestT = parse(self.request_model, args, kwargs)  # type: ignore[assignment]
                 with runtime.serving():
                     served = self.serve(runtime, request)
-                runtime.job_done()
         except Ignore:  # Celery's replace(): the OOM policy re-sent the job to a bigger GPU type
             outcome = "rerouted"
             raise
