@@ -12,6 +12,7 @@ Hierarchy::
     ├── ModelSpecError            a config.json or model name cannot be understood
     ├── PlanningError             no GPU type in the catalog can hold the model
     ├── ModelLoadError            weights could not be read or placed on the device
+    │   └── UnsupportedQuantizationError a quantized checkpoint needs kernels or a GPU this worker lacks
     ├── CapacityError             the memory budget cannot hold a model
     │   ├── AllPinnedError        eviction cannot free enough because the rest is pinned
     │   └── DeviceOutOfMemoryError the device itself ran out of memory (translated CUDA OOM)
@@ -47,6 +48,13 @@ class PlanningError(GpuError):
 
 class ModelLoadError(GpuError):
     """Weights could not be read or placed on the device."""
+
+
+class UnsupportedQuantizationError(ModelLoadError):
+    """A quantized checkpoint needs CUDA kernels, a newer GPU or a package this worker does not have.
+
+    Raised from config.json alone, before any weight is read; the message names what is missing.
+    """
 
 
 class CapacityError(GpuError):

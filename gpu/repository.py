@@ -18,6 +18,8 @@ from gpu.errors import ModelNotFoundError, UnsafeModelIdError
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MODEL_ID_PATTERN = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})?$")
 MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
+# A GGUF model may come without a config.json (the file's metadata is the config): any .gguf file marks one.
+GGUF_GLOB = "*.gguf"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,13 @@ def _hf_snapshot(model_id: str, cache: Path) -> Path | None:
     return revisions[-1] if revisions else None
 
 
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a model: a ``config.json``, safetensors weights or a ``.gguf`` file."""
+    if not path.is_dir():
+        return False
+    return any((path / marker).is_file() for marker in MODEL_MARKERS) or any(p.is_file() for p in path.glob(GGUF_GLOB))
+
+
 def resolve_model(model_id: str, model_root: Path | None, hf_cache: Path | None = None) -> ResolvedModel:
     """Find the local directory of ``model_id``.
 
@@ -89,7 +98,7 @@ def resolve_model(model_id: str, model_root: Path | None, hf_cache: Path | None 
 
     Raises:
         UnsafeModelIdError: the id is malformed or resolves outside the root.
-        ModelNotFoundError: no directory with a ``config.json`` or safetensors file was found.
+        ModelNotFoundError: no directory with a ``config.json``, safetensors or ``.gguf`` file was found.
     """
     validate_model_id(model_id)
     searched: list[str] = []
@@ -102,12 +111,12 @@ def resolve_model(model_id: str, model_root: Path | None, hf_cache: Path | None 
                     f"model id {model_id!r} resolves outside the model root {model_root} (a symlink?): "
                     "move the model inside the root"
                 )
-            if any((candidate / marker).is_file() for marker in MODEL_MARKERS):
+            if is_model_dir(candidate):
                 return ResolvedModel(model_id, candidate, "root")
     if hf_cache is not None:
         searched.append(str(hf_cache / ("models--" + model_id.replace("/", "--"))))
         snapshot = _hf_snapshot(model_id, hf_cache)
-        if snapshot is not None and (snapshot / "config.json").exists():
+        if snapshot is not None and is_model_dir(snapshot):
             return ResolvedModel(model_id, snapshot, "hf-cache")
     raise ModelNotFoundError(
         f"model {model_id!r} was not found (looked in: {', '.join(searched) or 'nowhere: no model root set'}); "
@@ -117,10 +126,15 @@ def resolve_model(model_id: str, model_root: Path | None, hf_cache: Path | None 
 
 
 def list_models(model_root: Path) -> list[str]:
-    """Model ids (``org/name`` or ``name``) present under ``model_root``, sorted."""
-    found: list[str] = []
+    """Model ids (``org/name`` or ``name``) present under ``model_root``, sorted: directories one or two levels
+    down holding a ``config.json`` or a ``.gguf`` file (hidden directories, where models are built, are skipped).
+    """
+    found: set[str] = set()
     if not model_root.is_dir():
-        return found
-    for config in sorted(model_root.glob("*/config.json")) + sorted(model_root.glob("*/*/config.json")):
-        found.append(config.parent.relative_to(model_root).as_posix())
-    return sorted(set(found))
+        return []
+    for pattern in ("config.json", GGUF_GLOB):
+        for marker in [*model_root.glob(f"*/{pattern}"), *model_root.glob(f"*/*/{pattern}")]:
+            model_id = marker.parent.relative_to(model_root).as_posix()
+            if marker.is_file() and not any(part.startswith(".") for part in model_id.split("/")):
+                found.add(model_id)
+    return sorted(found)

@@ -19,6 +19,7 @@ from tasks.contracts import (
     EmbedRequest,
     GenerateRequest,
     LoadModelRequest,
+    NoopRequest,
     SleepRequest,
     UnloadModelRequest,
     validate_request,
@@ -45,6 +46,7 @@ _REQUESTS: dict[TaskName, type[BaseModel]] = {
     TaskName.LOAD_MODEL: LoadModelRequest,
     TaskName.UNLOAD_MODEL: UnloadModelRequest,
     TaskName.SLEEP: SleepRequest,
+    TaskName.NOOP: NoopRequest,
 }
 
 

@@ -112,6 +112,12 @@ class SleepRequest(BaseModel):
     uninterruptible: StrictBool = False
 
 
+class NoopRequest(BaseModel):
+    """``fleet.diag.noop``: no arguments; measures Celery's own round trip (``benchmarks/overhead_bench.py``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Timings(BaseModel):
     """Where a job's time went, in seconds. ``queue_wait_s`` is None when the producer sent no timestamp."""
 
@@ -119,6 +125,9 @@ class Timings(BaseModel):
     load_s: float = 0.0
     compute_s: float = 0.0
     total_s: float = 0.0
+    # Jobs that shared this job's forward (the worker batches queued jobs for one model); 1 when it ran alone.
+    # compute_s is that shared forward's time.
+    batch_size: int = 1
 
 
 class _Result(BaseModel):
@@ -160,6 +169,10 @@ class UnloadModelResult(_Result):
 class SleepResult(BaseModel):
     worker: str
     slept_s: float
+
+
+class NoopResult(BaseModel):
+    worker: str
 
 
 def validate_request(model: type[RequestT], kwargs: dict[str, Any]) -> RequestT:

@@ -14,6 +14,8 @@ class TaskName(str, Enum):
     UNLOAD_MODEL = "fleet.unload_model"
     # Holds the worker's process for a few seconds: for checking liveness, limits and control while busy.
     SLEEP = "fleet.diag.sleep"
+    # Does nothing, outside the fleet's job bookkeeping: Celery's own round trip, the yardstick of per-job overhead.
+    NOOP = "fleet.diag.noop"
 
 
 CPU_QUEUE = "cpu"

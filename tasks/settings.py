@@ -99,6 +99,9 @@ class FleetOptions(_Section):
     live_routing: bool = True
     # A worker holding the model is preferred until this many jobs wait on it; then the type's queue is used.
     max_backlog: int = Field(default=8, ge=0)
+    # Redis broker: each worker records which deliveries it holds, and a live worker puts a dead one's back on their
+    # queues as soon as its heartbeat expires (about heartbeat_ttl_s), instead of after broker.visibility_timeout_s.
+    recover_held_jobs: bool = True
 
     @model_validator(mode="after")
     def _ttl_covers_heartbeats(self) -> FleetOptions:
@@ -108,6 +111,20 @@ class FleetOptions(_Section):
                 "flickers out of the fleet between two heartbeats"
             )
         return self
+
+
+class BatchingOptions(_Section):
+    """``GPUFLEET_BATCHING__*``: jobs queued for the same model on a worker run as one batch (embed, generate)."""
+
+    enabled: bool = True
+    # Jobs per batch. The worker reserves this many messages (Celery's prefetch), so it is also what one worker
+    # may hold unstarted while a batch runs: keep it near what one forward serves well.
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    # How long a job that arrives at an idle worker waits for company before it runs (alone if none comes).
+    # While the device is busy, jobs gather anyway and run together as soon as it is free.
+    max_wait_s: float = Field(default=0.002, ge=0, le=1.0)
+    # Padded tokens per embedding forward: a batch of long texts is split into forwards below this.
+    max_batch_tokens: int = Field(default=16384, ge=64)
 
 
 class ApiOptions(_Section):
@@ -218,6 +235,7 @@ class Settings(BaseSettings):
     broker: BrokerOptions = BrokerOptions()
     worker: WorkerOptions = WorkerOptions()
     fleet: FleetOptions = FleetOptions()
+    batching: BatchingOptions = BatchingOptions()
     api: ApiOptions = ApiOptions()
 
     @classmethod

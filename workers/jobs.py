@@ -1,18 +1,21 @@
 """The fleet's task bodies: each says what its job does; :class:`workers.task_base.FleetTask` does the rest.
 
 Parsing, delivery counting, error mapping, timings and the OOM policy are the base class's. The diagnostic
-task ``fleet.diag.sleep`` answers only on a worker started with ``GPUFLEET_DIAGNOSTICS=true``.
+tasks ``fleet.diag.sleep`` and ``fleet.diag.noop`` (a bare Celery task) answer only on a worker started with
+``GPUFLEET_DIAGNOSTICS=true``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from gpu.runtime.inference import embed, generate
+from gpu.runtime.batching import EmbedJob, EncodedPrompt, GenerateJob, embed_batch, encode_prompt, generate_batch
+from gpu.runtime.inference import Generation, LoadedModel, embed, generate
 from tasks import errors
 from tasks.contracts import (
     EmbedRequest,
@@ -28,52 +31,76 @@ from tasks.contracts import (
 )
 from tasks.names import TaskName
 from tasks.settings import Settings
+from workers.batch_exec import BatchedTask
 from workers.runtime import WorkerRuntime
 from workers.task_base import FleetTask, Served
 
 LOAD_ACTIONS = {"hit": "already-loaded", "loaded": "loaded", "restored": "restored"}
 
 
-class EmbedTask(FleetTask[EmbedRequest]):
+class EmbedTask(BatchedTask[EmbedRequest, EmbedJob]):
     name = TaskName.EMBED.value
     request_model = EmbedRequest
     result_model = EmbedResult
 
     def serve(self, runtime: WorkerRuntime, request: EmbedRequest) -> Served:
-        served = self.infer(runtime, request.model, lambda m: embed(m, request.texts, normalize=request.normalize))
-        vectors = served.fields.pop("output")
-        served.fields.update(embeddings=vectors, dim=len(vectors[0]), normalized=request.normalize)
+        if runtime.settings.batching.enabled:  # the batched path, as a batch of one (same numerics)
+            job = EmbedJob(request.texts, request.normalize)
+            served = self.infer(runtime, request.model, lambda m: self.compute_batch(runtime, m, [job])[0])
+        else:
+            served = self.infer(runtime, request.model, lambda m: embed(m, request.texts, normalize=request.normalize))
+        served.fields = self.result_fields(request, served.fields.pop("output"))
         return served
 
+    def prepare(self, loaded: LoadedModel, request: EmbedRequest) -> EmbedJob:
+        return EmbedJob(request.texts, request.normalize)
 
-class GenerateTask(FleetTask[GenerateRequest]):
+    def compute_batch(self, runtime: WorkerRuntime, loaded: LoadedModel, items: Sequence[EmbedJob]) -> list[Any]:
+        return embed_batch(loaded, items, max_batch_tokens=runtime.settings.batching.max_batch_tokens)
+
+    def result_fields(self, request: EmbedRequest, output: Any) -> dict[str, Any]:
+        return {"embeddings": output, "dim": len(output[0]), "normalized": request.normalize}
+
+
+class GenerateTask(BatchedTask[GenerateRequest, EncodedPrompt]):
     name = TaskName.GENERATE.value
     request_model = GenerateRequest
     result_model = GenerateResult
 
     def serve(self, runtime: WorkerRuntime, request: GenerateRequest) -> Served:
-        messages = None if request.messages is None else [m.model_dump() for m in request.messages]
-        served = self.infer(
-            runtime,
-            request.model,
-            lambda m: generate(
-                m,
-                prompt=request.prompt,
-                messages=messages,
-                max_new_tokens=request.max_new_tokens,
-                temperature=float(request.temperature),
-                top_p=float(request.top_p),
-                seed=request.seed,
-            ),
-        )
-        output = served.fields.pop("output")
-        served.fields.update(
-            text=output.text,
-            prompt_tokens=output.prompt_tokens,
-            completion_tokens=output.completion_tokens,
-            finish_reason=output.finish_reason,
-        )
+        if runtime.settings.batching.enabled:  # the batched path, as a batch of one (same sampler, same seeds)
+            served = self.infer(
+                runtime, request.model, lambda m: self.compute_batch(runtime, m, [self.prepare(m, request)])[0]
+            )
+        else:
+            served = self.infer(runtime, request.model, lambda m: generate(m, **_generate_options(request)))
+        served.fields = self.result_fields(request, served.fields.pop("output"))
         return served
+
+    def prepare(self, loaded: LoadedModel, request: GenerateRequest) -> EncodedPrompt:
+        return encode_prompt(loaded, GenerateJob(**_generate_options(request)))
+
+    def compute_batch(self, runtime: WorkerRuntime, loaded: LoadedModel, items: Sequence[EncodedPrompt]) -> list[Any]:
+        return generate_batch(loaded, items)
+
+    def result_fields(self, request: GenerateRequest, output: Generation) -> dict[str, Any]:
+        return {
+            "text": output.text,
+            "prompt_tokens": output.prompt_tokens,
+            "completion_tokens": output.completion_tokens,
+            "finish_reason": output.finish_reason,
+        }
+
+
+def _generate_options(request: GenerateRequest) -> dict[str, Any]:
+    return {
+        "prompt": request.prompt,
+        "messages": None if request.messages is None else [m.model_dump() for m in request.messages],
+        "max_new_tokens": request.max_new_tokens,
+        "temperature": float(request.temperature),
+        "top_p": float(request.top_p),
+        "seed": request.seed,
+    }
 
 
 class LoadModelTask(FleetTask[LoadModelRequest]):
@@ -138,8 +165,25 @@ class SleepTask(FleetTask[SleepRequest]):
 TASKS: tuple[type[FleetTask[Any]], ...] = (EmbedTask, GenerateTask, LoadModelTask, UnloadModelTask, SleepTask)
 
 
+def register_noop(app: Celery, settings: Settings) -> None:
+    """Register ``fleet.diag.noop``: a bare Celery task, outside :class:`FleetTask`, so it costs what Celery costs.
+
+    The overhead benchmark (``benchmarks/overhead_bench.py``) compares a model job's round trip against it.
+    """
+
+    @app.task(name=TaskName.NOOP.value, bind=True, shared=False)  # type: ignore[untyped-decorator]
+    def noop(self: Any, **_: Any) -> dict[str, Any]:
+        if not settings.diagnostics:
+            raise errors.InvalidRequestError(
+                f"{TaskName.NOOP.value} is a diagnostic task and diagnostics are off on {self.request.hostname}; "
+                "start the worker with GPUFLEET_DIAGNOSTICS=true to use it (test fleets only)"
+            )
+        return {"worker": str(self.request.hostname or "")}
+
+
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Register the fleet's tasks on ``app`` (worker side only), with the time limits of the settings."""
+    register_noop(app, settings)
     limits = settings.jobs
     for task_class in TASKS:
         task = task_class()
@@ -147,4 +191,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             task.soft_time_limit, task.time_limit = limits.load_soft_time_limit_s, limits.load_time_limit_s
         else:
             task.soft_time_limit, task.time_limit = limits.soft_time_limit_s, limits.time_limit_s
+        if isinstance(task, BatchedTask) and settings.batching.enabled:
+            # Celery hands this task's reserved jobs to the batcher instead of the pool (workers.batching).
+            task.Strategy = "workers.batching:batching_strategy"
         app.register_task(task)

@@ -103,13 +103,16 @@ def run_worker(
     identity = build_identity(gpu=gpu, cpu=cpu, name=name, gpus=gpus)
     check_priority_models(settings)
 
-    from workers import control, heartbeat, process, state
+    from workers import control, heartbeat, held_transport, process, state
+    from workers.consumer import CONSUMER_PATH
     from workers.faults import Faults
     from workers.jobs import register_tasks
 
     del control  # imported for its @inspect_command registrations
     Faults.from_settings(settings)  # refuse GPUFLEET_FAULTS without diagnostics here, not in a looping child
     app = create_app(settings)
+    held_transport.install(app, identity.name, settings)  # before it connects: records what it holds (Redis)
+    app.conf.worker_consumer = CONSUMER_PATH  # a message the worker cannot run still gets a contract error
     register_tasks(app, settings)
     state.configure(app, identity, settings)
     signals.worker_process_init.connect(process.on_process_init, weak=False)

@@ -226,20 +226,29 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
         """Fail a job that keeps killing its worker process instead of redelivering it forever.
 
         ``task_reject_on_worker_lost`` requeues a job whose process died; Redis does not count deliveries, so the
-        count lives in the result backend's Redis (when it is one) under the job id.
+        count lives in the result backend's Redis (when it is one) under the job id. Only redeliveries (the
+        broker's ``redelivered`` flag) are counted there: a first delivery costs no round trip
+        (:func:`workers.job_accounting.count_delivery`).
         """
+        from workers import job_accounting
+
         client = getattr(self.app.backend, "client", None)
         if client is None or not self.request.id:
             return
         settings = runtime.settings
-        key = f"gpufleet:deliveries:{self.request.id}"
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered", False))
         try:
-            count = int(client.incr(key))
-            client.expire(key, settings.broker.visibility_timeout_s * 2)
+            count, too_many = job_accounting.count_delivery(
+                client,
+                self.request.id,
+                redelivered=redelivered,
+                ttl_s=settings.broker.visibility_timeout_s * 2,
+                max_deliveries=settings.jobs.max_deliveries,
+            )
         except Exception:  # counting is a safety net; a backend hiccup must not fail the job
             log.warning("could not count deliveries of %s", self.request.id, exc_info=True)
             return
-        if count > settings.jobs.max_deliveries:
+        if too_many:
             raise errors.JobError(
                 f"job {self.request.id} was delivered {count} times and its worker process died each time "
                 f"(over GPUFLEET_JOBS__MAX_DELIVERIES={settings.jobs.max_deliveries}); not retrying it. "

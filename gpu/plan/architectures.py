@@ -1,9 +1,9 @@
-"""Parameter counts from a ``config.json``: one function per architecture family.
+"""Parameter formulas of the classic families, one function per family.
 
-Llama-style decoders (llama, mistral, mixtral, qwen2, qwen2-moe, qwen3, qwen3-moe, gemma, gemma2, phi3),
-gpt2, gpt-neox, falcon, and the encoders (bert, roberta, xlm-roberta, camembert, distilbert) are counted
-exactly, each checked by a test against what transformers instantiates on the meta device; any other
-``model_type`` gets a generic llama-shaped estimate (:func:`generic_counts`).
+Llama-style decoders (llama, mistral, mixtral, qwen2, qwen2-moe, qwen3, qwen3-moe, gemma, gemma2, phi3), gpt2,
+gpt-neox, falcon, and the encoders (bert, roberta, xlm-roberta, camembert, distilbert), each checked by a test
+against what transformers instantiates on the meta device. The newer families live in :mod:`gpu.plan.families`
+and :mod:`gpu.plan.multimodal`; :mod:`gpu.plan.formulas` is the registry of all of them.
 
 Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (which imports this module).
 """
@@ -11,79 +11,10 @@ Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (whi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
-from gpu.errors import ModelSpecError
-from gpu.plan.model_names import Quantization, reference_shape, size_from_name
-from gpu.units import DTYPE_BYTES
+from gpu.plan.counting import Cfg, Counts, KvLayout, gqa_layout, kv_layout_from_layer_types
 
-__all__ = [
-    "FAMILIES",
-    "SUPPORTED_ARCHITECTURES",
-    "Cfg",
-    "Counts",
-    "generic_counts",
-    "positive_int",
-]
-
-# -------------------------------------------------------------------------------------------- config reads
-
-
-def positive_int(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return int(value) if value > 0 else None
-
-
-class Cfg:
-    """Typed reads from a config dict, with the attribute aliases transformers uses (``n_embd`` …)."""
-
-    def __init__(self, raw: Mapping[str, Any], model_type: str) -> None:
-        self.raw = raw
-        self.model_type = model_type
-
-    def req(self, *keys: str, default: int | None = None) -> int:
-        for key in keys:
-            value = positive_int(self.raw.get(key))
-            if value is not None:
-                return value
-        if default is None:
-            raise ModelSpecError(
-                f"config.json ({self.model_type}) has no {' / '.join(keys)}: the parameter count needs it; "
-                "check that the file is the model's config"
-            )
-        return default
-
-    def opt(self, *keys: str) -> int | None:
-        for key in keys:
-            value = positive_int(self.raw.get(key))
-            if value is not None:
-                return value
-        return None
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key)
-        return bool(value) if value is not None else default
-
-
-@dataclass(frozen=True)
-class Counts:
-    total: int
-    active: int
-    quantizable: int
-    layers: int
-    hidden: int
-    mlp_width: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    num_experts: int = 0
-    experts_per_token: int = 0
-    encoder: bool = False
-    note: str = ""
-
+__all__ = ["CLASSIC_FAMILIES", "decoder_counts", "decoder_kv_layout"]
 
 # ------------------------------------------------------------------------------------- architecture counts
 
@@ -92,10 +23,12 @@ _TIED_BY_DEFAULT = {"gemma", "gemma2", "gpt2", "falcon"}
 _QKV_BIAS_ALWAYS = {"qwen2", "qwen2_moe"}  # q/k/v have biases regardless of config; o_proj has none
 _NO_BIAS = {"mistral", "mixtral", "phi3"}
 _QK_NORM = {"qwen3", "qwen3_moe"}  # RMSNorm over head_dim on q and k
-_DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma": 256, "gemma2": 256}
+# Qwen3MoeConfig has no head_dim default (hidden_size // num_attention_heads), unlike the dense Qwen3Config; the
+# published Qwen3 MoE configs all name theirs.
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma": 256, "gemma2": 256}
 
 
-def _decoder_counts(c: Cfg) -> Counts:
+def decoder_counts(c: Cfg) -> Counts:
     """Llama-style decoders: llama, mistral, mixtral, qwen2(-moe), qwen3(-moe), gemma, gemma2, phi3."""
     mt = c.model_type
     h = c.req("hidden_size")
@@ -159,7 +92,30 @@ def _decoder_counts(c: Cfg) -> Counts:
         tied=tied,
         num_experts=num_experts,
         experts_per_token=per_token if num_experts else 0,
+        kv=decoder_kv_layout(c, layers, kv_heads, head_dim),
     )
+
+
+def decoder_kv_layout(c: Cfg, layers: int, kv_heads: int, head_dim: int) -> KvLayout:
+    """Which decoder layers cache every token and which only a window.
+
+    A ``layer_types`` list (transformers writes one into newer configs) says it per layer. Without one, Gemma 2
+    alternates sliding and full layers (even layers slide) and Mistral/Mixtral slide on every layer when
+    ``sliding_window`` is set; every other family caches every token on every layer.
+    """
+    window = c.opt("sliding_window")
+    types = c.raw.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        return kv_layout_from_layer_types(types, token_elements=2 * kv_heads * head_dim, window=window)
+    if c.model_type == "gemma2":
+        window = window or 4096
+        alternating = ["sliding_attention" if layer % 2 == 0 else "full_attention" for layer in range(layers)]
+        return kv_layout_from_layer_types(alternating, token_elements=2 * kv_heads * head_dim, window=window)
+    if c.model_type in ("mistral", "mixtral") and window:
+        return kv_layout_from_layer_types(
+            ["sliding_attention"] * layers, token_elements=2 * kv_heads * head_dim, window=window
+        )
+    return gqa_layout(layers, kv_heads, head_dim)
 
 
 def _gpt2_counts(c: Cfg) -> Counts:
@@ -246,10 +202,10 @@ def _distilbert_counts(c: Cfg) -> Counts:
     return Counts(total, total, layers * matrices, layers, h, inner, heads, h // heads, vocab, True, encoder=True)
 
 
-FAMILIES: Mapping[str, Callable[[Cfg], Counts]] = {
+CLASSIC_FAMILIES: Mapping[str, Callable[[Cfg], Counts]] = {
     **dict.fromkeys(
         ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi3"),
-        _decoder_counts,
+        decoder_counts,
     ),
     "gpt2": _gpt2_counts,
     "gpt_neox": _gpt_neox_counts,
@@ -257,107 +213,3 @@ FAMILIES: Mapping[str, Callable[[Cfg], Counts]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert"), _bert_counts),
     "distilbert": _distilbert_counts,
 }
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(FAMILIES))
-"""``model_type`` values counted exactly; any other falls back to a generic estimate."""
-
-
-def generic_counts(
-    c: Cfg,
-    label: str,
-    checkpoint_bytes: int | None,
-    dtype: str,
-    quantization: Quantization | None,
-) -> Counts:
-    """A llama-shaped estimate for an architecture we have no formula for; the bytes on disk when no sizes."""
-    h = c.opt("hidden_size", "n_embd", "d_model", "dim")
-    layers = c.opt("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-    vocab = c.opt("vocab_size") or 32_000
-    if h and layers:
-        heads = c.opt("num_attention_heads", "n_head", "num_heads", "n_heads") or max(h // 128, 1)
-        kv_heads = c.opt("num_key_value_heads", "num_kv_heads", "n_kv_heads") or heads
-        head_dim = c.opt("head_dim") or h // heads
-        inter = c.opt("intermediate_size", "ffn_hidden_size", "n_inner")
-        mlp = 3 * h * inter if inter else 8 * h * h  # gated when a width is given, else a 4h GELU MLP
-        experts = c.opt("num_local_experts", "num_experts", "n_routed_experts") or 0
-        per_token = c.opt("num_experts_per_tok") or 0
-        expert_width = c.opt("moe_intermediate_size") or inter or 4 * h
-        attn = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim
-        if experts:
-            expert_mlp = 3 * h * expert_width
-            per_layer = attn + experts * expert_mlp + h * experts
-            active_layer = attn + max(per_token, 1) * expert_mlp + h * experts
-        else:
-            per_layer = active_layer = attn + mlp
-        tied = c.flag("tie_word_embeddings", False)
-        embeddings = vocab * h * (1 if tied else 2)
-        total = layers * per_layer + embeddings
-        return Counts(
-            total=total,
-            active=layers * active_layer + embeddings,
-            quantizable=layers * (per_layer - (h * experts if experts else 0)),
-            layers=layers,
-            hidden=h,
-            mlp_width=(per_token * expert_width) if experts else (inter or 4 * h),
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            vocab=vocab,
-            tied=tied,
-            num_experts=experts,
-            experts_per_token=per_token,
-            note=(
-                f"unknown architecture {c.model_type!r}: generic llama-shaped estimate from hidden_size and "
-                "num_hidden_layers (expect a few percent error)"
-            ),
-        )
-    if checkpoint_bytes:
-        bytes_per_param = DTYPE_BYTES.get(dtype, 2) if quantization is None else quantization.bits / 8
-        params = int(checkpoint_bytes / bytes_per_param)
-        return _typical_shape_counts(
-            params,
-            params,
-            params,
-            vocab,
-            note=(
-                f"unknown architecture {c.model_type!r} without sizes: parameters from the checkpoint size on "
-                "disk, KV cache from a typical shape"
-            ),
-        )
-    sized = size_from_name(label)
-    if sized is not None:
-        return _typical_shape_counts(
-            sized.params,
-            sized.active,
-            sized.per_expert_params,
-            vocab,
-            num_experts=sized.num_experts,
-            experts_per_token=sized.experts_per_token,
-            note=f"unknown architecture {c.model_type!r} without sizes: parameters from the name ({sized.text})",
-        )
-    raise ModelSpecError(
-        f"config for {label!r} has unknown architecture {c.model_type!r} and no hidden_size/num_hidden_layers, "
-        f"no weights on disk and no size in its name: add the weights or the sizes, or plan by a name with a "
-        f"size (like '7B'); known architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
-
-
-def _typical_shape_counts(
-    total: int, active: int, shape_params: int, vocab: int, *, note: str, **experts: Any
-) -> Counts:
-    """Counts for a model known only by its size: a typical dense shape of ``shape_params`` parameters (per
-    expert for MoE) gives layers, widths and KV geometry; 90% of the weights are taken as quantizable."""
-    shape = reference_shape(shape_params / 1e9)
-    return Counts(
-        total=total,
-        active=active,
-        quantizable=int(total * 0.9),
-        layers=shape.layers,
-        hidden=shape.hidden,
-        mlp_width=shape.hidden * 4,
-        kv_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        vocab=vocab,
-        tied=False,
-        note=note,
-        **experts,
-    )

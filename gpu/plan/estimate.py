@@ -72,8 +72,11 @@ def estimate_weights_bytes(spec: ModelSpec, *, dtype_bytes: float | None = None)
     Returns:
         Bytes, rounded up.
     """
-    unquantized = float(dtype_bytes) if dtype_bytes is not None else float(DTYPE_BYTES.get(spec.dtype, 2))
     quant = spec.quantization
+    if spec.weights is not None and (quant is None or quant.method is not QuantMethod.GGUF):
+        # Exact: the headers' floating-point tensors at the serving dtype, quantized tensors and scales as stored.
+        return spec.weights.bytes_as_served(dtype_bytes)
+    unquantized = float(dtype_bytes) if dtype_bytes is not None else float(DTYPE_BYTES.get(spec.dtype, 2))
     if quant is None:
         return math.ceil(spec.params * unquantized)
     if quant.method is QuantMethod.GGUF:
@@ -101,10 +104,12 @@ def estimate_model_bytes(spec: ModelSpec, dtype_bytes: float | None = None) -> i
 def estimate_kv_cache_bytes(
     spec: ModelSpec, *, context_length: int, batch_size: int = 1, kv_dtype_bytes: float = 2
 ) -> int:
-    """Bytes of the KV cache: layers * KV heads * head dim * 2 (keys and values) * bytes * tokens.
+    """Bytes of the KV cache for ``batch_size`` sequences of ``context_length`` tokens.
 
-    Encoders keep no cache (0). Sliding-window layers are counted at full length, which overestimates models
-    like Gemma 2 and Mistral v0.1 on long contexts: safe for planning.
+    Per the model's :class:`~gpu.plan.counting.KvLayout`: GQA/MQA layers cache ``2 * kv_heads * head_dim``
+    elements per token, MLA layers their compressed latent, sliding-window (and chunked) layers at most their
+    window of tokens, state-space layers nothing. Without a layout: layers * KV heads * head dim * 2 per token.
+    Encoders keep no cache (0).
 
     Raises:
         ConfigError: ``context_length`` or ``batch_size`` is not positive.
@@ -112,6 +117,8 @@ def estimate_kv_cache_bytes(
     _check_positive(context_length=context_length, batch_size=batch_size)
     if spec.is_encoder:
         return 0
+    if spec.kv_layout is not None:
+        return math.ceil(spec.kv_layout.elements(context_length) * batch_size * kv_dtype_bytes)
     per_token = spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * kv_dtype_bytes
     return math.ceil(per_token * context_length * batch_size)
 

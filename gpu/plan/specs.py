@@ -1,21 +1,29 @@
 """Model specs: what a model is, in the numbers that decide where it fits.
 
-A :class:`ModelSpec` comes from a ``config.json`` (exact: parameters are counted from the architecture, within
-1 % of what transformers instantiates for the supported families), from a GGUF file, or from a name alone
+A :class:`ModelSpec` comes from a model directory, a ``config.json``, a GGUF file, or a name alone
 (``meta-llama/Llama-3.1-8B-Instruct``, ``Qwen/Qwen3-30B-A3B``, ``TheBloke/Llama-2-70B-GPTQ``), which is an
 estimate and says so in :attr:`ModelSpec.notes`.
 
-Pure Python: never imports torch or transformers, so the router can plan on a machine without them. The
-parameter formulas are one function per family in :mod:`gpu.plan.architectures`, each checked by a test against
-what transformers instantiates on the meta device; the name-only rules (sizes, known names, quantization
-suffixes, GGUF quant types) live in :mod:`gpu.plan.model_names`.
+Where the parameters come from, best first (the first note says which was used):
+
+1. the checkpoint's safetensors headers, when the files are there: exact bytes and parameters, quantized
+   layouts included (:mod:`gpu.plan.safetensors_header`);
+2. a formula for the config's ``model_type`` (:mod:`gpu.plan.formulas`), each within 1 % of what transformers
+   instantiates on the meta device;
+3. for any other ``model_type``, the general path (:mod:`gpu.plan.general`): transformers' own meta-device
+   count when it is installed, else the checkpoint's size on disk, else a refusal. Never a small guess.
+
+:func:`gpu.plan.formulas.parameter_counts` makes that choice; :mod:`gpu.plan.checkpoint_files` reads the
+directory (``config.json``, the index and the weight files).
+
+Pure Python: never imports torch or transformers (the optional meta-device count imports them inside one
+function), so the router plans known families and checkpoints with weights on a machine without them. The
+name-only rules (sizes, known names, quantization suffixes, GGUF quant types) live in
+:mod:`gpu.plan.model_names`.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -24,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from gpu.errors import ModelSpecError
-from gpu.plan.architectures import FAMILIES, Cfg, generic_counts, positive_int
+from gpu.plan.checkpoint_files import checkpoint_layout, read_config
+from gpu.plan.counting import KvLayout, positive_int
+from gpu.plan.formulas import parameter_counts
 from gpu.plan.model_names import (
     DEFAULT_GGUF_TYPE,
     GGUF_BITS_PER_WEIGHT,
@@ -39,6 +49,7 @@ from gpu.plan.model_names import (
     reference_shape,
     size_from_name,
 )
+from gpu.plan.safetensors_header import CheckpointWeights, weights_from_safetensors
 
 __all__ = [
     "ModelSpec",
@@ -56,7 +67,8 @@ __all__ = [
 class SpecSource(str, Enum):
     """Where a spec's numbers came from."""
 
-    CONFIG = "config"  # counted from config.json: exact for supported families
+    CONFIG = "config"  # counted from config.json (a formula, the meta device or the size on disk)
+    SAFETENSORS = "safetensors"  # exact, from the checkpoint's safetensors headers
     GGUF = "gguf"  # a GGUF file: size from the file, parameters from its name or size
     NAME = "name"  # a name alone: nominal sizes and typical shapes
 
@@ -89,8 +101,13 @@ class ModelSpec:
         num_shards: weight files in the checkpoint.
         checkpoint_bytes: size of the weights on disk, when known (index ``total_size`` or file sizes).
         source: where the numbers came from.
-        exact: parameters were counted from a known architecture (not a name, nor a generic formula).
-        notes: why-strings for a person reading a plan (estimates, assumptions).
+        exact: parameters were counted (headers, a formula or the meta device), not estimated from a name or
+            a size on disk.
+        notes: why-strings for a person reading a plan (estimates, assumptions); the first names the source
+            of the parameter count.
+        kv_layout: how the KV cache grows with the context (sliding windows, MLA latent, none for state-space
+            layers); ``None`` for the plain layout (``num_layers`` layers of ``num_kv_heads`` x ``head_dim``).
+        weights: exact sizes from the checkpoint's safetensors headers, when its files were read.
     """
 
     name: str
@@ -117,6 +134,8 @@ class ModelSpec:
     source: SpecSource
     exact: bool
     notes: tuple[str, ...] = field(default=())
+    kv_layout: KvLayout | None = None
+    weights: CheckpointWeights | None = None
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -190,25 +209,32 @@ def spec_from_config(
     name: str | None = None,
     num_shards: int = 1,
     checkpoint_bytes: int | None = None,
+    weights: CheckpointWeights | None = None,
 ) -> ModelSpec:
-    """A spec from a parsed ``config.json``.
+    """A spec from a parsed ``config.json``, and the checkpoint's headers when they were read.
 
     Args:
         config: the config as a dict (``model_type``, sizes, ``torch_dtype``/``dtype``, ``quantization_config``).
         name: the model's name for messages; defaults to the config's ``_name_or_path`` or its ``model_type``.
         num_shards: weight files in the checkpoint.
-        checkpoint_bytes: size of the weights on disk when known; used when the config is not enough.
+        checkpoint_bytes: size of the weights on disk when known; used when nothing better is.
+        weights: what the checkpoint's safetensors headers say; when given, parameters and weight bytes are
+            exact and the formula only supplies the geometry.
 
     Raises:
-        ModelSpecError: the config lacks the sizes a parameter count needs and ``checkpoint_bytes`` cannot
-            stand in, or its quantization config is malformed.
+        ModelSpecError: the parameters cannot be counted (a formula's size is missing and no headers stand in;
+            a model type without a formula, no weights, no transformers), or the quantization config is malformed.
     """
     if not isinstance(config, Mapping):
         raise ModelSpecError(f"a config must be a JSON object, got {type(config).__name__}")
-    cfg, notes = _text_config(config)
-    model_type = str(cfg.get("model_type") or config.get("model_type") or "unknown").lower()
+    cfg = _text_config(config)
+    model_type = str(config.get("model_type") or cfg.get("model_type") or "unknown").lower()
     label = name or str(config.get("_name_or_path") or model_type)
+    notes: list[str] = []
     dtype = _normalize_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or config.get("dtype"))
+    if dtype is None and weights is not None and weights.dtype is not None:
+        dtype = weights.dtype
+        notes.append(f"config names no dtype: {dtype}, the checkpoint's own")
     if dtype is None:
         dtype = "float32"
         notes.append("config names no dtype: assumed float32 checkpoint (served in 16-bit on GPUs)")
@@ -218,15 +244,22 @@ def spec_from_config(
         method = quant_config.get("quant_method") if isinstance(quant_config, Mapping) else None
         notes.append(f"quantization method {method!r} not recognized: planned as unquantized (an overestimate)")
 
-    counter = FAMILIES.get(model_type)
-    if counter is not None:
-        counts = counter(Cfg(cfg, model_type))
-        exact = True
-        notes.insert(0, f"parameters counted from config.json ({model_type} architecture)")
-    else:
-        counts = generic_counts(Cfg(cfg, model_type), label, checkpoint_bytes, dtype, quantization)
-        exact = False
-        notes.insert(0, counts.note)
+    counts, source_note = parameter_counts(
+        config,
+        cfg,
+        model_type,
+        label=label,
+        weights=weights,
+        checkpoint_bytes=checkpoint_bytes,
+        dtype=dtype,
+        quantization=quantization,
+    )
+    notes.insert(0, source_note)
+    if counts.note:
+        notes.append(counts.note)
+    kv = counts.kv_layout()
+    if not counts.encoder:
+        notes.append(f"KV cache: {kv.describe()}")
     return ModelSpec(
         name=label,
         architecture=model_type,
@@ -250,94 +283,55 @@ def spec_from_config(
         tie_word_embeddings=counts.tied,
         is_encoder=counts.encoder,
         num_shards=max(num_shards, 1),
-        checkpoint_bytes=checkpoint_bytes,
-        source=SpecSource.CONFIG,
-        exact=exact,
+        checkpoint_bytes=weights.tensor_bytes if weights is not None else checkpoint_bytes,
+        source=SpecSource.SAFETENSORS if weights is not None else SpecSource.CONFIG,
+        exact=weights is not None or not source_note.startswith("parameters: checkpoint size"),
         notes=tuple(notes),
+        kv_layout=kv,
+        weights=weights,
     )
 
 
 # ------------------------------------------------------------------------------------------------ files
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The parsed ``config.json`` at ``path``, read once per version of the file.
-
-    Cached on the resolved path, the file's modification time and its size, so a model load that plans, counts
-    and loads reads the file once, and a rewritten config is read again. Callers get a fresh copy: mutating it
-    does not change what the next caller sees.
-
-    Args:
-        path: a ``config.json`` file (or any JSON config).
-
-    Returns:
-        The JSON object.
-
-    Raises:
-        ModelSpecError: the file cannot be read, is not valid JSON, or holds something other than an object.
-    """
-    try:
-        stat = path.stat()
-    except OSError as exc:
-        raise ModelSpecError(f"cannot read {path}: {exc.strerror or exc}; check the path and permissions") from None
-    return copy.deepcopy(_read_config(path.resolve(), stat.st_mtime_ns, stat.st_size))
-
-
-@functools.lru_cache(maxsize=256)
-def _read_config(path: Path, mtime_ns: int, size: int) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelSpecError(f"cannot read {path}: {exc.strerror or exc}; check the path and permissions") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelSpecError(
-            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
-            "re-download or fix the config"
-        ) from None
-    if not isinstance(config, dict):
-        raise ModelSpecError(f"{path} holds a JSON {type(config).__name__}, not an object: fix the config")
-    return config
-
-
 def _spec_from_config_file(config_path: Path, *, model_dir: Path) -> ModelSpec:
     config = read_config(config_path)
-    num_shards, checkpoint_bytes = _checkpoint_layout(model_dir)
+    layout = checkpoint_layout(model_dir)
     name = model_dir.name if config_path.name == "config.json" else config_path.stem
-    spec = spec_from_config(config, name=name, num_shards=num_shards, checkpoint_bytes=checkpoint_bytes)
-    if num_shards > 1:
-        spec = _with_note(spec, f"checkpoint in {num_shards} shards")
-    return spec
-
-
-def _checkpoint_layout(model_dir: Path) -> tuple[int, int | None]:
-    """(number of weight files, bytes on disk) from an index file or the weight files themselves."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = model_dir / index_name
-        if not index_path.is_file():
-            continue
+    weights = None
+    unreadable = ""
+    if layout.safetensors:
+        quant_config = config.get("quantization_config")
+        quant = quantization_from_config(quant_config, name) if isinstance(quant_config, Mapping) else None
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelSpecError(
-                f"{index_path} is not a readable JSON index ({exc}): re-download the model's index file"
-            ) from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        shards = len(set(weight_map.values())) if isinstance(weight_map, dict) else 1
-        metadata = index.get("metadata") if isinstance(index, dict) else None
-        total = positive_int(metadata.get("total_size")) if isinstance(metadata, dict) else None
-        return max(shards, 1), total
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
-    if not files:
-        return 1, None
-    return len(files), sum(f.stat().st_size for f in files)
+            weights = weights_from_safetensors(layout.safetensors, quantized_bits=quant.bits if quant else None)
+        except ModelSpecError as exc:
+            # Planning goes on from the config; loading the damaged file reports it as a load error.
+            unreadable = f"safetensors headers not used: {exc}"
+    spec = spec_from_config(
+        config, name=name, num_shards=layout.num_files, checkpoint_bytes=layout.total_bytes, weights=weights
+    )
+    for note in (layout.note, unreadable):
+        if note:
+            spec = _with_note(spec, note)
+    if layout.num_files > 1:
+        spec = _with_note(spec, f"checkpoint in {layout.num_files} shards")
+    return spec
 
 
 _GGUF_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
 def _spec_from_gguf_files(files: list[Path]) -> ModelSpec:
+    # A real GGUF file is planned as the worker serves it: transformers dequantizes it, so gpu.plan.gguf counts
+    # its parameters from the header and sizes them at the serving dtype. Only a file without a GGUF header (a
+    # name-only stand-in) keeps the name and file-size estimate below.
+    from gpu.plan import gguf
+
+    if gguf.is_gguf(files[0]):
+        chosen, notes = gguf.gguf_files(files[0].parent) if len(files) > 1 else (files, [])
+        return gguf.spec_from_gguf_files(chosen or files, notes=tuple(notes))
     first = files[0]
     # Several files: either the parts of one split model (-00001-of-00003.gguf) or several quant types side by
     # side; in the second case plan for the first, named in the notes.
@@ -376,18 +370,17 @@ def _spec_from_gguf_name(file_name: str, *, size_bytes: int | None) -> ModelSpec
 # ------------------------------------------------------------------------------------------ config helpers
 
 
-def _text_config(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
-    """The language model's part of a config: multimodal configs nest it under ``text_config``."""
-    notes: list[str] = []
+def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The language model's part of a config (multimodal configs nest it under ``text_config``): its dtype,
+    context and, on the general path, the geometry come from it. Formulas read the whole config."""
     text = config.get("text_config")
     has_own_sizes = any(key in config for key in ("hidden_size", "n_embd", "d_model", "dim"))
     if isinstance(text, Mapping) and not has_own_sizes:
-        notes.append("multimodal config: counted the text model only (vision/audio towers are not included)")
         merged = dict(text)
         merged.setdefault("model_type", text.get("model_type") or config.get("model_type"))
         merged.setdefault("torch_dtype", config.get("torch_dtype") or config.get("dtype"))
-        return merged, notes
-    return config, notes
+        return merged
+    return config
 
 
 _DTYPE_ALIASES: Mapping[str, str] = {

@@ -55,9 +55,18 @@ CAUSAL_LM_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGenerati
 
 
 def detect_kind(model_dir: Path) -> ModelKind:
-    """Whether a model directory holds a causal LM or an encoder to embed with (from its config.json)."""
+    """Whether a model directory holds a causal LM or an encoder to embed with (from its config.json).
+
+    Multimodal checkpoints (``...ForConditionalGeneration``) are causal LMs: their text generation is served.
+    A GGUF model without a config.json is judged from the file's architecture.
+    """
     from gpu.plan.specs import read_config  # cached: planning and loading parse config.json once between them
 
+    if not (model_dir / "config.json").is_file():
+        from gpu.runtime.gguf_loader import gguf_model_kind, is_gguf_model
+
+        if is_gguf_model(model_dir):
+            return gguf_model_kind(model_dir)
     try:
         config = read_config(model_dir / "config.json")
     except ModelSpecError as exc:
@@ -94,7 +103,7 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
-    """Sentence embeddings for ``texts`` (one vector per text).
+    """Sentence embeddings for ``texts`` (one vector per text): one job's share of :func:`embed_batch`.
 
     Args:
         loaded: an embedding model.
@@ -108,39 +117,9 @@ def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> l
         InferenceError: the model is not an embedding model, or tokenizing or its forward failed.
         DeviceOutOfMemoryError: the device ran out of memory during the forward.
     """
-    import torch
+    from gpu.runtime.batching import EmbedJob, embed_batch
 
-    from gpu.runtime.oom import translate_model_errors
-
-    if loaded.kind is not ModelKind.EMBEDDING:
-        raise InferenceError(
-            f"model {loaded.model_id!r} is a {loaded.kind.value} model; use fleet.generate, or embed with an "
-            "encoder such as sentence-transformers/all-MiniLM-L6-v2"
-        )
-    with (
-        translate_model_errors(
-            loaded.model_id,
-            f"embedding {len(texts)} texts",
-            "check the texts are non-empty strings; if every request fails, unload the model so the next job "
-            "reloads it",
-        ),
-        torch.inference_mode(),
-    ):
-        batch = loaded.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
-        states = loaded.module(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-        if loaded.pooling is Pooling.CLS:
-            pooled = states[:, 0]
-        elif loaded.pooling is Pooling.LAST:
-            last = batch["attention_mask"].sum(dim=1) - 1
-            pooled = states[torch.arange(states.shape[0], device=states.device), last]
-        else:
-            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        pooled = pooled.float()
-        if normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        rows = pooled.cpu().tolist()
-    return [[float(x) for x in row] for row in rows]
+    return embed_batch(loaded, [EmbedJob(texts, normalize)])[0]
 
 
 @dataclass(frozen=True)
@@ -204,7 +183,10 @@ def generate(
         input_ids = encoded["input_ids"].to(loaded.device)
         attention_mask = encoded["attention_mask"].to(loaded.device)
     prompt_tokens = int(input_ids.shape[1])
-    max_positions = getattr(loaded.module.config, "max_position_embeddings", None)
+    # Multimodal configs keep the language model's context in their text config.
+    config = loaded.module.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_positions = getattr(text_config, "max_position_embeddings", None)
     if max_positions is not None and prompt_tokens + max_new_tokens > max_positions:
         raise InferenceError(
             f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpu.errors import ModelLoadError, ModelSpecError
+from gpu.runtime.gguf_loader import is_gguf_model, load_gguf
 from gpu.runtime.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
+from gpu.runtime.quantization import check_quantized
 from gpu.runtime.safetensors_io import (
     CHUNK_ALIGN_BYTES,
     SAFETENSORS_DTYPES,
@@ -149,21 +151,40 @@ class PretrainedLoader:
         ``progress`` is called once, with (total, total), when the weights are in place: ``from_pretrained``
         does not report along the way. ``device_map`` (module name -> device), when given, spreads the model
         instead (:mod:`gpu.runtime.device_map` computes it); the result's ``device`` is still ``device``.
+        A GGUF model is loaded dequantized (:mod:`gpu.runtime.gguf_loader`); a multimodal checkpoint with its
+        image-text-to-text class (its text generation is served); a quantized checkpoint only after
+        :func:`gpu.runtime.quantization.check_quantized` found its kernels and GPU here.
+
+        Raises:
+            UnsupportedQuantizationError: a quantized checkpoint this device cannot run (before any weight is read).
         """
         from gpu.runtime.oom import translate_oom
 
         started = time.perf_counter()
+        # transformers needs accelerate for any device_map; without it, load on the CPU and move.
+        placement: dict[str, Any] = {}
+        if device_map is not None:
+            placement = {"device_map": dict(device_map)}
+        elif _has_accelerate():
+            placement = {"device_map": device}
+        if is_gguf_model(path):
+            loaded = load_gguf(
+                model_id,
+                path,
+                device=device,
+                dtype=dtype,
+                placement=placement,
+                trust_remote_code=self.trust_remote_code,
+            )
+            if progress is not None:
+                progress(loaded.bytes, loaded.bytes)
+            return loaded
+        # Before any weight is read: the fast loader hands every quantized checkpoint to this loader, having read
+        # only config.json and the list of weight files.
+        check_quantized(model_id, path, device)
         kind = detect_kind(path)
         try:
-            from transformers import AutoModel, AutoModelForCausalLM
-
-            auto = AutoModelForCausalLM if kind is ModelKind.CAUSAL_LM else AutoModel
-            # transformers needs accelerate for any device_map; without it, load on the CPU and move.
-            placement: dict[str, Any] = {}
-            if device_map is not None:
-                placement = {"device_map": dict(device_map)}
-            elif _has_accelerate():
-                placement = {"device_map": device}
+            auto = _auto_class(path, kind)
             module: Any
             with translate_oom(f"loading {model_id}"):
                 module = auto.from_pretrained(
@@ -219,7 +240,8 @@ class FastSafetensorsLoader:
     memory. The reading itself is :class:`gpu.runtime.safetensors_io.StagedReader`'s; this class decides what to read.
 
     Falls back to :class:`PretrainedLoader` (and names why in ``LoadedModel.loader``) for checkpoints without
-    safetensors, quantized ones, custom code, weights transformers converts on load, and keys it cannot match.
+    safetensors, quantized ones (which it refuses where this device cannot run them), GGUF files, multimodal
+    checkpoints, custom code, weights transformers converts on load, and keys it cannot match.
     """
 
     name = "fast-safetensors"
@@ -297,6 +319,8 @@ class FastSafetensorsLoader:
 
         target_dtype = torch_dtype(dtype)
         target = torch.device(device)
+        if is_gguf_model(path):
+            raise Unsupported("GGUF file (transformers dequantizes it)")
         files = safetensors_files(path)
         if not files:
             raise Unsupported("no safetensors weights")
@@ -306,6 +330,8 @@ class FastSafetensorsLoader:
             raise Unsupported(f"quantized checkpoint ({method})")
         if raw_config.get("auto_map"):
             raise Unsupported("custom code architecture (auto_map)")
+        if _is_multimodal(raw_config):
+            raise Unsupported("multimodal checkpoint (its image-text-to-text class)")
         kind = detect_kind(path)
         try:
             entries: dict[str, TensorEntry] = {}
@@ -393,6 +419,40 @@ def _read_config(path: Path) -> dict[str, Any]:
         return read_config(path / "config.json")
     except ModelSpecError as exc:
         raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
+
+
+def _is_multimodal(config: Mapping[str, Any]) -> bool:
+    """A checkpoint with a vision (or audio) tower beside its language model."""
+    return any(isinstance(config.get(key), Mapping) for key in ("vision_config", "audio_config"))
+
+
+def _auto_class(path: Path, kind: ModelKind) -> Any:
+    """The transformers auto class that builds the checkpoint's whole model (transformers' classes are untyped).
+
+    Multimodal checkpoints that ``AutoModelForCausalLM`` does not map (Qwen2-VL, LLaVA ...) load with
+    ``AutoModelForImageTextToText``: all their weights are read, and text generation runs through its language
+    model; the ones it maps (Gemma 3, Llama 4, Mllama) keep the causal LM class.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    if kind is ModelKind.EMBEDDING:
+        return AutoModel
+    config = _read_config(path)
+    if _is_multimodal(config):
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
+
+        model_type = str(config.get("model_type", ""))
+        if (
+            model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        ):
+            from transformers import AutoModelForImageTextToText
+
+            return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _load_generation_config(module: Any, path: Path) -> None:

@@ -65,10 +65,12 @@ def worker_factory(
     started: list[RunningWorker] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def start(env: dict[str, str] | None = None, *, wait: bool = True, db: int | None = None) -> RunningWorker:
+    def start(
+        env: dict[str, str] | None = None, *, wait: bool = True, db: int | None = None, name: str | None = None
+    ) -> RunningWorker:
         broker_db = db if db is not None else next(_db)
         full_env = _worker_env(redis_server, model_root, broker_db, env or {})
-        name = f"cpu-{broker_db}@test"
+        name = name or f"cpu-{broker_db}@test"
         settings = load_settings(
             broker_url=full_env["GPUFLEET_BROKER_URL"],
             result_backend=full_env["GPUFLEET_RESULT_BACKEND"],

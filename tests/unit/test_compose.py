@@ -31,6 +31,10 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENV_EXAMPLE = REPO / ".env.example"
 PROMETHEUS_EXAMPLE = REPO / "docs" / "prometheus.yml"
+SMOKE_OVERRIDE = REPO / "docker" / "compose.smoke.yml"
+SMOKE_SCRIPT = REPO / "scripts" / "compose_smoke.sh"
+BASE_IMAGE_SCRIPT = REPO / "scripts" / "local_base_image.sh"
+README = REPO / "README.md"
 TEST_ENV = {
     "REDIS_PASSWORD": "s3cret-for-tests",
     "FLOWER_USER": "admin",
@@ -178,6 +182,13 @@ def test_flower_requires_basic_auth(services: dict[str, dict[str, Any]]) -> None
     assert re.fullmatch(r"\$\{FLOWER_USER:\?[^}]*\}:\$\{FLOWER_PASSWORD:\?[^}]*\}", auth), auth
 
 
+def test_flower_reads_the_model_volume_it_plans_from(services: dict[str, dict[str, Any]]) -> None:
+    """Flower's send-task plans from the installed model and refuses one that is missing: it needs the volume."""
+    flower = services["flower"]
+    assert "models:/models:ro" in flower["volumes"]
+    assert flower["environment"]["GPUFLEET_MODEL_ROOT"] == "/models"
+
+
 def test_flower_flag_spelling_is_what_flower_accepts() -> None:
     flower_options = pytest.importorskip("flower.options")
     # tornado.options stores names with '-' and reads either spelling from the command line.
@@ -310,7 +321,6 @@ def test_shared_settings_live_in_extension_fields(compose: dict[str, Any]) -> No
 
 def test_dockerfile_installs_the_extras_pyproject_defines() -> None:
     text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.12-slim\b", text, re.MULTILINE)
     match = re.search(r"pip install \"?\.\[([a-z,]+)\]", text)
     assert match, "the Dockerfile must pip install the project with its extras"
     extras = set(match.group(1).split(","))
@@ -325,3 +335,153 @@ def test_env_example_names_every_required_variable() -> None:
     assert required >= {"REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "API_TOKEN"}
     documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
     assert required <= documented, f"add to .env.example: {sorted(required - documented)}"
+
+
+def test_dockerfile_base_image_is_a_build_argument_defaulting_to_the_official_image() -> None:
+    text = DOCKERFILE.read_text()
+    arg = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert arg and arg.group(1) == "python:3.12-slim"
+    (from_line,) = re.findall(r"^FROM .*$", text, re.MULTILINE)
+    assert from_line == "FROM ${BASE_IMAGE}"
+    assert arg.start() < text.index(from_line), "an ARG used in FROM must come before it"
+    # A `# syntax=` directive makes BuildKit pull a frontend image from a registry: the build fails offline.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+
+
+def test_compose_passes_the_base_image_build_argument(compose: dict[str, Any]) -> None:
+    args = compose["x-gpufleet-image"]["build"]["args"]
+    assert args["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.12-slim}"
+    assert args["TORCH_INDEX_URL"] == "${TORCH_INDEX_URL:-}"
+
+
+def test_redis_image_is_overridable_and_keeps_its_data_in_the_volume(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7.4-bookworm}"
+    # Explicit: a local image whose working directory is not /data must still write its AOF into the volume.
+    assert _option(_command(redis), "--dir") == "/data"
+
+
+def test_memlock_is_raised_for_gpu_workers_only(services: dict[str, dict[str, Any]]) -> None:
+    workers = _workers(services)
+    for name, service in workers.items():
+        if "--gpu" in _command(service):
+            assert service["ulimits"]["memlock"] == -1, name  # pinned staging buffers for host-to-device copies
+        else:
+            # Raising memlock fails to start a container where the runtime may not raise it; the CPU pins nothing.
+            assert "ulimits" not in service, name
+
+
+# --- the smoke test's override (scripts/compose_smoke.sh) ----------------------------------------------------
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """PyYAML with Compose's ``!reset`` tag (the value it resets to)."""
+
+
+def _reset(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node)
+    return None
+
+
+_ComposeLoader.add_constructor("!reset", _reset)
+
+SMOKE_SERVICES = ("redis", "flower", "api", "worker-cpu", "models")
+
+
+@pytest.fixture(scope="module")
+def smoke() -> dict[str, dict[str, Any]]:
+    data = yaml.load(SMOKE_OVERRIDE.read_text(), Loader=_ComposeLoader)  # a SafeLoader subclass
+    return dict(data["services"])
+
+
+def test_smoke_override_keeps_every_service_on_the_loopback(smoke: dict[str, dict[str, Any]]) -> None:
+    assert set(smoke) == set(SMOKE_SERVICES)
+    for name, service in smoke.items():
+        assert service["network_mode"] == "host", name
+        assert not service.get("ports"), f"{name}: nothing is published on the host network"
+    assert _option(_command(smoke["redis"]), "--bind") == "127.0.0.1"
+    assert _option(_command(smoke["flower"]), "--address") == "127.0.0.1"
+    assert _option(_command(smoke["api"]), "--host") == "127.0.0.1"
+    for name in ("flower", "api", "worker-cpu", "models"):
+        env = smoke[name]["environment"]
+        for key in ("GPUFLEET_BROKER_URL", "GPUFLEET_RESULT_BACKEND"):
+            assert "@127.0.0.1:${SMOKE_REDIS_PORT:-16379}/" in env[key], (name, key)
+        assert smoke[name]["build"]["network"] == "host", name
+
+
+def test_smoke_override_health_checks_use_the_smoke_ports(smoke: dict[str, dict[str, Any]]) -> None:
+    for name, variable in (("redis", "SMOKE_REDIS_PORT"), ("flower", "SMOKE_FLOWER_PORT"), ("api", "SMOKE_API_PORT")):
+        check = " ".join(smoke[name]["healthcheck"]["test"])
+        assert "127.0.0.1" in check and "${" + variable in check, name
+
+
+def _compose_v2() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    pytest.skip("no `docker compose` (Compose v2) plugin: the override uses `!reset`, which Compose v1 lacks")
+
+
+def test_smoke_override_renders_with_compose_v2() -> None:
+    files = ["-f", str(COMPOSE_FILE), "-f", str(SMOKE_OVERRIDE)]
+    result = subprocess.run(
+        [*_compose_v2(), "--project-directory", str(REPO), *files, "--profile", "cpu", "--profile", "setup", "config"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(**TEST_ENV, SMOKE_REDIS_PORT="16399"),
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)["services"]
+    for name in SMOKE_SERVICES:
+        assert rendered[name]["network_mode"] == "host", name
+        assert not rendered[name].get("ports"), name
+    password = TEST_ENV["REDIS_PASSWORD"]
+    assert rendered["worker-cpu"]["environment"]["GPUFLEET_BROKER_URL"] == f"redis://:{password}@127.0.0.1:16399/0"
+    assert "hostname" not in rendered["worker-cpu"], "a hostname conflicts with the host's network"
+    assert "16399" in _command(rendered["redis"])
+
+
+# --- the scripts and the README ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [SMOKE_SCRIPT, BASE_IMAGE_SCRIPT], ids=lambda path: path.name)
+def test_scripts_parse(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], check=False, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_smoke_script_help_and_argument_errors_need_no_docker() -> None:
+    helped = subprocess.run(["bash", str(SMOKE_SCRIPT), "--help"], check=False, capture_output=True, text=True)
+    assert helped.returncode == 0, helped.stderr
+    for flag in ("--local-base", "--base-image", "--redis-image", "--no-install", "--keep"):
+        assert flag in helped.stdout, flag
+    wrong = subprocess.run(["bash", str(SMOKE_SCRIPT), "--nope"], check=False, capture_output=True, text=True)
+    assert wrong.returncode != 0 and "unknown argument: --nope" in wrong.stderr
+    missing = subprocess.run(["bash", str(SMOKE_SCRIPT), "--base-image"], check=False, capture_output=True, text=True)
+    assert missing.returncode != 0 and "--base-image needs an image" in missing.stderr
+
+
+def test_smoke_script_uses_the_override_and_the_services_it_names(services: dict[str, dict[str, Any]]) -> None:
+    text = SMOKE_SCRIPT.read_text()
+    assert "docker/compose.smoke.yml" in text
+    for name in SMOKE_SERVICES:
+        assert name in services and name in text, name
+    assert "down -v" in text, "the smoke test removes its volumes"
+
+
+def test_readme_flower_examples_put_the_queue_at_the_top_level() -> None:
+    """Flower 2.x reads ``queue`` from the top of send-task's body and ignores it inside ``options``."""
+    import json
+
+    bodies = re.findall(r"send-task/[\w.]+ .*?-d '(\{.*?\})'", README.read_text(), re.DOTALL)
+    assert bodies, "the README shows a Flower send-task example"
+    for raw in bodies:
+        body = json.loads(raw.replace("\\\n", ""))
+        assert "kwargs" in body
+        assert "queue" not in body.get("options", {}), raw

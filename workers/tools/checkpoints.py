@@ -29,11 +29,12 @@ from typing import Any
 
 from gpu.errors import ConfigError
 from gpu.units import MiB
+from workers.tools.families import ENCODERS, auto_class, config_options, tokenizer_for
 from workers.tools.guards import needs_worker_libraries, writing
-from workers.tools.tokenizer import demo_tokenizer
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "bert")
-ENCODERS = frozenset({"bert"})  # saved as the bare encoder (what an embedding model is), the rest as causal LMs
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "bert", "xlm-roberta", "qwen2_vl")
+# Encoders are saved as the bare encoder (what an embedding model is), multimodal models with their image-text
+# class, the rest as causal LMs; the families' differences live in workers.tools.families.
 DTYPES = ("float32", "float16", "bfloat16")
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _RANDOM_BLOCK_BYTES = 64 * MiB  # write_checkpoint tiles this much random data over every tensor
@@ -89,7 +90,8 @@ def model_config(arch: str, shape: Shape, *, tie: bool | None = None, tokenizer:
         shape: the dimensions.
         tie: share the input embedding with the output head; ``None`` keeps the architecture's default (gpt2
             ties, the others do not).
-        tokenizer: the tokenizer whose size and ids the config takes; default the demo tokenizer.
+        tokenizer: the tokenizer whose size and ids the config takes; default the family's
+            (:func:`workers.tools.families.tokenizer_for`).
 
     Returns:
         A ``transformers.PretrainedConfig``.
@@ -101,36 +103,8 @@ def model_config(arch: str, shape: Shape, *, tie: bool | None = None, tokenizer:
     with needs_worker_libraries("making checkpoints"):
         from transformers import AutoConfig
 
-        tokenizer = tokenizer if tokenizer is not None else demo_tokenizer()
-        options: dict[str, Any] = {
-            "vocab_size": shape.vocab_size or len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        if tie is not None:
-            options["tie_word_embeddings"] = tie
-        if arch == "gpt2":
-            dims: dict[str, Any] = {
-                "n_embd": shape.hidden,
-                "n_layer": shape.layers,
-                "n_head": shape.heads,
-                "n_inner": shape.intermediate,
-                "n_positions": shape.max_positions,
-            }
-        else:
-            dims = {
-                "hidden_size": shape.hidden,
-                "num_hidden_layers": shape.layers,
-                "num_attention_heads": shape.heads,
-                "intermediate_size": shape.intermediate,
-                "max_position_embeddings": min(shape.max_positions, 512) if arch in ENCODERS else shape.max_positions,
-            }
-            if arch not in ("gpt_neox", *ENCODERS):
-                dims["num_key_value_heads"] = shape.kv_heads
-            if arch == "phi3":
-                dims["original_max_position_embeddings"] = shape.max_positions
-        return AutoConfig.for_model(arch, **dims, **options)
+        tokenizer = tokenizer if tokenizer is not None else tokenizer_for(arch)
+        return AutoConfig.for_model(arch, **config_options(arch, shape, tokenizer, tie=tie))
 
 
 def make_checkpoint(
@@ -175,11 +149,11 @@ def make_checkpoint(
         with needs_worker_libraries("making checkpoints"):
             import torch
 
-            tokenizer = demo_tokenizer()
+            tokenizer = tokenizer_for(arch)
             config = model_config(arch, shape, tie=tie, tokenizer=tokenizer)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = _auto_class(arch).from_config(config)
+                model = auto_class(arch).from_config(config)
             model = model.to(getattr(torch, dtype)).eval()
             if arch not in ENCODERS:
                 model.generation_config.do_sample = False
@@ -236,10 +210,10 @@ def write_checkpoint(
             import torch
             from transformers.utils.hub import convert_file_size_to_int
 
-            tokenizer = demo_tokenizer()
+            tokenizer = tokenizer_for(arch)
             config = model_config(arch, shape, tie=tie, tokenizer=tokenizer)
             with torch.device("meta"):
-                skeleton = _auto_class(arch).from_config(config)
+                skeleton = auto_class(arch).from_config(config)
             # keep_vars: tied weights are one Parameter under two names; the checkpoint holds it once, under
             # the first name (the input embedding), as save_pretrained does.
             seen: set[int] = set()
@@ -438,12 +412,6 @@ def _checked(directory: Path, arch: str, size: str | Shape, dtype: str) -> Shape
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ConfigError(f"{directory} already exists and is not empty; pass a new directory for the checkpoint")
     return SHAPES[size] if isinstance(size, str) else size
-
-
-def _auto_class(arch: str) -> Any:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    return AutoModel if arch in ENCODERS else AutoModelForCausalLM  # transformers' from_config is untyped
 
 
 @contextmanager

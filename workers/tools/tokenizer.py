@@ -1,8 +1,12 @@
-"""The local tokenizer every generated model ships with: byte-level BPE trained here, offline, deterministically.
+"""The local tokenizers generated models ship with, trained here, offline, deterministically.
 
-Trained once per process on :data:`CORPUS`, a few paragraphs of English written for this project, with the chat
-template of the demo chat model. Byte-level, so any text encodes with no unknown tokens; the training is
-deterministic, so every process (and every machine) builds the same vocabulary.
+* :func:`demo_tokenizer`: byte-level BPE (the Llama/GPT-2 family's kind) with the chat template of the demo chat
+  model; byte-level, so any text encodes with no unknown tokens.
+* :func:`unigram_tokenizer`: a SentencePiece-style Unigram model with XLM-RoBERTa's special tokens and layout
+  (``<s> text </s>``, ``<pad>`` = 1), for the XLM-RoBERTa family of embedding models.
+
+Both are trained once per process on :data:`CORPUS`, a few paragraphs of English written for this project; the
+training is deterministic, so every process (and every machine) builds the same vocabulary.
 """
 
 from __future__ import annotations
@@ -102,6 +106,40 @@ def demo_tokenizer() -> Any:
     return tokenizer
 
 
+# XLM-RoBERTa's special tokens, in its order (pad = 1 is the position embeddings' padding index).
+UNIGRAM_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+UNIGRAM_VOCAB_SIZE = 800
+UNIGRAM_MAX_LENGTH = 512
+
+
+def unigram_tokenizer() -> Any:
+    """A fresh copy of the local Unigram tokenizer, laid out as XLM-RoBERTa's (``PreTrainedTokenizerFast``).
+
+    Metaspace pre-tokenization (``▁`` marks word starts), ``<s> A </s>`` and ``<s> A </s></s> B </s>`` templates,
+    at most :data:`UNIGRAM_MAX_LENGTH` tokens.
+
+    Raises:
+        ConfigError: transformers or tokenizers is not installed.
+    """
+    with needs_worker_libraries("the Unigram tokenizer"):
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer_class: Any = PreTrainedTokenizerFast  # transformers' constructor is untyped
+        bos, pad, eos, unk, mask = UNIGRAM_SPECIAL_TOKENS
+        return tokenizer_class(
+            tokenizer_object=Tokenizer.from_str(_trained_unigram_json()),
+            bos_token=bos,
+            eos_token=eos,
+            sep_token=eos,
+            cls_token=bos,
+            pad_token=pad,
+            unk_token=unk,
+            mask_token=mask,
+            model_max_length=UNIGRAM_MAX_LENGTH,
+        )
+
+
 def save_tokenizer(directory: Path) -> None:
     """Write the demo tokenizer's files (``tokenizer.json``, ``tokenizer_config.json`` …) into ``directory``.
 
@@ -132,5 +170,29 @@ def _trained_tokenizer_json() -> str:
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A $B",
         special_tokens=[(BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN))],
+    )
+    return tokenizer.to_str()
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_unigram_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=UNIGRAM_VOCAB_SIZE,
+        special_tokens=list(UNIGRAM_SPECIAL_TOKENS),
+        unk_token=UNIGRAM_SPECIAL_TOKENS[3],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.split("\n\n"), trainer=trainer)
+    bos, _, eos, _, _ = UNIGRAM_SPECIAL_TOKENS
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))],
     )
     return tokenizer.to_str()

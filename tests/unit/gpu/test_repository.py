@@ -53,3 +53,16 @@ def test_offline_hf_cache_snapshot(tmp_path: Path) -> None:
     (cache / "models--org--cached" / "refs" / "main").write_text("abc123")
     resolved = resolve_model("org/cached", tmp_path / "empty-root", cache)
     assert resolved.path == snapshot and resolved.source == "hf-cache"
+
+
+def test_a_directory_with_only_a_gguf_file_is_a_model(tmp_path: Path) -> None:
+    path = tmp_path / "org" / "gguf"
+    path.mkdir(parents=True)
+    (path / "model.Q8_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "org" / "empty").mkdir()
+    (tmp_path / "org" / ".partial" / "half").mkdir(parents=True)
+    (tmp_path / "org" / ".partial" / "half" / "x.gguf").write_bytes(b"GGUF")
+    assert resolve_model("org/gguf", tmp_path).path == path
+    with pytest.raises(ModelNotFoundError):
+        resolve_model("org/empty", tmp_path)
+    assert list_models(tmp_path) == ["org/gguf"]

@@ -295,10 +295,23 @@ def test_plan_accepts_names_paths_and_specs(make_model_dir: Callable[..., Path],
     assert by_dir.engine.max_model_len == 8192
 
 
-def test_unknown_architecture_plan_says_it_is_a_generic_estimate(make_model_dir: Callable[..., Path]) -> None:
-    config = {"model_type": "brand_new_lm", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000}
+def test_plan_reasons_name_the_parameter_source(make_model_dir: Callable[..., Path]) -> None:
+    config = {
+        "model_type": "jamba",
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "vocab_size": 1000,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 1024,
+        "num_experts": 4,
+    }
     placement = plan(make_model_dir(config))
-    assert any("generic" in reason and "brand_new_lm" in reason for reason in placement.reasons)
+    assert placement.reasons[0].startswith("parameters: meta-device count (transformers ")
+    mamba = {"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 24, "vocab_size": 50280}
+    placement = plan(make_model_dir(mamba, name="mamba"))
+    assert placement.reasons[0] == "parameters: formula mamba (state space, no KV cache)"
+    assert placement.kv_cache_bytes == 0
 
 
 @pytest.mark.parametrize(

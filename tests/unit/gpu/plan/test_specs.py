@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gpu.errors import ModelSpecError
-from gpu.plan.architectures import SUPPORTED_ARCHITECTURES
+from gpu.plan.formulas import SUPPORTED_ARCHITECTURES
 from gpu.plan.model_names import QuantMethod
 from gpu.plan.specs import (
     ModelSpec,
@@ -35,7 +35,7 @@ def _transformers_param_count(config: dict[str, Any]) -> int:
     fields = dict(config)
     model_type = fields.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **fields)
-    auto = AutoModel if model_type in ENCODER_TYPES else AutoModelForCausalLM
+    auto: Any = AutoModel if model_type in ENCODER_TYPES else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(hf_config)
     return sum(p.numel() for p in model.parameters())
@@ -184,37 +184,24 @@ def test_unknown_quantization_method_is_noted(llama_config: dict[str, Any]) -> N
     assert any("not recognized" in note for note in spec.notes)
 
 
-def test_unknown_architecture_with_sizes_gets_a_generic_estimate() -> None:
-    config = {
-        "model_type": "brand_new_lm",
-        "hidden_size": 4096,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "intermediate_size": 11008,
-        "vocab_size": 32000,
-        "torch_dtype": "float16",
-    }
-    spec = spec_from_config(config, name="org/brand-new")
-    assert not spec.exact
-    assert spec.params == pytest.approx(6.74e9, rel=0.02)  # the shape of Llama-2-7B
-    assert any("unknown architecture 'brand_new_lm'" in note and "generic" in note for note in spec.notes)
+def test_unknown_architecture_is_never_a_llama_shaped_guess(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes alone do not make a formula: without weights or transformers the planner refuses."""
+    monkeypatch.setattr("gpu.plan.general.transformers_available", lambda: False)
+    config = {"model_type": "brand_new_lm", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000}
+    with pytest.raises(ModelSpecError, match=r"'brand_new_lm' has no formula.*install transformers"):
+        spec_from_config(config, name="org/brand-new-7B")
 
 
-def test_unknown_architecture_without_sizes_falls_back_to_the_name() -> None:
-    spec = spec_from_config({"model_type": "mystery"}, name="org/mystery-7B")
-    assert spec.params == 7_000_000_000
-    assert any("from the name" in note for note in spec.notes)
+def test_unknown_architecture_to_transformers_is_refused_naming_what_is_missing() -> None:
+    with pytest.raises(ModelSpecError, match=r"'mystery' has no formula.*cannot build.*Add the checkpoint"):
+        spec_from_config({"model_type": "mystery"}, name="org/mystery-7B")
 
 
 def test_unknown_architecture_without_sizes_falls_back_to_bytes_on_disk() -> None:
     spec = spec_from_config({"model_type": "mystery", "torch_dtype": "bfloat16"}, checkpoint_bytes=14_000_000_000)
     assert spec.params == 7_000_000_000
-    assert any("checkpoint size" in note for note in spec.notes)
-
-
-def test_unknown_architecture_without_anything_is_refused() -> None:
-    with pytest.raises(ModelSpecError, match=r"unknown architecture 'mystery'.*no size in its name"):
-        spec_from_config({"model_type": "mystery"}, name="org/mystery")
+    assert not spec.exact
+    assert "checkpoint size on disk" in spec.notes[0]
 
 
 def test_known_architecture_missing_a_size_is_refused(llama_config: dict[str, Any]) -> None:
@@ -223,11 +210,16 @@ def test_known_architecture_missing_a_size_is_refused(llama_config: dict[str, An
         spec_from_config(config)
 
 
-def test_multimodal_config_counts_the_text_model(llama_config: dict[str, Any]) -> None:
-    config = {"model_type": "llava", "text_config": dict(llama_config), "vision_config": {"hidden_size": 1024}}
+def test_multimodal_config_without_a_formula_counts_the_whole_model(llama_config: dict[str, Any]) -> None:
+    """A llava config is not its llama text model: the meta-device count includes the vision tower."""
+    config = {
+        "model_type": "llava",
+        "text_config": dict(llama_config),
+        "vision_config": {"hidden_size": 1024, "num_attention_heads": 16},
+    }
     spec = spec_from_config(config)
-    assert spec.params == spec_from_config(llama_config).params
-    assert any("multimodal" in note for note in spec.notes)
+    assert spec.params > spec_from_config(llama_config).params
+    assert spec.notes[0].startswith("parameters: meta-device count")
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -256,10 +248,18 @@ def test_sharded_checkpoint_from_its_index(make_model_dir: MakeDir, llama_config
 
 
 def test_sharded_checkpoint_without_index_counts_files(make_model_dir: MakeDir, llama_config: dict[str, Any]) -> None:
-    files: dict[str, str | int] = {"model-00001-of-00002.safetensors": 1000, "model-00002-of-00002.safetensors": 500}
+    files: dict[str, str | int] = {"pytorch_model-00001-of-00002.bin": 1000, "pytorch_model-00002-of-00002.bin": 500}
     spec = spec_from_path(make_model_dir(llama_config, files=files))
     assert spec.num_shards == 2
     assert spec.checkpoint_bytes == 1500
+
+
+def test_unreadable_safetensors_headers_fall_back_to_the_config(
+    make_model_dir: MakeDir, llama_config: dict[str, Any]
+) -> None:
+    spec = spec_from_path(make_model_dir(llama_config, files={"model.safetensors": 1000}))
+    assert spec.params == 8_030_261_248 and spec.weights is None
+    assert any("safetensors headers not used" in note for note in spec.notes)
 
 
 def test_gguf_file(tmp_path: Path) -> None:

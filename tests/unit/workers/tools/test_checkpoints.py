@@ -20,9 +20,10 @@ from workers.tools.checkpoints import (
     sample_inputs,
     write_checkpoint,
 )
+from workers.tools.families import MULTIMODAL
 from workers.tools.tokenizer import demo_tokenizer
 
-CAUSAL = [arch for arch in ARCHITECTURES if arch not in ENCODERS]
+CAUSAL = [arch for arch in ARCHITECTURES if arch not in ENCODERS | MULTIMODAL]
 
 
 def _header(file: Path) -> dict[str, dict[str, object]]:

@@ -1,0 +1,96 @@
+"""Batched inference answers each job as if it ran alone (real MiniLM, a real random-weight Llama, on the CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpu.errors import InferenceError
+from gpu.runtime.batching import EmbedJob, GenerateJob, _length_chunks, embed_batch, encode_prompt, generate_batch
+from gpu.runtime.inference import LoadedModel, embed, generate
+from gpu.runtime.loader import FastSafetensorsLoader
+from workers.tools.demo_models import DEMO_EMBEDDING_ID
+
+SENTENCES = [
+    "the quick brown fox",
+    "a much longer sentence that has quite a few more tokens than the others in this batch",
+    "hi",
+    "GPU fleets serve many models",
+    "batching several jobs into one forward",
+]
+PROMPTS = ["hello there", "once upon a time in a land far away", "the answer is", "a"]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir: Path) -> LoadedModel:
+    return FastSafetensorsLoader().load(DEMO_EMBEDDING_ID, minilm_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_causal_lm_dir: Path) -> LoadedModel:
+    return FastSafetensorsLoader().load("test/tiny-llama", tiny_causal_lm_dir, device="cpu", dtype="float32")
+
+
+def assert_close(a: list[list[float]], b: list[list[float]], tolerance: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for row_a, row_b in zip(a, b, strict=True):
+        assert max(abs(x - y) for x, y in zip(row_a, row_b, strict=True)) < tolerance
+
+
+@pytest.mark.parametrize("max_batch_tokens", [16384, 40, 1])
+def test_embed_batch_equals_each_job_alone(minilm: LoadedModel, max_batch_tokens: int) -> None:
+    jobs = [EmbedJob(SENTENCES[:2]), EmbedJob(SENTENCES[2:3], normalize=False), EmbedJob(SENTENCES[3:])]
+    batched = embed_batch(minilm, jobs, max_batch_tokens=max_batch_tokens)
+    assert [len(vectors) for vectors in batched] == [2, 1, 2]
+    for job, vectors in zip(jobs, batched, strict=True):
+        assert_close(vectors, embed(minilm, list(job.texts), normalize=job.normalize))
+
+
+def test_length_chunks_respect_the_token_budget() -> None:
+    lengths = [5, 30, 2, 7, 7, 12]
+    chunks = _length_chunks(lengths, max_batch_tokens=24)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    for chunk in chunks:
+        assert len(chunk) == 1 or len(chunk) * max(lengths[i] for i in chunk) <= 24
+    assert [1] in chunks  # the one text over the budget runs alone
+
+
+def test_embed_batch_refuses_a_causal_lm(llama: LoadedModel) -> None:
+    with pytest.raises(InferenceError, match=r"fleet\.generate"):
+        embed_batch(llama, [EmbedJob(["x"])])
+
+
+def test_greedy_batch_is_token_identical_to_each_prompt_alone(llama: LoadedModel) -> None:
+    jobs = [GenerateJob(prompt=p, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 5, 20, 1), strict=True)]
+    batched = generate_batch(llama, [encode_prompt(llama, job) for job in jobs])
+    for job, result in zip(jobs, batched, strict=True):
+        alone = generate(llama, prompt=job.prompt, max_new_tokens=job.max_new_tokens)
+        assert result == alone
+        assert result.completion_tokens <= job.max_new_tokens
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llama: LoadedModel) -> None:
+    sampled = GenerateJob(prompt="hello there", max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    others = [GenerateJob(prompt=p, max_new_tokens=8) for p in PROMPTS[1:]]
+    alone = generate_batch(llama, [encode_prompt(llama, sampled)])[0]
+    in_batch = generate_batch(llama, [encode_prompt(llama, job) for job in [*others, sampled]])[-1]
+    assert alone == in_batch
+    other_seed = GenerateJob(prompt="hello there", max_new_tokens=10, temperature=0.8, top_p=0.9, seed=8)
+    assert generate_batch(llama, [encode_prompt(llama, other_seed)])[0].text != alone.text
+
+
+def test_a_prompt_over_the_context_is_refused_before_batching(llama: LoadedModel) -> None:
+    context = llama.module.config.max_position_embeddings
+    with pytest.raises(InferenceError, match="exceeds the model's context"):
+        encode_prompt(llama, GenerateJob(prompt="hello", max_new_tokens=context))
+
+
+def test_messages_need_a_chat_template_or_are_refused(llama: LoadedModel) -> None:
+    job = GenerateJob(messages=[{"role": "user", "content": "hi"}], max_new_tokens=4)
+    if getattr(llama.tokenizer, "chat_template", None):
+        (result,) = generate_batch(llama, [encode_prompt(llama, job)])
+        assert result.prompt_tokens > 0
+    else:
+        with pytest.raises(InferenceError, match="chat template"):
+            encode_prompt(llama, job)
