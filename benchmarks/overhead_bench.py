@@ -6,14 +6,16 @@
 
 writes ``benchmarks/results/overhead-<machine>-<date>.json`` and ``.md``. It starts a private redis-server and one
 real ``gpufleet worker --cpu`` (diagnostics on) serving the demo models (``gpufleet models make-demo``), loads
-MiniLM and warms it, then sends, one at a time and alternating, ``fleet.diag.noop`` (a bare Celery task outside
-the fleet's job bookkeeping: what Celery itself costs) and ``fleet.embed`` of one sentence on the resident model.
-Both go through the same producer path (:class:`tasks.client.FleetClient` ``submit`` then ``AsyncResult.get``) to
-the same worker, and each round trip is timed from before ``submit`` to after ``get``.
+MiniLM and warms it, then sends, one at a time and in rotating order, ``fleet.diag.noop`` (a bare Celery task
+outside the fleet's job bookkeeping: what Celery itself costs), the same no-op answering 384 numbers (an answer as
+large as the embedding's: what Celery costs to move it) and ``fleet.embed`` of one sentence on the resident
+model. All go through the same producer path (:class:`tasks.client.FleetClient` ``submit`` then
+``AsyncResult.get``) to the same worker, and each round trip is timed from before ``submit`` to after ``get``.
 
 For the embeds: overhead = round trip - ``timings.compute_s`` (the model's forward, measured by the worker), per
-job. The target: p50 overhead / p50 no-op round trip <= 1.3. It also reports what the task itself spends outside
-the forward (``total_s - compute_s``, the worker-side bookkeeping) and the queue wait the worker saw.
+job. The target: p50 overhead / p50 no-op round trip <= 1.3. It also reports the ratio against the no-op with the
+embedding-sized answer, what the task itself spends outside the forward (``total_s - compute_s``, the worker-side
+bookkeeping) and the queue wait the worker saw.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from workers.tools.bench import machine_name
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SENTENCE = ["A man is eating food."]
+EMBED_DIM = 384  # MiniLM's: the size of the payload-matched no-op's answer
 TARGET_RATIO = 1.3
 WARM_JOBS = 30
 TIMEOUT_S = 60.0
@@ -105,8 +108,9 @@ def round_trip(client: FleetClient, task: TaskName, **kwargs: Any) -> tuple[floa
 
 
 def measure(client: FleetClient, jobs: int) -> dict[str, Any]:
-    """``jobs`` no-ops and ``jobs`` one-sentence embeds, alternating (which goes first alternates too)."""
+    """``jobs`` each of no-ops, payload-matched no-ops and one-sentence embeds, in rotating order."""
     noop_s: list[float] = []
+    payload_s: list[float] = []
     embed_s: list[float] = []
     compute_s: list[float] = []
     overhead_s: list[float] = []
@@ -128,13 +132,21 @@ def measure(client: FleetClient, jobs: int) -> dict[str, Any]:
     def one_noop() -> None:
         noop_s.append(round_trip(client, TaskName.NOOP)[0])
 
-    for index in range(jobs):
-        for step in (one_noop, one_embed) if index % 2 == 0 else (one_embed, one_noop):
+    def one_payload() -> None:
+        elapsed_s, value = round_trip(client, TaskName.NOOP, floats=EMBED_DIM)
+        if len(value["floats"]) != EMBED_DIM:
+            raise SystemExit(f"the no-op answered {len(value['floats'])} numbers, not {EMBED_DIM}")
+        payload_s.append(elapsed_s)
+
+    steps = [one_noop, one_payload, one_embed]
+    for index in range(jobs):  # each task goes first, second and third equally often
+        for step in steps[index % 3 :] + steps[: index % 3]:
             step()
-    noop, overhead = summary_ms(noop_s), summary_ms(overhead_s)
+    noop, payload, overhead = summary_ms(noop_s), summary_ms(payload_s), summary_ms(overhead_s)
     return {
         "jobs_each": jobs,
         "noop_round_trip": noop,
+        "noop_with_embedding_sized_answer_round_trip": payload,
         "embed_round_trip": summary_ms(embed_s),
         "embed_compute": summary_ms(compute_s),
         "embed_overhead": overhead,
@@ -142,6 +154,7 @@ def measure(client: FleetClient, jobs: int) -> dict[str, Any]:
         "embed_queue_wait": summary_ms(queue_wait_s) if queue_wait_s else None,
         "ratio_overhead_over_noop_p50": overhead["p50_ms"] / noop["p50_ms"],
         "ratio_overhead_over_noop_p99": overhead["p99_ms"] / noop["p99_ms"],
+        "ratio_overhead_over_payload_noop_p50": overhead["p50_ms"] / payload["p50_ms"],
         "added_by_gpufleet_p50_ms": overhead["p50_ms"] - noop["p50_ms"],
     }
 
@@ -200,13 +213,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         [
             f"# Per-job overhead: {host['name']}, {report['date']}",
             "",
-            f"{result['jobs_each']} `fleet.diag.noop` and {result['jobs_each']} one-sentence `fleet.embed` on a "
-            f"resident {EMBED_MODEL}, alternating, one at a time, through `FleetClient.submit` + "
-            "`AsyncResult.get`, one `gpufleet worker --cpu`, a private redis-server.",
+            f"{result['jobs_each']} each of `fleet.diag.noop`, `fleet.diag.noop` answering {EMBED_DIM} numbers and "
+            f"one-sentence `fleet.embed` on a resident {EMBED_MODEL}, in rotating order, one at a time, through "
+            "`FleetClient.submit` + `AsyncResult.get`, one `gpufleet worker --cpu`, a private redis-server"
+            + (f"; worker environment {report['worker_env']}" if report["worker_env"] else "")
+            + ".",
             "",
             "| what (ms) | p50 | p99 | mean |",
             "|---|---:|---:|---:|",
             row("no-op round trip (Celery's own)", "noop_round_trip"),
+            row(f"no-op answering {EMBED_DIM} numbers", "noop_with_embedding_sized_answer_round_trip"),
             row("embed round trip", "embed_round_trip"),
             row("embed compute (`timings.compute_s`)", "embed_compute"),
             row("embed overhead = round trip - compute", "embed_overhead"),
@@ -215,6 +231,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"- overhead / no-op, p50: **{ratio:.2f}** (target <= {TARGET_RATIO}: "
             f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}); p99: {result['ratio_overhead_over_noop_p99']:.2f}",
+            "- overhead / no-op with an embedding-sized answer, p50: "
+            f"{result['ratio_overhead_over_payload_noop_p50']:.2f} (what the fleet adds beyond Celery moving the "
+            "same answer)",
             f"- gpufleet adds {result['added_by_gpufleet_p50_ms']:.2f} ms (p50) beyond Celery's own round trip",
             f"- machine: {host['cpu']}, {host['cores']} cores, Python {host['python']}; {versions}",
             "",

@@ -38,6 +38,7 @@ from tasks.settings import load_settings
 from workers.demo import CHAT_MODEL, EMBED_MODEL
 from workers.launch import spawn_worker, stop_process, tail, wait_until_ready
 from workers.local_redis import LocalRedis
+from workers.tools.bench import machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -61,10 +62,10 @@ def sentences(count: int) -> list[str]:
     return [" ".join(words[: 4 + i % 12]) + f" (job {i})" for i in range(count)]
 
 
-def saturate_embed(client: FleetClient, texts: list[str]) -> dict[str, Any]:
+def saturate_embed(client: FleetClient, texts: list[str], queue: str) -> dict[str, Any]:
     """Enqueue one job per text at once; jobs/s from the first send to the last result."""
     started = time.perf_counter()
-    jobs = [client.embed(EMBED_MODEL, [text], queue="cpu") for text in texts]
+    jobs = [client.embed(EMBED_MODEL, [text], queue=queue) for text in texts]
     results = [job.get(timeout=TIMEOUT_S) for job in jobs]
     wall_s = time.perf_counter() - started
     for job in jobs:
@@ -78,21 +79,21 @@ def saturate_embed(client: FleetClient, texts: list[str]) -> dict[str, Any]:
     }
 
 
-def one_job_embed(client: FleetClient, texts: list[str]) -> dict[str, Any]:
+def one_job_embed(client: FleetClient, texts: list[str], queue: str) -> dict[str, Any]:
     """All texts as one job: the model's own throughput with the queue's cost paid once."""
     started = time.perf_counter()
-    job = client.embed(EMBED_MODEL, texts, queue="cpu")
+    job = client.embed(EMBED_MODEL, texts, queue=queue)
     job.get(timeout=TIMEOUT_S)
     wall_s = time.perf_counter() - started
     job.forget()
     return {"sentences": len(texts), "wall_s": wall_s, "sentences_per_s": len(texts) / wall_s}
 
 
-def saturate_generate(client: FleetClient, count: int) -> dict[str, Any]:
+def saturate_generate(client: FleetClient, count: int, queue: str) -> dict[str, Any]:
     """``count`` greedy generate jobs at once; completion tokens/s until the last result."""
     prompts = [f"Job {i}: tell me about {'GPU ' * (1 + i % 5)}fleets." for i in range(count)]
     started = time.perf_counter()
-    jobs = [client.generate(CHAT_MODEL, prompt=p, max_new_tokens=NEW_TOKENS, queue="cpu") for p in prompts]
+    jobs = [client.generate(CHAT_MODEL, prompt=p, max_new_tokens=NEW_TOKENS, queue=queue) for p in prompts]
     results = [job.get(timeout=TIMEOUT_S) for job in jobs]
     wall_s = time.perf_counter() - started
     for job in jobs:
@@ -115,8 +116,8 @@ def best(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return chosen
 
 
-def run_mode(mode: str, models: Path, work: Path, repeats: int, lone_jobs: int) -> dict[str, Any]:
-    """One worker with batching ``mode``; every figure of the mode."""
+def run_mode(mode: str, models: Path, work: Path, repeats: int, lone_jobs: int, *, gpu: int | None) -> dict[str, Any]:
+    """One worker with batching ``mode`` (on GPU ``gpu``, else the CPU); every figure of the mode."""
     with LocalRedis(work / f"redis-{mode}") as redis:
         env = {
             "GPUFLEET_BROKER_URL": redis.url(0),
@@ -134,25 +135,27 @@ def run_mode(mode: str, models: Path, work: Path, repeats: int, lone_jobs: int) 
             broker_url=env["GPUFLEET_BROKER_URL"],
             result_backend=env["GPUFLEET_RESULT_BACKEND"],
             model_root=models,
-            fleet={"gpu_types": ("cpu",)},
+            # The producer plans onto the type the worker serves (cpu, or its GPU's type, found below).
         )
         client = FleetClient(settings=settings)
         name = f"queue-{mode}@bench"
         log_path = work / f"worker-{mode}.log"
-        worker = spawn_worker(env, log_path, name=name)
+        worker = spawn_worker(env, log_path, gpu=gpu, name=name)
         try:
             wait_until_ready(client, name, worker, log_path)
+            queue = client.status("gpu_status")[name]["queues"][-1]  # the worker's direct queue: only it consumes
             for model in (EMBED_MODEL, CHAT_MODEL):
-                client.load_model(model, queue="cpu").get(timeout=TIMEOUT_S)
+                client.load_model(model, queue=queue).get(timeout=TIMEOUT_S)
             texts = sentences(SATURATION_JOBS)
-            saturate_embed(client, texts[:32])  # first forwards at each batch shape
-            saturate_generate(client, 4)
+            saturate_embed(client, texts[:32], queue)  # first forwards at each batch shape
+            saturate_generate(client, 4, queue)
             figures: dict[str, Any] = {
-                "embed_saturation": best([saturate_embed(client, texts) for _ in range(repeats)], "jobs_per_s"),
-                "embed_one_job": best([one_job_embed(client, texts) for _ in range(repeats)], "sentences_per_s"),
-                "generate_16": best([saturate_generate(client, 16) for _ in range(repeats)], "tokens_per_s"),
+                "device": client.status("gpu_status")[name]["device"],
+                "embed_saturation": best([saturate_embed(client, texts, queue) for _ in range(repeats)], "jobs_per_s"),
+                "embed_one_job": best([one_job_embed(client, texts, queue) for _ in range(repeats)], "sentences_per_s"),
+                "generate_16": best([saturate_generate(client, 16, queue) for _ in range(repeats)], "tokens_per_s"),
                 "generate_64": best(
-                    [saturate_generate(client, 64) for _ in range(max(1, repeats - 1))], "tokens_per_s"
+                    [saturate_generate(client, 64, queue) for _ in range(max(1, repeats - 1))], "tokens_per_s"
                 ),
             }
             figures["overhead"] = measure(client, lone_jobs)  # lone jobs, one at a time, against a no-op
@@ -270,6 +273,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="one run per figure, fewer lone jobs")
+    parser.add_argument("--gpu", type=int, default=None, help="serve on this GPU (default: the CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON, markdown and chart")
     parser.add_argument(
         "--models",
@@ -287,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     make_demo_models(models)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpufleet-queue-") as scratch:
-        figures = {mode: run_mode(mode, models, Path(scratch), repeats, lone_jobs) for mode in MODES}
+        figures = {mode: run_mode(mode, models, Path(scratch), repeats, lone_jobs, gpu=args.gpu) for mode in MODES}
     host = machine()
+    if args.gpu is not None:
+        host["name"] = machine_name(f"cuda:{args.gpu}")  # the GPU's name, as the loader benchmark names it
     report = {
         "machine": host,
         "date": dt.date.today().isoformat(),
-        "command": "python -m benchmarks.queue_bench" + (" --quick" if args.quick else ""),
+        "command": "python -m benchmarks.queue_bench"
+        + (" --quick" if args.quick else "")
+        + (f" --gpu {args.gpu}" if args.gpu is not None else ""),
         "repeats": repeats,
         "off": figures["off"],
         "on": figures["on"],

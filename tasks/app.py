@@ -30,11 +30,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": JSON_ONLY,
         "result_accept_content": JSON_ONLY,
         # Jobs are acknowledged after they finish; a job whose process died is requeued (and dead-lettered after
-        # jobs.max_deliveries, see workers.jobs). One job reserved per process, or, with batching on, one batch's
-        # worth: the batcher (workers.batching) can only gather jobs the worker has reserved.
+        # jobs.max_deliveries, see workers.jobs). One job reserved per process, or, with batching on, two batches'
+        # worth: the batcher (workers.batching) can only gather jobs the worker has reserved, and the next batch
+        # gathers while one runs (with one batch's worth, a running batch of n leaves room for only 32 - n).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": settings.batching.max_batch_size if settings.batching.enabled else 1,
+        "worker_prefetch_multiplier": 2 * settings.batching.max_batch_size if settings.batching.enabled else 1,
         "task_soft_time_limit": jobs.soft_time_limit_s,
         "task_time_limit": jobs.time_limit_s,
         "result_expires": jobs.result_expires_s,

@@ -113,9 +113,15 @@ class SleepRequest(BaseModel):
 
 
 class NoopRequest(BaseModel):
-    """``fleet.diag.noop``: no arguments; measures Celery's own round trip (``benchmarks/overhead_bench.py``)."""
+    """``fleet.diag.noop``: Celery's own round trip (``benchmarks/overhead_bench.py``).
+
+    ``floats`` asks for that many numbers back, so the round trip of an answer as large as an embedding's can be
+    told apart from what the fleet's job bookkeeping adds.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    floats: StrictInt = Field(default=0, ge=0, le=65536)
 
 
 class Timings(BaseModel):
@@ -173,6 +179,7 @@ class SleepResult(BaseModel):
 
 class NoopResult(BaseModel):
     worker: str
+    floats: list[float] = Field(default_factory=list)
 
 
 def validate_request(model: type[RequestT], kwargs: dict[str, Any]) -> RequestT:

@@ -120,8 +120,8 @@ class BatchingOptions(_Section):
     # Jobs per batch. The worker reserves this many messages (Celery's prefetch), so it is also what one worker
     # may hold unstarted while a batch runs: keep it near what one forward serves well.
     max_batch_size: int = Field(default=32, ge=1, le=1024)
-    # How long a job that arrives at an idle worker waits for company before it runs (alone if none comes).
-    # While the device is busy, jobs gather anyway and run together as soon as it is free.
+    # How long a job that arrives at an idle worker during a burst waits for company before it runs; a job after a
+    # quiet spell this long runs at once. While the device is busy, jobs gather anyway and run together after.
     max_wait_s: float = Field(default=0.002, ge=0, le=1.0)
     # Padded tokens per embedding forward: a batch of long texts is split into forwards below this.
     max_batch_tokens: int = Field(default=16384, ge=64)

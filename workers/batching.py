@@ -8,7 +8,8 @@ request goes to the worker's :class:`Batcher` instead of straight to the pool.
 The batcher keeps one buffer per (task, model). A batch is dispatched to the pool child when
 
 * the buffer holds ``max_batch_size`` jobs, or
-* the child is idle and the oldest buffered job has waited ``max_wait_s`` (a lone job waits no longer), or
+* the child is idle and the oldest buffered job has waited ``max_wait_s``, or at once when the job came after a
+  quiet spell of at least ``max_wait_s`` (a lone job waits for nothing), or
 * the batch running in the child finishes (jobs that gathered meanwhile go next, oldest buffer first).
 
 Delivery guarantees stay Celery's, per job: each job keeps its own ``Request``; it is acknowledged only after the
@@ -76,10 +77,12 @@ class Batcher:
 
     ATTRIBUTE = "_gpufleet_batcher"
 
-    def __init__(self, consumer: Any, options: BatchingOptions) -> None:
+    def __init__(self, consumer: Any, options: BatchingOptions, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.consumer = consumer
         self.connection = consumer.connection
         self.options = options
+        self.clock = clock
+        self._last_arrival_s = float("-inf")
         self.buffers: dict[tuple[str, str | None], list[Any]] = {}
         self.in_flight = 0
         self._timer_entry: Any = None
@@ -106,10 +109,15 @@ class Batcher:
         key = (request.name, model_of(request))
         buffer = self.buffers.setdefault(key, [])
         buffer.append(request)
+        now = self.clock()
+        # Wait for company only while jobs are arriving in a burst: a job after a quiet spell runs at once, so a
+        # lone job costs nothing extra; the burst's jobs gather while the first one runs anyway.
+        in_burst = now - self._last_arrival_s < self.options.max_wait_s
+        self._last_arrival_s = now
         if len(buffer) >= self.options.max_batch_size:
             self.dispatch(key)
         else:
-            self._arm_timer(self.options.max_wait_s)
+            self._arm_timer(self.options.max_wait_s if in_burst else 0.0)
 
     def child_busy(self) -> bool:
         """Whether the pool child runs something: one of our batches, or any other job (a load, a diag task)."""

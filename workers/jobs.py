@@ -7,6 +7,7 @@ tasks ``fleet.diag.sleep`` and ``fleet.diag.noop`` (a bare Celery task) answer o
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -172,13 +173,15 @@ def register_noop(app: Celery, settings: Settings) -> None:
     """
 
     @app.task(name=TaskName.NOOP.value, bind=True, shared=False)  # type: ignore[untyped-decorator]
-    def noop(self: Any, **_: Any) -> dict[str, Any]:
+    def noop(self: Any, floats: int = 0, **_: Any) -> dict[str, Any]:
         if not settings.diagnostics:
             raise errors.InvalidRequestError(
                 f"{TaskName.NOOP.value} is a diagnostic task and diagnostics are off on {self.request.hostname}; "
                 "start the worker with GPUFLEET_DIAGNOSTICS=true to use it (test fleets only)"
             )
-        return {"worker": str(self.request.hostname or "")}
+        # Numbers with as many digits as an embedding's (float32 values printed as Python floats).
+        numbers = [random.uniform(-0.2, 0.2) for _ in range(floats)]
+        return {"worker": str(self.request.hostname or ""), "floats": numbers}
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

@@ -32,6 +32,7 @@ from gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
 from gpu.runtime.memory_pool import GPUMemoryPool
 from gpu.runtime.model_cache import ModelCache
 from gpu.runtime.parking import ParkedStore
+from gpu.runtime.quantization import check_quantized
 from gpu.runtime.warmup import GPUWarmupManager
 from gpu.units import dtype_bytes
 from tasks.settings import Settings
@@ -309,6 +310,8 @@ class WorkerRuntime:
                 self.changed()  # the caller may check the pin as soon as it has the result
             return Acquired(cached, "hit", 0.0)
         resolved = self.resolve(model_id)
+        # Refuse a quantized checkpoint this device cannot run before room is made for it (nothing evicted).
+        check_quantized(model_id, resolved.path, self.device)
         started = time.perf_counter()
         loaded, action, evicted = self._load(resolved, progress)
         load_s = time.perf_counter() - started

@@ -61,8 +61,8 @@ def estimate_weights_bytes(spec: ModelSpec, *, dtype_bytes: float | None = None)
     """Bytes of the weights once loaded.
 
     Quantized layers cost their packed bits plus scales and zero points per group; what quantizers leave alone
-    (embeddings, ``lm_head``, norms, biases, MoE routers) costs ``dtype_bytes`` per parameter. A GGUF file's
-    weights are its size on disk when known.
+    (embeddings, ``lm_head``, norms, biases, MoE routers) costs ``dtype_bytes`` per parameter. A GGUF model is
+    served dequantized (transformers' GGUF loading), so it costs ``dtype_bytes`` per parameter, not its file size.
 
     Args:
         spec: the model.
@@ -80,8 +80,9 @@ def estimate_weights_bytes(spec: ModelSpec, *, dtype_bytes: float | None = None)
     if quant is None:
         return math.ceil(spec.params * unquantized)
     if quant.method is QuantMethod.GGUF:
-        # llama.cpp keeps the file's layout in memory; its bits-per-weight average covers every tensor.
-        return spec.checkpoint_bytes or math.ceil(spec.params * quant.bits / 8)
+        # The worker loads GGUF through transformers, which dequantizes every tensor to the serving dtype: a Q4
+        # file of a 7B model takes ~14 GB in fp16 once loaded, not its ~4 GB on disk.
+        return math.ceil(spec.params * unquantized)
     quantized = spec.quantizable_params * quant.bytes_per_weight(spec.hidden_size)
     rest = (spec.params - spec.quantizable_params) * unquantized
     return math.ceil(quantized + rest)

@@ -14,8 +14,8 @@ def test_json_only_and_gpu_serving_settings() -> None:
     assert conf.result_accept_content == ["json"]
     assert conf.task_serializer == conf.result_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    # With batching on (the default) a worker reserves one batch's worth of jobs; off, one job.
-    assert conf.worker_prefetch_multiplier == load_settings().batching.max_batch_size
+    # With batching on (the default) a worker reserves two batches' worth of jobs (one running, one gathering).
+    assert conf.worker_prefetch_multiplier == 2 * load_settings().batching.max_batch_size
     assert create_app(load_settings(batching={"enabled": False})).conf.worker_prefetch_multiplier == 1
     assert conf.worker_cancel_long_running_tasks_on_connection_loss
     assert conf.broker_connection_retry_on_startup

@@ -72,23 +72,53 @@ def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[BatchRun]:
     return runs
 
 
-def make(max_batch_size: int = 4, max_wait_s: float = 0.002) -> tuple[Batcher, FakeConsumer]:
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def make(max_batch_size: int = 4, max_wait_s: float = 0.002, *, in_burst: bool = True) -> tuple[Batcher, FakeConsumer]:
+    """A batcher whose clock stands still, so every job arrives within max_wait_s of the one before.
+
+    ``in_burst``: a job arrived just before the test's first one (it waits for company); else the worker was quiet.
+    """
     consumer = FakeConsumer()
     options = BatchingOptions(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
-    return Batcher.for_consumer(consumer, options), consumer
+    batcher = Batcher(consumer, options, clock=FakeClock())
+    if in_burst:
+        batcher._last_arrival_s = batcher.clock()  # a job of the same burst arrived just now
+    setattr(consumer, Batcher.ATTRIBUTE, batcher)
+    return batcher, consumer
 
 
 def ids(run: BatchRun) -> list[str]:
     return [request.id for request in run.requests]
 
 
-def test_a_lone_job_waits_max_wait_then_runs_alone(dispatched: list[BatchRun]) -> None:
-    batcher, consumer = make()
+def test_a_lone_job_after_a_quiet_spell_runs_at_once(dispatched: list[BatchRun]) -> None:
+    batcher, consumer = make(in_burst=False)
     batcher.add(FakeRequest("a"))
-    assert not dispatched
-    assert [delay for delay, _ in consumer.timer.pending] == [0.002]
-    consumer.timer.fire()
     assert [ids(run) for run in dispatched] == [["a"]]
+    dispatched[0].on_return([(False, "ok", 0.0)])
+    batcher.clock.now_s += 1.0  # type: ignore[attr-defined]
+    batcher.add(FakeRequest("b"))
+    assert [ids(run) for run in dispatched] == [["a"], ["b"]]
+    assert not consumer.timer.pending
+
+
+def test_jobs_of_a_burst_wait_max_wait_for_company(dispatched: list[BatchRun]) -> None:
+    batcher, consumer = make(max_batch_size=8, in_burst=False)
+    batcher.add(FakeRequest("a"))
+    dispatched[0].on_return([(False, "ok", 0.0)])
+    batcher.add(FakeRequest("b"))  # the clock stands still: b arrives within max_wait_s of a
+    assert len(dispatched) == 1
+    assert [delay for delay, _ in consumer.timer.pending] == [0.002]
+    batcher.add(FakeRequest("c"))
+    consumer.timer.fire()
+    assert [ids(run) for run in dispatched] == [["a"], ["b", "c"]]
 
 
 def test_a_full_buffer_is_dispatched_at_once(dispatched: list[BatchRun]) -> None:
@@ -99,9 +129,8 @@ def test_a_full_buffer_is_dispatched_at_once(dispatched: list[BatchRun]) -> None
 
 
 def test_jobs_gathered_during_a_batch_run_together_when_it_ends(dispatched: list[BatchRun]) -> None:
-    batcher, consumer = make(max_batch_size=8)
+    batcher, _ = make(max_batch_size=8, in_burst=False)
     batcher.add(FakeRequest("a"))
-    consumer.timer.fire()
     for job_id in "bcd":
         batcher.add(FakeRequest(job_id))
     assert len(dispatched) == 1, "the child is busy: b, c, d wait"
@@ -157,7 +186,8 @@ def test_a_failed_batch_hands_every_job_to_celery_and_frees_the_child(dispatched
 
 
 def test_a_reconnect_starts_a_new_batcher() -> None:
-    batcher, consumer = make()
+    consumer = FakeConsumer()
+    batcher = Batcher.for_consumer(consumer, BatchingOptions())
     assert Batcher.for_consumer(consumer, batcher.options) is batcher
     consumer.connection = object()
     assert Batcher.for_consumer(consumer, batcher.options) is not batcher
