@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from celery.result import AsyncResult
+
 from benchmarks.overhead_bench import machine, measure
 from tasks.client import FleetClient
 from tasks.settings import load_settings
@@ -62,11 +64,17 @@ def sentences(count: int) -> list[str]:
     return [" ".join(words[: 4 + i % 12]) + f" (job {i})" for i in range(count)]
 
 
+def wait_all(jobs: list[AsyncResult]) -> list[dict[str, Any]]:
+    """Every job's result, in order. Each ``get`` returns as its result is published; ResultSet.join_native was
+    tried and rejected here: it polls on an interval (0.5 s), which shows up in short runs as lost throughput."""
+    return [job.get(timeout=TIMEOUT_S) for job in jobs]
+
+
 def saturate_embed(client: FleetClient, texts: list[str], queue: str) -> dict[str, Any]:
     """Enqueue one job per text at once; jobs/s from the first send to the last result."""
     started = time.perf_counter()
     jobs = [client.embed(EMBED_MODEL, [text], queue=queue) for text in texts]
-    results = [job.get(timeout=TIMEOUT_S) for job in jobs]
+    results = wait_all(jobs)
     wall_s = time.perf_counter() - started
     for job in jobs:
         job.forget()
@@ -94,7 +102,7 @@ def saturate_generate(client: FleetClient, count: int, queue: str) -> dict[str, 
     prompts = [f"Job {i}: tell me about {'GPU ' * (1 + i % 5)}fleets." for i in range(count)]
     started = time.perf_counter()
     jobs = [client.generate(CHAT_MODEL, prompt=p, max_new_tokens=NEW_TOKENS, queue=queue) for p in prompts]
-    results = [job.get(timeout=TIMEOUT_S) for job in jobs]
+    results = wait_all(jobs)
     wall_s = time.perf_counter() - started
     for job in jobs:
         job.forget()
@@ -168,6 +176,44 @@ def run_mode(mode: str, models: Path, work: Path, repeats: int, lone_jobs: int, 
             stop_process(worker)
 
 
+def fairness(models: Path, work: Path) -> dict[str, Any]:
+    """Two CPU workers, batching on, sharing the ``cpu`` queue: how 512 queued jobs, and a burst of 8, split."""
+    with LocalRedis(work / "redis-fair") as redis:
+        env = {
+            "GPUFLEET_BROKER_URL": redis.url(0),
+            "GPUFLEET_RESULT_BACKEND": redis.url(1),
+            "GPUFLEET_MODEL_ROOT": str(models),
+            "GPUFLEET_GPU__WARMUP__SIZE": "small",
+            "GPUFLEET_WORKER__LOGLEVEL": "WARNING",
+            "GPUFLEET_WORKER__STATE_DIR": str(work / "state-fair"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+        settings = load_settings(broker_url=env["GPUFLEET_BROKER_URL"], result_backend=env["GPUFLEET_RESULT_BACKEND"])
+        client = FleetClient(settings=settings)
+        names = ["fair-a@bench", "fair-b@bench"]
+        workers = [spawn_worker(env, work / f"{name}.log", name=name) for name in names]
+        try:
+            for name, worker in zip(names, workers, strict=True):
+                wait_until_ready(client, name, worker, work / f"{name}.log")
+            for name in names:
+                queue = client.status("gpu_status")[name]["queues"][-1]
+                client.load_model(EMBED_MODEL, queue=queue).get(timeout=TIMEOUT_S)
+
+            def split(count: int) -> dict[str, int]:
+                jobs = [client.embed(EMBED_MODEL, [text], queue="cpu") for text in sentences(count)]
+                served = [job.get(timeout=TIMEOUT_S)["worker"] for job in jobs]
+                return {name: served.count(name) for name in names}
+
+            saturated = split(512)
+            time.sleep(1.0)  # both idle again
+            burst = split(8)
+            return {"saturated_512": saturated, "burst_8": burst, "min_share": min(saturated.values()) / 512}
+        finally:
+            for worker in workers:
+                stop_process(worker)
+
+
 def ratios(off: dict[str, Any], on: dict[str, Any]) -> dict[str, float]:
     return {
         "embed_saturation_speedup": on["embed_saturation"]["jobs_per_s"] / off["embed_saturation"]["jobs_per_s"],
@@ -239,12 +285,26 @@ def render_markdown(report: dict[str, Any]) -> str:
             line("per-job overhead / no-op round trip, p50 (on)", "overhead_over_noop"),
             line("per-job overhead / no-op round trip, p50 (off)", "overhead_over_noop_off"),
             "",
+            *fairness_lines(report.get("fairness")),
             f"Machine: {host['cpu']}, {host['cores']} cores, Python {host['python']}; {versions}.",
             "",
             f"Reproduce: `{report['command']}`",
             "",
         ]
     )
+
+
+def fairness_lines(shares: dict[str, Any] | None) -> list[str]:
+    if not shares:
+        return []
+    return [
+        "Two workers (batching on) sharing one queue: 512 queued jobs served "
+        + " / ".join(str(n) for n in shares["saturated_512"].values())
+        + f" (smaller share {100 * shares['min_share']:.0f} %); a burst of 8 after both went idle: "
+        + " / ".join(str(n) for n in shares["burst_8"].values())
+        + ".",
+        "",
+    ]
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
@@ -292,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpufleet-queue-") as scratch:
         figures = {mode: run_mode(mode, models, Path(scratch), repeats, lone_jobs, gpu=args.gpu) for mode in MODES}
+        shares = fairness(models, Path(scratch)) if args.gpu is None else None  # one GPU: nothing to share
     host = machine()
     if args.gpu is not None:
         host["name"] = machine_name(f"cuda:{args.gpu}")  # the GPU's name, as the loader benchmark names it
-    report = {
+    report: dict[str, Any] = {
         "machine": host,
         "date": dt.date.today().isoformat(),
         "command": "python -m benchmarks.queue_bench"
@@ -305,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "off": figures["off"],
         "on": figures["on"],
         "ratios": ratios(figures["off"], figures["on"]),
+        "fairness": shares,
         "targets": TARGETS,
         "wall_s": time.monotonic() - started,
     }

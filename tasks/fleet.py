@@ -15,10 +15,17 @@ Redis layout (database of the registry URL)::
     gpufleet:fleet:worker:<name>    STRING  WorkerRecord JSON, EX = ttl
     gpufleet:fleet:queues           HASH  worker name -> {"name", "type_queue", "direct_queue"} JSON, no TTL
     gpufleet:fleet:departed         ZSET  that JSON -> when the worker left (removed or claimed)
+    gpufleet:fleet:holders          ZSET  held-set key -> until when its holder is alive (Redis broker only)
+    gpufleet:fleet:held:<name>:<id> SET   delivery tags one broker channel of a worker holds unacknowledged
+    gpufleet:fleet:fenced:<name>:<id>  STRING  when that holder was claimed (its resumed owner must stop)
 
 The queues hash outlives a dead worker's record on purpose: whoever claims the dead worker
 (:meth:`FleetRegistry.claim_expired`) learns from it which direct queue to move back to the type queue. The
 departed set lets live workers keep moving jobs that kombu gives back to a departed worker's direct queue.
+
+The held sets live in the broker's Redis (under kombu's ``global_keyprefix``), written by the worker's broker
+channel in the same transaction as kombu's own ``unacked`` entry; :mod:`workers.recovery` restores a dead holder's
+deliveries at once instead of after the transport's visibility timeout.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ INDEX_KEY = "gpufleet:fleet:index"
 WORKER_KEY_PREFIX = "gpufleet:fleet:worker:"
 QUEUES_KEY = "gpufleet:fleet:queues"
 DEPARTED_KEY = "gpufleet:fleet:departed"
+HOLDERS_KEY = "gpufleet:fleet:holders"
+HELD_KEY_PREFIX = "gpufleet:fleet:held:"
+FENCE_KEY_PREFIX = "gpufleet:fleet:fenced:"
 
 Holding = Literal["resident", "parked"]
 
@@ -50,6 +60,16 @@ Holding = Literal["resident", "parked"]
 def worker_key(name: str) -> str:
     """The registry key of one worker's record."""
     return WORKER_KEY_PREFIX + name
+
+
+def held_key(worker: str, channel_id: str) -> str:
+    """The set of delivery tags one broker channel of ``worker`` holds (one channel per connection)."""
+    return f"{HELD_KEY_PREFIX}{worker}:{channel_id}"
+
+
+def fence_key(held: str) -> str:
+    """The fence a claimer writes for the holder of ``held`` (a :func:`held_key`)."""
+    return FENCE_KEY_PREFIX + held.removeprefix(HELD_KEY_PREFIX)
 
 
 class _Record(BaseModel):
@@ -94,7 +114,7 @@ class WorkerRecord(_Record):
     ready: bool = False  # warm and consuming its queues
     warm: bool = False
     running_job: RunningJob | None = None
-    backlog: int = Field(default=0, ge=0)  # jobs waiting on its direct queue
+    backlog: int = Field(default=0, ge=0)  # jobs waiting on its direct queue, plus those it reserved, not started
     jobs_done: int = Field(default=0, ge=0)
     # Cumulative counters since the pool child started, for /metrics: jobs by "task|outcome" (outcome: "ok" or
     # the contract error's class name), disk/parked loads by duration bucket ("le" upper bound in seconds as text,

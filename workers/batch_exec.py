@@ -241,7 +241,11 @@ class BatchExecution:
         if not self.task.track_started or self.task.ignore_result:
             return
         meta = {"pid": os.getpid(), "hostname": self.runtime.identity.name}
-        store_states(self.task.backend, [StoredState(j.id, states.STARTED, meta, self._context(j)) for j in self.jobs])
+        try:
+            started = [StoredState(j.id, states.STARTED, meta, self._context(j)) for j in self.jobs]
+            store_states(self.task.backend, started)
+        except Exception:  # a progress report: the job itself must not fail for it (its result is retried)
+            log.warning("could not store STARTED for a batch of %d", len(self.jobs), exc_info=True)
 
     def _count_delivery(self, job: BatchJob) -> None:
         """Fail a job that keeps killing its worker process (as :meth:`FleetTask._count_delivery` does)."""

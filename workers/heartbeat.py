@@ -13,8 +13,13 @@ No job may wait on a queue nobody consumes. A worker's direct queue is moved bac
 - by every live worker, each tick, for workers that left recently: kombu gives a job back (consumer lost,
   visibility timeout) to the queue it was first sent to, even after it was moved.
 
-Only Redis brokers have lists to move; over RabbitMQ a dead worker's direct queue keeps its jobs until a worker of
-that name returns (the router never targets a worker that is not heartbeating).
+Only Redis brokers have lists to move. Over RabbitMQ, whoever claims a dead worker starts consuming its direct
+queue instead (``add_consumer`` to itself): RabbitMQ puts the dead consumer's unacknowledged jobs back on that queue
+at once, and the claimer serves them.
+
+On a Redis broker the heartbeat also keeps this worker's held-delivery records alive and restores those of dead
+holders (:mod:`workers.recovery`): a killed worker's unacknowledged jobs go back to their queues about
+``heartbeat_ttl_s`` after its last beat. RabbitMQ needs none of it: it requeues a lost consumer's messages itself.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from tasks.fleet import FleetRegistry, HeldModel, RunningJob, WorkerRecord
+from workers.recovery import Recovery, Restored, stop_fenced_worker
 
 if TYPE_CHECKING:
     import redis
@@ -88,6 +94,14 @@ def _running_job(data: Any) -> RunningJob | None:
         return RunningJob.model_validate(data)
     except ValidationError:
         return None
+
+
+def held_unstarted() -> int:
+    """Jobs this worker process has reserved and not started (the parent's own bookkeeping, no round trip)."""
+    from celery.worker import state as worker_state
+
+    active = worker_state.active_requests
+    return sum(1 for request in list(worker_state.reserved_requests) if request not in active)
 
 
 def build_record(
@@ -252,6 +266,10 @@ class Heartbeat:
         read_snapshot: the pool child's last snapshot (parent side).
         since: when the worker's parent started (older snapshots are a previous run's).
         clock: seconds since the epoch.
+        recovery: restores dead holders' jobs (Redis broker), or None.
+        on_fenced: called with the held sets a peer claimed when this worker wakes from a freeze longer than its
+            TTL (default :func:`workers.recovery.stop_fenced_worker`, which does not return).
+        adopt: start consuming a dead worker's direct queue (a broker without lists to move: RabbitMQ), or None.
     """
 
     def __init__(
@@ -264,6 +282,9 @@ class Heartbeat:
         *,
         since: float | None = None,
         clock: Callable[[], float] = time.time,
+        recovery: Recovery | None = None,
+        on_fenced: Callable[[list[str]], None] = stop_fenced_worker,
+        adopt: Callable[[str], None] | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings
@@ -276,10 +297,19 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self.recovery = recovery
+        self._on_fenced = on_fenced
+        self._adopt = adopt
+        self._last_ok: float | None = None  # when the last beat was published
+        self._ok_since: float | None = None  # start of the current run of beats without a gap longer than the TTL
+        self.restored = Restored()  # jobs this worker restored for dead holders, since it started
 
     def record(self) -> WorkerRecord:
         """This worker's record now (reads the snapshot and, on Redis, its direct queue's length)."""
         backlog = 0 if self.queues is None else self.queues.backlog(self.identity.queues[1])
+        # Jobs ahead of a new one also include those this worker reserved but has not started (with batching it
+        # reserves up to two batches' worth), or a worker that looks idle to the router would be sent more.
+        backlog += held_unstarted()
         return build_record(
             self.identity,
             self._read_snapshot(),
@@ -291,16 +321,47 @@ class Heartbeat:
         )
 
     def beat(self) -> None:
-        """Publish the record, then move the direct queues of workers that died or left.
+        """Publish the record, then move the direct queues of workers that died or left and restore their jobs.
+
+        After a gap longer than the TTL (the process was frozen, or Redis unreachable) it first checks whether a
+        peer claimed this worker meanwhile; if so it calls ``on_fenced`` instead of beating on.
 
         Raises:
             BrokerUnavailableError: the registry did not answer (redis errors from the broker's lists likewise).
         """
-        self.registry.publish(self.record())
+        now = self._clock()
+        if self._last_ok is not None and now - self._last_ok > self.settings.fleet.heartbeat_ttl_s:
+            self._ok_since = None  # our view of the fleet is stale until we have beaten for a whole TTL again
+            fenced = [] if self.recovery is None else self.recovery.fenced()
+            if fenced:
+                self._on_fenced(fenced)
+                return
+        try:
+            self.registry.publish(self.record())
+            if self.recovery is not None:
+                self.recovery.refresh()
+        except Exception:
+            self._ok_since = None
+            raise
+        self._last_ok = now
+        if self._ok_since is None:
+            self._ok_since = now
         self.sweep()
+
+    @property
+    def trusted(self) -> bool:
+        """Whether this worker has beaten without a gap for a whole TTL: only then may it take a peer for dead.
+
+        After a Redis outage every record looks expired; a live peer gets a TTL to beat again before anyone
+        claims its jobs.
+        """
+        return self._ok_since is not None and self._clock() - self._ok_since >= self.settings.fleet.heartbeat_ttl_s
 
     def sweep(self) -> int:
         """Claim workers whose heartbeat expired and move their direct queues, and what landed on departed ones.
+
+        On a Redis broker, once :attr:`trusted`, it also restores the jobs of expired holders (see
+        :mod:`workers.recovery`; counted in :attr:`restored`).
 
         Returns:
             How many jobs were moved.
@@ -316,6 +377,12 @@ class Heartbeat:
             log.warning("worker %s stopped heartbeating; it left the fleet", name)
             if self.queues is not None and claimed.direct_queue and claimed.type_queue:
                 moved += self._move(claimed.direct_queue, claimed.type_queue, f"worker {name} died")
+            elif self.queues is None and self._adopt is not None and claimed.direct_queue:
+                log.warning("worker %s died: %s now consumes its direct queue", name, self.identity.name)
+                self._adopt(claimed.direct_queue)
+        if self.recovery is not None and self.trusted:
+            # Restored jobs first sent to a direct queue land there again: the departed-queue pass below moves them.
+            self.restored.add(self.recovery.sweep(grace_s=grace_s))
         if self.queues is None:
             return moved
         # Kept as long as kombu may still give back a job first sent there (its visibility timeout, twice).
@@ -378,6 +445,8 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + self.settings.broker.connect_timeout_s)
+        if self.recovery is not None:
+            self.recovery.close()
         type_queue, direct_queue = self.identity.queues
         try:
             self.registry.remove(self.identity.name)
@@ -415,7 +484,14 @@ def on_worker_ready(**_: Any) -> None:
         return
     queues = BrokerQueues.from_settings(context.settings, context.app.conf.broker_transport_options)
     _heartbeat = Heartbeat(
-        context.identity, context.settings, registry, queues, state.read_snapshot, since=_process_started_at()
+        context.identity,
+        context.settings,
+        registry,
+        queues,
+        state.read_snapshot,
+        since=_process_started_at(),
+        recovery=Recovery.from_app(context.app, context.settings),
+        adopt=None if queues is not None else _adopter(context.app, context.identity.name),
     )
     _heartbeat.start()
 
@@ -426,6 +502,14 @@ def on_worker_shutdown(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
         _heartbeat = None
+
+
+def _adopter(app: Any, name: str) -> Callable[[str], None]:
+    def adopt(queue: str) -> None:
+        # Through the broker like any control command, so the consumer's own event loop adds the queue.
+        app.control.add_consumer(queue, destination=[name], reply=False)
+
+    return adopt
 
 
 def _process_started_at() -> float | None:

@@ -55,7 +55,7 @@ def store_states(backend: Any, entries: Sequence[StoredState]) -> None:
         for entry in entries:
             _store_one(backend, entry)
         return
-    pipe = backend.client.pipeline(transaction=False)
+    plain: list[tuple[str, int | None, str]] = []  # (key, expires, encoded meta)
     for entry in entries:
         if getattr(entry.request, "ignore_result", False):
             continue
@@ -67,15 +67,28 @@ def store_states(backend: Any, entries: Sequence[StoredState]) -> None:
             result=result, state=entry.state, traceback=entry.traceback, request=entry.request
         )
         meta["task_id"] = entry.job_id
-        value = backend.encode(meta)
         expires = backend.failure_expires if entry.state == states.FAILURE else backend.expires
-        key = backend.get_key_for_task(entry.job_id)
-        if expires:
-            pipe.setex(key, expires, value)
-        else:
-            pipe.set(key, value)
-        pipe.publish(key, value)
-    pipe.execute()
+        plain.append((backend.get_key_for_task(entry.job_id), expires, backend.encode(meta)))
+    if not plain:
+        return
+
+    def write() -> None:
+        pipe = backend.client.pipeline(transaction=False)
+        for key, expires, value in plain:
+            if expires:
+                pipe.setex(key, expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+        pipe.execute()
+
+    # The backend's own retry on connection errors (Redis restarting, or still loading its append-only file), as
+    # its single-job store has: the writes are idempotent, so a retried pipeline stores each result once.
+    ensure = getattr(backend, "ensure", None)
+    if ensure is None:
+        write()
+    else:
+        ensure(write, ())
 
 
 def _store_one(backend: Any, entry: StoredState) -> None:

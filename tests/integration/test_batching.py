@@ -107,16 +107,20 @@ def test_a_failing_job_fails_alone(batched: RunningWorker) -> None:
 def test_a_child_killed_mid_batch_requeues_every_job_and_each_is_answered_once(
     worker_factory: WorkerFactory,
 ) -> None:
-    # The batch waits long enough to gather all twelve jobs, then loads the model slowly; the pool child is
-    # killed (SIGKILL) during that load. Every job of the batch is requeued, and the replacement child answers each.
-    worker = worker_factory({"GPUFLEET_FAULTS": "slow:load:4", "GPUFLEET_BATCHING__MAX_WAIT_S": "0.5"})
-    jobs = [worker.client.embed(EMBED, [text], queue="cpu") for text in SENTENCES[:12]]
+    # A diagnostic job holds the child while the twelve jobs arrive, so they gather into one batch; that batch
+    # loads the model slowly, and the pool child is killed (SIGKILL) during the load. Every job of the batch is
+    # requeued, and the replacement child answers each.
+    worker = worker_factory({"GPUFLEET_FAULTS": "slow:load:4"})
+    hold = worker.send("fleet.diag.sleep", kwargs={"seconds": 1.5})
     deadline = time.monotonic() + 30
+    while hold.state != "STARTED" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    jobs = [worker.client.embed(EMBED, [text], queue="cpu") for text in SENTENCES[:12]]
     while jobs[0].state not in ("STARTED", "PROGRESS") and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.5)
     # STARTED, then PROGRESS: each job of the batch reports the load it waits for.
     assert {job.state for job in jobs} <= {"STARTED", "PROGRESS"}, "the twelve jobs run as one batch"
-    time.sleep(1.0)
     os.kill(pool_child_pid(worker), signal.SIGKILL)
     results = [job.get(timeout=240) for job in jobs]
     assert [len(r["embeddings"]) for r in results] == [1] * 12
