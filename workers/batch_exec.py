@@ -33,11 +33,19 @@ import gpu.errors as gpu_errors
 from gpu.runtime.inference import LoadedModel
 from tasks import errors
 from tasks.contracts import Timings, dump
-from workers import job_accounting, state
+from workers import state
 from workers.oom_policy import run_with_oom_policy
 from workers.result_store import StoredState, store_states
 from workers.runtime import WorkerRuntime
-from workers.task_base import ENQUEUED_AT_HEADER, PROGRESS_EVERY_S, FleetTask, job_errors, parse
+from workers.task_base import (
+    ENQUEUED_AT_HEADER,
+    PROGRESS_EVERY_S,
+    FleetTask,
+    check_deliveries,
+    common_result_fields,
+    job_errors,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +142,7 @@ class BatchExecution:
         for index, job in enumerate(self.jobs):
             try:
                 with job_errors(task.name, task.soft_time_limit):
-                    self._count_delivery(job)
+                    check_deliveries(task.app, job.id, job.request_dict.get("delivery_info"), runtime.settings)
                     live.append(_Live(index, job, parse(task.request_model, tuple(job.args), job.kwargs)))
             except Exception as exc:
                 self._fail(index, exc)
@@ -247,31 +255,6 @@ class BatchExecution:
         except Exception:  # a progress report: the job itself must not fail for it (its result is retried)
             log.warning("could not store STARTED for a batch of %d", len(self.jobs), exc_info=True)
 
-    def _count_delivery(self, job: BatchJob) -> None:
-        """Fail a job that keeps killing its worker process (as :meth:`FleetTask._count_delivery` does)."""
-        client = getattr(self.task.app.backend, "client", None)
-        if client is None:
-            return
-        settings = self.runtime.settings
-        redelivered = bool((job.request_dict.get("delivery_info") or {}).get("redelivered", False))
-        try:
-            count, too_many = job_accounting.count_delivery(
-                client,
-                job.id,
-                redelivered=redelivered,
-                ttl_s=settings.broker.visibility_timeout_s * 2,
-                max_deliveries=settings.jobs.max_deliveries,
-            )
-        except Exception:  # counting is a safety net; a backend hiccup must not fail the job
-            log.warning("could not count deliveries of %s", job.id, exc_info=True)
-            return
-        if too_many:
-            raise errors.JobError(
-                f"job {job.id} was delivered {count} times and its worker process died each time "
-                f"(over GPUFLEET_JOBS__MAX_DELIVERIES={settings.jobs.max_deliveries}); not retrying it. "
-                "Check the worker logs for the crash"
-            )
-
     def _progress_reporter(self, live: list[_Live]) -> Callable[[int, int], None]:
         """A load's progress as state ``PROGRESS`` on every job waiting for it, at most every 0.25 s."""
         last_report_s = [0.0]
@@ -292,7 +275,6 @@ class BatchExecution:
         return Context(job.request_dict, args=job.args, kwargs=job.kwargs, called_directly=False)
 
     def _succeed(self, item: _Live, fields: dict[str, Any], compute_s: float, *, batch_size: int) -> None:
-        identity = self.runtime.identity
         enqueued = item.job.enqueued_at()
         timings = Timings(
             queue_wait_s=max(0.0, self.started - enqueued) if enqueued is not None else None,
@@ -301,16 +283,8 @@ class BatchExecution:
             total_s=time.time() - self.started,
             batch_size=batch_size,
         )
-        result = dump(
-            self.task.result_model(
-                **fields,
-                model=str(item.request.model),
-                worker=identity.name,
-                device=identity.device_label,
-                gpu_type=identity.gpu_type,
-                timings=timings,
-            )
-        )
+        common = common_result_fields(self.runtime, str(item.request.model), timings)
+        result = dump(self.task.result_model(**fields, **common))
         self.stored.append(StoredState(item.job.id, states.SUCCESS, result, self._context(item.job)))
         self.runtime.end_job(self.task.name, "ok")
         self.outcomes[item.index] = (False, saferepr(result, self.task.resultrepr_maxsize), time.time() - self.started)

@@ -94,6 +94,54 @@ def job_errors(task_name: str, soft_limit_s: float | None) -> Iterator[None]:
         ) from None
 
 
+def check_deliveries(app: Any, job_id: str, delivery_info: dict[str, Any] | None, settings: Any) -> None:
+    """Count this delivery of ``job_id``; fail the job once it was delivered over ``jobs.max_deliveries`` times.
+
+    ``task_reject_on_worker_lost`` requeues a job whose process died; Redis does not count deliveries, so the
+    count lives in the result backend's Redis (when it is one) under the job id. Only redeliveries (the broker's
+    ``redelivered`` flag) are counted there: a first delivery costs no round trip
+    (:func:`workers.job_accounting.count_delivery`). Used by single jobs and by each job of a batch.
+
+    Raises:
+        JobError: the job keeps killing its worker process.
+    """
+    from workers import job_accounting
+
+    client = getattr(app.backend, "client", None)
+    if client is None:
+        return
+    redelivered = bool((delivery_info or {}).get("redelivered", False))
+    try:
+        count, too_many = job_accounting.count_delivery(
+            client,
+            job_id,
+            redelivered=redelivered,
+            ttl_s=settings.broker.visibility_timeout_s * 2,
+            max_deliveries=settings.jobs.max_deliveries,
+        )
+    except Exception:  # counting is a safety net; a backend hiccup must not fail the job
+        log.warning("could not count deliveries of %s", job_id, exc_info=True)
+        return
+    if too_many:
+        raise errors.JobError(
+            f"job {job_id} was delivered {count} times and its worker process died each time "
+            f"(over GPUFLEET_JOBS__MAX_DELIVERIES={settings.jobs.max_deliveries}); not retrying it. "
+            "Check the worker logs for the crash"
+        )
+
+
+def common_result_fields(runtime: WorkerRuntime, model: str, timings: Timings) -> dict[str, Any]:
+    """What every model job's result carries besides its own fields: model, worker, device, GPU type, timings."""
+    identity = runtime.identity
+    return {
+        "model": model,
+        "worker": identity.name,
+        "device": identity.device_label,
+        "gpu_type": identity.gpu_type,
+        "timings": timings,
+    }
+
+
 @dataclass
 class Served:
     """What a task body returns: its own result fields, and where its time went."""
@@ -141,15 +189,7 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
             compute_s=served.compute_s,
             total_s=time.time() - started,
         )
-        identity = runtime.identity
-        common = {
-            "model": model,
-            "worker": identity.name,
-            "device": identity.device_label,
-            "gpu_type": identity.gpu_type,
-            "timings": timings,
-        }
-        return dump(self.result_model(**served.fields, **common))
+        return dump(self.result_model(**served.fields, **common_result_fields(runtime, model, timings)))
 
     def serve(self, runtime: WorkerRuntime, request: RequestT) -> Served:
         """The task's own work. Raise gpu or contract errors; they reach the caller as contract errors."""
@@ -223,34 +263,6 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
             return None
 
     def _count_delivery(self, runtime: WorkerRuntime) -> None:
-        """Fail a job that keeps killing its worker process instead of redelivering it forever.
-
-        ``task_reject_on_worker_lost`` requeues a job whose process died; Redis does not count deliveries, so the
-        count lives in the result backend's Redis (when it is one) under the job id. Only redeliveries (the
-        broker's ``redelivered`` flag) are counted there: a first delivery costs no round trip
-        (:func:`workers.job_accounting.count_delivery`).
-        """
-        from workers import job_accounting
-
-        client = getattr(self.app.backend, "client", None)
-        if client is None or not self.request.id:
-            return
-        settings = runtime.settings
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered", False))
-        try:
-            count, too_many = job_accounting.count_delivery(
-                client,
-                self.request.id,
-                redelivered=redelivered,
-                ttl_s=settings.broker.visibility_timeout_s * 2,
-                max_deliveries=settings.jobs.max_deliveries,
-            )
-        except Exception:  # counting is a safety net; a backend hiccup must not fail the job
-            log.warning("could not count deliveries of %s", self.request.id, exc_info=True)
-            return
-        if too_many:
-            raise errors.JobError(
-                f"job {self.request.id} was delivered {count} times and its worker process died each time "
-                f"(over GPUFLEET_JOBS__MAX_DELIVERIES={settings.jobs.max_deliveries}); not retrying it. "
-                "Check the worker logs for the crash"
-            )
+        """Fail a job that keeps killing its worker process instead of redelivering it forever."""
+        if self.request.id:
+            check_deliveries(self.app, self.request.id, self.request.delivery_info, runtime.settings)

@@ -158,7 +158,10 @@ def encode_prompt(loaded: LoadedModel, job: GenerateJob) -> EncodedPrompt:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(job.prompt)["input_ids"]
-    max_positions = getattr(loaded.module.config, "max_position_embeddings", None)
+    config = loaded.module.config
+    # A multimodal model's context is its text model's.
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_positions = getattr(text_config, "max_position_embeddings", None)
     if max_positions is not None and len(ids) + job.max_new_tokens > max_positions:
         raise InferenceError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({job.max_new_tokens}) exceeds the model's context of "

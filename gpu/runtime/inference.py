@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import InferenceError, ModelLoadError, ModelSpecError
+from gpu.errors import ModelLoadError, ModelSpecError
 
 if TYPE_CHECKING:
     import torch
@@ -163,35 +163,17 @@ def generate(
     """
     import torch
 
+    from gpu.runtime.batching import GENERATE_ADVICE as advice
+    from gpu.runtime.batching import GenerateJob, encode_prompt
     from gpu.runtime.oom import translate_model_errors
 
-    if loaded.kind is not ModelKind.CAUSAL_LM:
-        raise InferenceError(f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it")
+    # The same tokenizing and checks (kind, chat template, context) as a batch's prompts.
+    job = GenerateJob(prompt=prompt, messages=messages, max_new_tokens=max_new_tokens)
+    encoded = encode_prompt(loaded, job)
     tokenizer = loaded.tokenizer
-    if messages is not None and not getattr(tokenizer, "chat_template", None):
-        raise InferenceError(f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'")
-    advice = (
-        "check the prompt or messages and the generation settings (max_new_tokens, temperature, top_p); if every "
-        "request fails, unload the model so the next job reloads it"
-    )
-    with translate_model_errors(loaded.model_id, "tokenizing the prompt", advice):
-        if messages is not None:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        else:
-            encoded = tokenizer(prompt, return_tensors="pt")
-        input_ids = encoded["input_ids"].to(loaded.device)
-        attention_mask = encoded["attention_mask"].to(loaded.device)
-    prompt_tokens = int(input_ids.shape[1])
-    # Multimodal configs keep the language model's context in their text config.
-    config = loaded.module.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    max_positions = getattr(text_config, "max_position_embeddings", None)
-    if max_positions is not None and prompt_tokens + max_new_tokens > max_positions:
-        raise InferenceError(
-            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{max_positions} tokens; shorten the prompt or lower max_new_tokens"
-        )
+    input_ids = torch.tensor([encoded.input_ids], device=loaded.device)
+    attention_mask = torch.ones_like(input_ids)
+    prompt_tokens = len(encoded.input_ids)
     sampling = temperature > 0
     options: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens}
     if sampling:
