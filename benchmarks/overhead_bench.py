@@ -36,10 +36,10 @@ from typing import Any
 
 from tasks.client import FleetClient
 from tasks.names import TaskName
-from tasks.settings import load_settings
 from workers.demo import EMBED_MODEL
 from workers.launch import spawn_worker, stop_process, tail, wait_until_ready
 from workers.local_redis import LocalRedis
+from workers.tools import bench_fleet
 from workers.tools.bench import machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,25 +165,14 @@ def run(jobs: int, models: Path, work: Path, worker_env: dict[str, str]) -> dict
 
     make_demo_models(models)
     with LocalRedis(work / "redis") as redis:
-        env = {
-            "GPUFLEET_BROKER_URL": redis.url(0),
-            "GPUFLEET_RESULT_BACKEND": redis.url(1),
-            "GPUFLEET_MODEL_ROOT": str(models),
-            "GPUFLEET_DIAGNOSTICS": "true",
-            "GPUFLEET_GPU__WARMUP__SIZE": "small",
-            "GPUFLEET_WORKER__LOGLEVEL": "WARNING",
-            "GPUFLEET_WORKER__STATE_DIR": str(work / "state"),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
+        env = bench_fleet.worker_env(
+            redis,
+            models,
+            GPUFLEET_DIAGNOSTICS="true",
+            GPUFLEET_WORKER__STATE_DIR=str(work / "state"),
             **worker_env,
-        }
-        settings = load_settings(
-            broker_url=env["GPUFLEET_BROKER_URL"],
-            result_backend=env["GPUFLEET_RESULT_BACKEND"],
-            model_root=models,
-            fleet={"gpu_types": ("cpu",)},
         )
-        client = FleetClient(settings=settings)
+        client = bench_fleet.producer(env)
         log_path = work / "worker.log"
         worker = spawn_worker(env, log_path, name=WORKER)
         try:

@@ -36,10 +36,10 @@ from celery.result import AsyncResult
 
 from benchmarks.overhead_bench import machine, measure
 from tasks.client import FleetClient
-from tasks.settings import load_settings
 from workers.demo import CHAT_MODEL, EMBED_MODEL
 from workers.launch import spawn_worker, stop_process, tail, wait_until_ready
 from workers.local_redis import LocalRedis
+from workers.tools import bench_fleet
 from workers.tools.bench import machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,25 +127,15 @@ def best(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 def run_mode(mode: str, models: Path, work: Path, repeats: int, lone_jobs: int, *, gpu: int | None) -> dict[str, Any]:
     """One worker with batching ``mode`` (on GPU ``gpu``, else the CPU); every figure of the mode."""
     with LocalRedis(work / f"redis-{mode}") as redis:
-        env = {
-            "GPUFLEET_BROKER_URL": redis.url(0),
-            "GPUFLEET_RESULT_BACKEND": redis.url(1),
-            "GPUFLEET_MODEL_ROOT": str(models),
-            "GPUFLEET_DIAGNOSTICS": "true",  # fleet.diag.noop, the overhead baseline
-            "GPUFLEET_GPU__WARMUP__SIZE": "small",
-            "GPUFLEET_WORKER__LOGLEVEL": "WARNING",
-            "GPUFLEET_WORKER__STATE_DIR": str(work / f"state-{mode}"),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
+        env = bench_fleet.worker_env(
+            redis,
+            models,
+            GPUFLEET_DIAGNOSTICS="true",  # fleet.diag.noop, the overhead baseline
+            GPUFLEET_WORKER__STATE_DIR=str(work / f"state-{mode}"),
             **MODES[mode],
-        }
-        settings = load_settings(
-            broker_url=env["GPUFLEET_BROKER_URL"],
-            result_backend=env["GPUFLEET_RESULT_BACKEND"],
-            model_root=models,
-            # The producer plans onto the type the worker serves (cpu, or its GPU's type, found below).
         )
-        client = FleetClient(settings=settings)
+        # Jobs go to the worker's own queue (found below), cpu or GPU alike: no GPU type to plan onto.
+        client = bench_fleet.producer(env, gpu_types=())
         name = f"queue-{mode}@bench"
         log_path = work / f"worker-{mode}.log"
         worker = spawn_worker(env, log_path, gpu=gpu, name=name)
@@ -179,18 +169,8 @@ def run_mode(mode: str, models: Path, work: Path, repeats: int, lone_jobs: int, 
 def fairness(models: Path, work: Path) -> dict[str, Any]:
     """Two CPU workers, batching on, sharing the ``cpu`` queue: how 512 queued jobs, and a burst of 8, split."""
     with LocalRedis(work / "redis-fair") as redis:
-        env = {
-            "GPUFLEET_BROKER_URL": redis.url(0),
-            "GPUFLEET_RESULT_BACKEND": redis.url(1),
-            "GPUFLEET_MODEL_ROOT": str(models),
-            "GPUFLEET_GPU__WARMUP__SIZE": "small",
-            "GPUFLEET_WORKER__LOGLEVEL": "WARNING",
-            "GPUFLEET_WORKER__STATE_DIR": str(work / "state-fair"),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
-        settings = load_settings(broker_url=env["GPUFLEET_BROKER_URL"], result_backend=env["GPUFLEET_RESULT_BACKEND"])
-        client = FleetClient(settings=settings)
+        env = bench_fleet.worker_env(redis, models, GPUFLEET_WORKER__STATE_DIR=str(work / "state-fair"))
+        client = bench_fleet.producer(env, gpu_types=())
         names = ["fair-a@bench", "fair-b@bench"]
         workers = [spawn_worker(env, work / f"{name}.log", name=name) for name in names]
         try:

@@ -39,10 +39,10 @@ from overhead_bench import RESULTS, machine  # a sibling module: this file runs 
 
 from tasks.client import FleetClient
 from tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY
-from tasks.settings import load_settings
 from workers.demo import CHAT_MODEL, EMBED_MODEL
 from workers.launch import spawn_worker, stop_process, wait_until_ready
 from workers.local_redis import LocalRedis
+from workers.tools import bench_fleet
 
 WORKERS = ("soak-a@bench", "soak-b@bench")
 RESULT_PREFIX = "celery-task-meta-"
@@ -152,22 +152,8 @@ def run(args: argparse.Namespace, models: Path, work: Path) -> dict[str, Any]:
 
     make_demo_models(models)
     with LocalRedis(work / "redis") as server:
-        env = {
-            "GPUFLEET_BROKER_URL": server.url(0),
-            "GPUFLEET_RESULT_BACKEND": server.url(1),
-            "GPUFLEET_MODEL_ROOT": str(models),
-            "GPUFLEET_GPU__WARMUP__SIZE": "small",
-            "GPUFLEET_WORKER__LOGLEVEL": "WARNING",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
-        settings = load_settings(
-            broker_url=env["GPUFLEET_BROKER_URL"],
-            result_backend=env["GPUFLEET_RESULT_BACKEND"],
-            model_root=models,
-            fleet={"gpu_types": ("cpu",)},
-        )
-        client = FleetClient(settings=settings)
+        env = bench_fleet.worker_env(server, models)
+        client = bench_fleet.producer(env)
         broker, backend = redis.Redis.from_url(server.url(0)), redis.Redis.from_url(server.url(1))
         processes = {name: spawn_worker(env, work / f"{name}.log", name=name) for name in WORKERS}
         stores, memory = FinalStores(backend), MemorySampler(processes)
