@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/affinity_bench.py --jobs 200      # quicker
 
 writes ``benchmarks/results/affinity-<machine>-<date>.json`` and ``.md``. One trace (a fixed seed) of jobs over
-six random-weight causal LMs of different architectures (``workers.tools.checkpoints``) with Zipf-like
+six random-weight causal LMs of different architectures (``gpufleet.workers.tools.checkpoints``) with Zipf-like
 popularity is served twice, each time by fresh ``gpufleet worker --cpu`` processes whose budgets
 (``GPUFLEET_GPU__MEMORY_POOL__BUDGET_BYTES``) hold about two of the models, on a private redis-server:
 
@@ -37,16 +37,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpu.plan.selection import plan
-from tasks.client import FleetClient, route_of
-from tasks.fleet import FleetRegistry
-from tasks.live_routing import route_live
-from tasks.routing import FleetRouter
-from tasks.settings import load_settings
-from workers.launch import spawn_worker, stop_process, tail, wait_until_ready
-from workers.local_redis import LocalRedis
-from workers.tools.bench import machine_name
-from workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.gpu.plan.selection import plan
+from gpufleet.tasks.client import FleetClient, route_of
+from gpufleet.tasks.fleet import FleetRegistry
+from gpufleet.tasks.live_routing import route_live
+from gpufleet.tasks.routing import FleetRouter
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.launch import spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.bench import machine_name
+from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -9,7 +9,7 @@ real ``gpufleet worker --cpu`` (diagnostics on) serving the demo models (``gpufl
 MiniLM and warms it, then sends, one at a time and in rotating order, ``fleet.diag.noop`` (a bare Celery task
 outside the fleet's job bookkeeping: what Celery itself costs), the same no-op answering 384 numbers (an answer as
 large as the embedding's: what Celery costs to move it) and ``fleet.embed`` of one sentence on the resident
-model. All go through the same producer path (:class:`tasks.client.FleetClient` ``submit`` then
+model. All go through the same producer path (:class:`gpufleet.tasks.client.FleetClient` ``submit`` then
 ``AsyncResult.get``) to the same worker, and each round trip is timed from before ``submit`` to after ``get``.
 
 For the embeds: overhead = round trip - ``timings.compute_s`` (the model's forward, measured by the worker), per
@@ -34,13 +34,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks.client import FleetClient
-from tasks.names import TaskName
-from workers.demo import EMBED_MODEL
-from workers.launch import spawn_worker, stop_process, tail, wait_until_ready
-from workers.local_redis import LocalRedis
-from workers.tools import bench_fleet
-from workers.tools.bench import machine_name
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.names import TaskName
+from gpufleet.workers.demo import EMBED_MODEL
+from gpufleet.workers.launch import spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools import bench_fleet
+from gpufleet.workers.tools.bench import machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -161,7 +161,7 @@ def measure(client: FleetClient, jobs: int) -> dict[str, Any]:
 
 def run(jobs: int, models: Path, work: Path, worker_env: dict[str, str]) -> dict[str, Any]:
     """Start Redis and a worker, warm MiniLM up, measure; everything started here is stopped here."""
-    from workers.tools.demo_models import make_demo_models
+    from gpufleet.workers.tools.demo_models import make_demo_models
 
     make_demo_models(models)
     with LocalRedis(work / "redis") as redis:

@@ -6,7 +6,7 @@
 
 writes ``benchmarks/results/queue-<machine>-<date>.json``, ``.md`` and ``.png``. For each mode (batching off, then
 on) it starts one real ``gpufleet worker --cpu`` on a private redis-server with the demo models resident, and
-measures, through :class:`tasks.client.FleetClient`:
+measures, through :class:`gpufleet.tasks.client.FleetClient`:
 
 - embed saturation: 256 one-sentence ``fleet.embed`` jobs enqueued at once; jobs/s until the last result;
 - the same 256 sentences as one job (sentences/s): what the model does without a queue in between;
@@ -35,12 +35,12 @@ from typing import Any
 from celery.result import AsyncResult
 
 from benchmarks.overhead_bench import machine, measure
-from tasks.client import FleetClient
-from workers.demo import CHAT_MODEL, EMBED_MODEL
-from workers.launch import spawn_worker, stop_process, tail, wait_until_ready
-from workers.local_redis import LocalRedis
-from workers.tools import bench_fleet
-from workers.tools.bench import machine_name
+from gpufleet.tasks.client import FleetClient
+from gpufleet.workers.demo import CHAT_MODEL, EMBED_MODEL
+from gpufleet.workers.launch import spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools import bench_fleet
+from gpufleet.workers.tools.bench import machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from workers.tools.demo_models import make_demo_models
+    from gpufleet.workers.tools.demo_models import make_demo_models
 
     repeats, lone_jobs = (1, 60) if args.quick else (3, 200)
     models = args.models.resolve()

@@ -19,7 +19,7 @@ writes ``benchmarks/results/runtime-<machine>-<date>.json`` and ``.md``. Three m
     Target ≤ 1 ms.
 
 The models are random-weight Llamas (and one BERT) from the project's checkpoint builder
-(``workers.tools.checkpoints``) in a temporary directory. On the CPU there is no caching allocator: (b) reports
+(``gpufleet.workers.tools.checkpoints``) in a temporary directory. On the CPU there is no caching allocator: (b) reports
 process RSS instead, and (a) shows the code path runs. Timings are reported, never asserted; the markdown report
 (``runtime_report.py``) says which targets were met.
 """
@@ -44,7 +44,7 @@ from typing import Any
 
 from runtime_report import render_markdown  # a sibling module: this file runs as a script
 
-from workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -77,7 +77,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def make_loader(name: str) -> Any:
-    from gpu.runtime import loader
+    from gpufleet.gpu.runtime import loader
 
     if name == "fast":
         return loader.FastSafetensorsLoader()  # type: ignore[attr-defined,unused-ignore]
@@ -133,12 +133,12 @@ def child_describe(_: dict[str, Any]) -> dict[str, Any]:
 
 def child_first_forward(spec: dict[str, Any]) -> dict[str, Any]:
     """Load one model in this fresh process, warm up per ``mode``, then time the first and steady requests."""
-    from gpu.runtime.device_memory import configure_allocator
+    from gpufleet.gpu.runtime.device_memory import configure_allocator
 
     configure_allocator()
-    from gpu.config import WarmupConfig, WarmupSize
-    from gpu.runtime.inference import ModelKind, embed, generate
-    from gpu.runtime.warmup import GPUWarmupManager
+    from gpufleet.gpu.config import WarmupConfig, WarmupSize
+    from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+    from gpufleet.gpu.runtime.warmup import GPUWarmupManager
 
     device, dtype, mode = spec["device"], spec["dtype"], spec["mode"]
     import transformers  # noqa: F401  # imported before the clock starts: load_s is the load, not the import
@@ -201,11 +201,11 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = spec["alloc_conf"]  # before torch starts CUDA in this process
     import torch
 
-    from gpu.config import GpuConfig, MemoryPoolConfig
-    from gpu.errors import CapacityError
-    from gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
-    from gpu.runtime.memory_pool import GPUMemoryPool
-    from gpu.runtime.model_cache import ModelCache
+    from gpufleet.gpu.config import GpuConfig, MemoryPoolConfig
+    from gpufleet.gpu.errors import CapacityError
+    from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+    from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool
+    from gpufleet.gpu.runtime.model_cache import ModelCache
 
     device, dtype = spec["device"], spec["dtype"]
     models: dict[str, str] = spec["models"]
@@ -310,7 +310,7 @@ def run_child(name: str, spec: dict[str, Any], *, env: dict[str, str] | None = N
 
 def measure_hit_overhead(iterations: int) -> dict[str, Any]:
     """Per-job bookkeeping on a cache hit: ``cache.get`` (recency and the usage record), in microseconds."""
-    from gpu.runtime.model_cache import ModelCache
+    from gpufleet.gpu.runtime.model_cache import ModelCache
 
     cache: ModelCache[object] = ModelCache(10**12)
     for i in range(32):

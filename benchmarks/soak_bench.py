@@ -7,10 +7,10 @@
 writes ``benchmarks/results/soak-<machine>-<date>.json`` and ``.md``. It starts a private redis-server (AOF, as in
 production) and two ``gpufleet worker --cpu`` with default fleet settings, and sends one-sentence ``fleet.embed``
 jobs (batched by the workers) with a ``fleet.generate`` every ``--generate-every`` jobs, through
-:class:`tasks.client.FleetClient` (live routing on), keeping at most ``--window`` unanswered. Along the way:
+:class:`gpufleet.tasks.client.FleetClient` (live routing on), keeping at most ``--window`` unanswered. Along the way:
 
 - at 30 % answered it kill -9s the whole of one worker (parent and pool child), notes which jobs that worker held
-  (its held sets, :mod:`workers.held_transport`), times how long until all of them are answered (by the other
+  (its held sets, :mod:`gpufleet.workers.held_transport`), times how long until all of them are answered (by the other
   worker: the recovery time), and starts it again as a supervisor would;
 - at 60 % answered it restarts Redis (the append-only file keeps what was queued and held) and goes on.
 
@@ -37,12 +37,12 @@ import psutil
 import redis
 from overhead_bench import RESULTS, machine  # a sibling module: this file runs as a script
 
-from tasks.client import FleetClient
-from tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY
-from workers.demo import CHAT_MODEL, EMBED_MODEL
-from workers.launch import spawn_worker, stop_process, wait_until_ready
-from workers.local_redis import LocalRedis
-from workers.tools import bench_fleet
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY
+from gpufleet.workers.demo import CHAT_MODEL, EMBED_MODEL
+from gpufleet.workers.launch import spawn_worker, stop_process, wait_until_ready
+from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools import bench_fleet
 
 WORKERS = ("soak-a@bench", "soak-b@bench")
 RESULT_PREFIX = "celery-task-meta-"
@@ -148,7 +148,7 @@ def check(job: str, kind: str, meta: dict[str, Any]) -> str | None:
 
 def run(args: argparse.Namespace, models: Path, work: Path) -> dict[str, Any]:
     """Start Redis and two workers, send the jobs with the faults, collect and check; stops all it started."""
-    from workers.tools.demo_models import make_demo_models
+    from gpufleet.workers.tools.demo_models import make_demo_models
 
     make_demo_models(models)
     with LocalRedis(work / "redis") as server:

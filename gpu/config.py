@@ -1,6 +1,6 @@
 """Configuration sections owned by the ``gpu`` package.
 
-These are plain pydantic models: ``tasks.settings`` binds them to ``GPUFLEET_*`` environment variables, and
+These are plain pydantic models: ``gpufleet.tasks.settings`` binds them to ``GPUFLEET_*`` environment variables, and
 ``workers`` hands them to the runtime parts. Keeping them here lets the library be configured without Celery.
 """
 

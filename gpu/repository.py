@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpu.errors import ModelNotFoundError, UnsafeModelIdError
+from gpufleet.gpu.errors import ModelNotFoundError, UnsafeModelIdError
 
 # One or two path segments of letters, digits, '.', '_' and '-', each starting with a letter or digit:
 # the shape of Hugging Face repo ids. Anything else (absolute paths, '..', backslashes) is refused.

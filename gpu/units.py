@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpu.errors import ConfigError
+from gpufleet.gpu.errors import ConfigError
 
 KiB = 1024
 MiB = 1024**2

@@ -267,8 +267,8 @@ compose exec -T worker-cpu python - >"$work/pickle.txt" <<'PY'
 import pickle
 import uuid
 
-from tasks.app import create_app
-from tasks.errors import InvalidRequestError
+from gpufleet.tasks.app import create_app
+from gpufleet.tasks.errors import InvalidRequestError
 
 app = create_app()
 task_id = str(uuid.uuid4())

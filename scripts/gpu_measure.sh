@@ -17,8 +17,8 @@ exec > >(tee "$out/gpu_measure.log") 2>&1   # the whole run's output beside its 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 step "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider --junitxml="$out/gpu-tests.xml"
 step "$PY" scripts/test_gpu_warmup.py --test all --device cuda
-step "$PY" -m workers.tools.bench --out "$out"                          # 7B-shaped loader benchmark
+step "$PY" -m gpufleet.workers.tools.bench --out "$out"                          # 7B-shaped loader benchmark
 step "$PY" benchmarks/runtime_bench.py --device cuda --cycles 50 --out-dir "$out"  # warm-up, load/evict cycles
 step "$PY" -m benchmarks.queue_bench --gpu 0 --quick --out "$out"       # batching off vs on, a GPU worker
-step "$PY" -m workers.cli demo --gpu 0 --workdir /tmp/gpufleet-demo     # the demo with a real GPU worker
+step "$PY" -m gpufleet.workers.cli demo --gpu 0 --workdir /tmp/gpufleet-demo     # the demo with a real GPU worker
 exit $status

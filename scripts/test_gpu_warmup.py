@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 # The allocator reads its configuration when CUDA starts: set it before anything can touch CUDA.
-from gpu.runtime.device_memory import configure_allocator
+from gpufleet.gpu.runtime.device_memory import configure_allocator
 
 ALLOC_CONF = configure_allocator()
 
-from gpu.config import GpuConfig, WarmupConfig, WarmupSize  # noqa: E402
-from gpu.runtime.memory_pool import GPUMemoryPool  # noqa: E402
-from gpu.runtime.model_cache import ModelCache  # noqa: E402
-from gpu.runtime.warmup import GPUWarmupManager  # noqa: E402
-from gpu.units import MiB, fmt_bytes  # noqa: E402
+from gpufleet.gpu.config import GpuConfig, WarmupConfig, WarmupSize  # noqa: E402
+from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool  # noqa: E402
+from gpufleet.gpu.runtime.model_cache import ModelCache  # noqa: E402
+from gpufleet.gpu.runtime.warmup import GPUWarmupManager  # noqa: E402
+from gpufleet.gpu.units import MiB, fmt_bytes  # noqa: E402
 
 
 def pick_device(requested: str | None) -> str:
@@ -103,15 +103,15 @@ def check_memory(device: str) -> None:
 
 def build_tiny_llama(directory: Path) -> Path:
     """A tiny random Llama with the demo tokenizer, from the project's checkpoint builder."""
-    from workers.tools.checkpoints import make_checkpoint
+    from gpufleet.workers.tools.checkpoints import make_checkpoint
 
     return make_checkpoint(directory / "tiny-llama", "llama")
 
 
 def check_model(device: str, model_dir: Path | None) -> None:
     """Load through pool + cache with the reference loader, warm the model up, then time five requests."""
-    from gpu.runtime.inference import ModelKind, embed, generate
-    from gpu.runtime.loader import PretrainedLoader
+    from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+    from gpufleet.gpu.runtime.loader import PretrainedLoader
 
     with tempfile.TemporaryDirectory(prefix="gpufleet-check-") as scratch:
         path = model_dir if model_dir is not None else build_tiny_llama(Path(scratch))

@@ -1,7 +1,7 @@
 """The Celery app and its configuration.
 
 Every setting here has a reason tied to GPU serving, given in the comment beside it (the README sums them up).
-The app is built from :class:`tasks.settings.Settings` so producers, workers and tests configure it one way.
+The app is built from :class:`gpufleet.tasks.settings.Settings` so producers, workers and tests configure it one way.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 from celery import Celery
 
-from tasks.errors import SettingsError
-from tasks.routing import FleetRouter
-from tasks.settings import Settings, get_settings
+from gpufleet.tasks.errors import SettingsError
+from gpufleet.tasks.routing import FleetRouter
+from gpufleet.tasks.settings import Settings, get_settings
 
 JSON_ONLY = ["json"]
 
@@ -108,11 +108,12 @@ def create_app(settings: Settings | None = None, *, main: str = "gpufleet") -> C
     return app
 
 
-app: Celery  # ``tasks.app:app``: declared here, built on first access by __getattr__ below
+app: Celery  # ``gpufleet.tasks.app:app``: declared here, built on first access by __getattr__ below
 
 
 def __getattr__(name: str) -> Any:
-    """``tasks.app:app`` for the celery CLI (Flower): built from the environment on first use, not at import."""
+    """``gpufleet.tasks.app:app`` for the celery CLI (Flower): built from the environment on first use, not at
+    import."""
     if name == "app":
         global app
         app = create_app()

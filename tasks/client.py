@@ -14,8 +14,8 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
-from tasks.app import create_app
-from tasks.contracts import (
+from gpufleet.tasks.app import create_app
+from gpufleet.tasks.contracts import (
     EmbedRequest,
     GenerateRequest,
     LoadModelRequest,
@@ -24,11 +24,11 @@ from tasks.contracts import (
     UnloadModelRequest,
     validate_request,
 )
-from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
-from tasks.live_routing import RouteDecision
-from tasks.names import TaskName
-from tasks.routing import LiveRouter, app_router
-from tasks.settings import Settings, get_settings, redact_url
+from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
+from gpufleet.tasks.live_routing import RouteDecision
+from gpufleet.tasks.names import TaskName
+from gpufleet.tasks.routing import LiveRouter, app_router
+from gpufleet.tasks.settings import Settings, get_settings, redact_url
 
 ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 ROUTE_ATTRIBUTE = "fleet_route"

@@ -21,9 +21,9 @@ from pydantic import (
     model_validator,
 )
 
-from gpu.errors import UnsafeModelIdError
-from gpu.repository import validate_model_id
-from tasks.errors import InvalidRequestError
+from gpufleet.gpu.errors import UnsafeModelIdError
+from gpufleet.gpu.repository import validate_model_id
+from gpufleet.tasks.errors import InvalidRequestError
 
 MAX_TEXTS = 1024
 MAX_TEXT_CHARS = 100_000

@@ -1,15 +1,15 @@
-"""Routing on the live fleet: pure functions over a :class:`tasks.fleet.FleetSnapshot` (no I/O, no clock).
+"""Routing on the live fleet: pure functions over a :class:`gpufleet.tasks.fleet.FleetSnapshot` (no I/O, no clock).
 
 The rule (:func:`route_live`):
 
-1. plan the model onto each GPU type that has a live worker (:mod:`tasks.planning`), cheapest first as the
+1. plan the model onto each GPU type that has a live worker (:mod:`gpufleet.tasks.planning`), cheapest first as the
    planner orders them (one device before several, the CPU last);
 2. keep the workers of those types that can hold it: enough GPUs, and a budget the weights fit in once unpinned
    models are evicted;
 3. prefer a ready worker already holding it (resident, then parked) unless more than
    ``GPUFLEET_FLEET__MAX_BACKLOG`` jobs wait on it: its direct queue;
 4. else the first such type's queue (a worker still warming up takes it once warm); nothing live can run it:
-   :class:`~tasks.errors.RoutingError` at once, naming what the model needs and what is live.
+   :class:`~gpufleet.tasks.errors.RoutingError` at once, naming what the model needs and what is live.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import GpuError, ModelSpecError, UnsafeModelIdError
-from gpu.plan.catalog import get_gpu_type
-from gpu.plan.selection import plan
-from gpu.repository import validate_model_id
-from gpu.units import fmt_bytes
-from tasks.errors import ModelNotFoundError, RoutingError
-from tasks.fleet import FleetSnapshot, Holding, WorkerRecord
-from tasks.names import gpu_type_queue
-from tasks.planning import fleet_gpu_types, not_understood, placement_for, plan_target
-from tasks.settings import Settings
+from gpufleet.gpu.errors import GpuError, ModelSpecError, UnsafeModelIdError
+from gpufleet.gpu.plan.catalog import get_gpu_type
+from gpufleet.gpu.plan.selection import plan
+from gpufleet.gpu.repository import validate_model_id
+from gpufleet.gpu.units import fmt_bytes
+from gpufleet.tasks.errors import ModelNotFoundError, RoutingError
+from gpufleet.tasks.fleet import FleetSnapshot, Holding, WorkerRecord
+from gpufleet.tasks.names import gpu_type_queue
+from gpufleet.tasks.planning import fleet_gpu_types, not_understood, placement_for, plan_target
+from gpufleet.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Producer-side planning by GPU type: which GPU type's queue a model goes to without the live fleet.
 
-The model is planned (``gpu.plan.selection.plan``) from its config.json when the producer sees the model root (or
-an offline Hugging Face cache), else from its name, over the GPU types of ``GPUFLEET_FLEET__GPU_TYPES``. Used by
+The model is planned (``gpufleet.gpu.plan.selection.plan``) from its config.json when the producer sees the model root
+(or an offline Hugging Face cache), else from its name, over the GPU types of ``GPUFLEET_FLEET__GPU_TYPES``. Used by
 the live router for each live type, by the fallback when no registry answers, by ``gpufleet plan`` and by the OOM
 policy's re-route (:func:`next_fallback_queue`).
 """
@@ -13,14 +13,14 @@ import logging
 import time
 from pathlib import Path
 
-from gpu.errors import GpuError, ModelSpecError, UnsafeModelIdError
-from gpu.errors import ModelNotFoundError as GpuModelNotFoundError
-from gpu.plan.catalog import get_gpu_type
-from gpu.plan.selection import Placement, Preference, plan
-from gpu.repository import default_hf_cache, resolve_model, validate_model_id
-from tasks.errors import ModelNotFoundError, RoutingError
-from tasks.names import gpu_type_queue
-from tasks.settings import Settings, get_settings
+from gpufleet.gpu.errors import GpuError, ModelSpecError, UnsafeModelIdError
+from gpufleet.gpu.errors import ModelNotFoundError as GpuModelNotFoundError
+from gpufleet.gpu.plan.catalog import get_gpu_type
+from gpufleet.gpu.plan.selection import Placement, Preference, plan
+from gpufleet.gpu.repository import default_hf_cache, resolve_model, validate_model_id
+from gpufleet.tasks.errors import ModelNotFoundError, RoutingError
+from gpufleet.tasks.names import gpu_type_queue
+from gpufleet.tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

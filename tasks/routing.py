@@ -1,11 +1,12 @@
-"""The producer-side router: the Celery adapter over :mod:`tasks.live_routing` and :mod:`tasks.planning`.
+"""The producer-side router: the Celery adapter over :mod:`gpufleet.tasks.live_routing` and
+:mod:`gpufleet.tasks.planning`.
 
 Every producer path decides a job's queue the same way: the Celery router (:class:`FleetRouter`, listed in
-``task_routes``, so Flower's send-task gets it too), :class:`tasks.client.FleetClient` and ``gpufleet plan --live``
-all go through one :class:`LiveRouter`. It routes on the live fleet (:func:`tasks.live_routing.route_live`) while
-it can read the registry; without a Redis registry, with ``GPUFLEET_FLEET__LIVE_ROUTING=false``, or while the
-registry cannot be read, jobs are routed by GPU type alone (:func:`tasks.live_routing.route_by_type`). An explicit
-``queue=`` always wins.
+``task_routes``, so Flower's send-task gets it too), :class:`gpufleet.tasks.client.FleetClient` and ``gpufleet plan
+--live`` all go through one :class:`LiveRouter`. It routes on the live fleet
+(:func:`gpufleet.tasks.live_routing.route_live`) while it can read the registry; without a Redis registry, with
+``GPUFLEET_FLEET__LIVE_ROUTING=false``, or while the registry cannot be read, jobs are routed by GPU type alone
+(:func:`gpufleet.tasks.live_routing.route_by_type`). An explicit ``queue=`` always wins.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tasks.errors import BrokerUnavailableError
-from tasks.fleet import FleetRegistry, FleetSnapshot
-from tasks.live_routing import RouteDecision, route_by_type, route_live
-from tasks.settings import Settings, redact_url
+from gpufleet.tasks.errors import BrokerUnavailableError
+from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot
+from gpufleet.tasks.live_routing import RouteDecision, route_by_type, route_live
+from gpufleet.tasks.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class FleetRouter:
 
     Jobs without a model (or with an explicit ``queue=``) are left to Celery; a worker refuses a malformed
     request with a clear error. Its :class:`LiveRouter` (``.live``) is shared with the app's
-    :class:`tasks.client.FleetClient`, so both read one registry cache.
+    :class:`gpufleet.tasks.client.FleetClient`, so both read one registry cache.
     """
 
     def __init__(self, settings: Settings, live: LiveRouter | None = None) -> None:

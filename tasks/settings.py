@@ -23,8 +23,8 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as SourceError
 
-from gpu.config import GpuConfig
-from tasks.errors import SettingsError
+from gpufleet.gpu.config import GpuConfig
+from gpufleet.tasks.errors import SettingsError
 
 ENV_PREFIX = "GPUFLEET_"
 ENV_DELIMITER = "__"

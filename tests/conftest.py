@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import get_settings
-from workers.local_redis import LocalRedis
+from gpufleet.tasks.settings import get_settings
+from gpufleet.workers.local_redis import LocalRedis
 
 # No hub at run time: anything that tries the network fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +37,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedi
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model root holding the demo models (real MiniLM, generated tiny-chat)."""
-    from workers.tools.demo_models import make_demo_models
+    from gpufleet.workers.tools.demo_models import make_demo_models
 
     root = tmp_path_factory.mktemp("models")
     make_demo_models(root)
@@ -47,7 +47,7 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny causal LMs of different architectures (org/a llama, org/b qwen2, org/c mistral)."""
-    from workers.tools.checkpoints import make_checkpoint
+    from gpufleet.workers.tools.checkpoints import make_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-models")
     for name, arch in (("a", "llama"), ("b", "qwen2"), ("c", "mistral")):

@@ -1,11 +1,11 @@
 """Dynamic batching, child side: run a batch of jobs for one model and store each job's own result.
 
-:func:`run_batch` is what the parent's batcher (:mod:`workers.batching`) sends to the pool child. For each job it
-does what :class:`workers.task_base.FleetTask` does for a single one: count the delivery, validate the arguments,
-map errors to contract errors, add the common result fields, store the result. The compute is shared:
+:func:`run_batch` is what the parent's batcher (:mod:`gpufleet.workers.batching`) sends to the pool child. For each job
+it does what :class:`gpufleet.workers.task_base.FleetTask` does for a single one: count the delivery, validate the
+arguments, map errors to contract errors, add the common result fields, store the result. The compute is shared:
 
 1. every valid job is prepared alone (a bad prompt fails its own job, never the batch);
-2. the prepared jobs run as one batch (:mod:`gpu.runtime.batching`);
+2. the prepared jobs run as one batch (:mod:`gpufleet.gpu.runtime.batching`);
 3. if the batch fails with an out-of-memory or inference error, it is split in halves and each half retried, so
    a failing job ends up failing alone; a single job that runs out of memory goes through the OOM policy (evict,
    retry, re-route to a larger GPU type, or ``CapacityError``) exactly as an unbatched job does.
@@ -29,15 +29,15 @@ from celery.exceptions import Ignore
 from celery.utils.saferepr import saferepr
 from pydantic import BaseModel
 
-import gpu.errors as gpu_errors
-from gpu.runtime.inference import LoadedModel
-from tasks import errors
-from tasks.contracts import Timings, dump
-from workers import state
-from workers.oom_policy import run_with_oom_policy
-from workers.result_store import StoredState, store_states
-from workers.runtime import WorkerRuntime
-from workers.task_base import (
+import gpufleet.gpu.errors as gpu_errors
+from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.tasks import errors
+from gpufleet.tasks.contracts import Timings, dump
+from gpufleet.workers import state
+from gpufleet.workers.oom_policy import run_with_oom_policy
+from gpufleet.workers.result_store import StoredState, store_states
+from gpufleet.workers.runtime import WorkerRuntime
+from gpufleet.workers.task_base import (
     ENQUEUED_AT_HEADER,
     PROGRESS_EVERY_S,
     FleetTask,
@@ -228,7 +228,7 @@ class BatchExecution:
         return self.task.compute_batch(self.runtime, acquired.loaded, [item.prepared for item in items])
 
     def _under_oom_policy(self, job: BatchJob, model: str, step: Callable[[], Any]) -> Any:
-        from tasks.planning import next_fallback_queue
+        from gpufleet.tasks.planning import next_fallback_queue
 
         runtime = self.runtime
 

@@ -15,7 +15,7 @@ The batcher keeps one buffer per (task, model). A batch is dispatched to the poo
 Delivery guarantees stay Celery's, per job: each job keeps its own ``Request``; it is acknowledged only after the
 child stored its result (late ack); if the child dies, every job of its batch is rejected and requeued
 (``task_reject_on_worker_lost``); a hard time limit fails every job of the batch. The child's side is
-:mod:`workers.batch_exec`.
+:mod:`gpufleet.workers.batch_exec`.
 
 Why not celery-batches: it needs the same prefetch, acknowledges a batch whether or not each job succeeded, has no
 per-job time limits or worker-lost handling, and caps Celery below 5.7.
@@ -31,8 +31,8 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.strategy import default as default_strategy
 
-from tasks.settings import BatchingOptions
-from workers import state
+from gpufleet.tasks.settings import BatchingOptions
+from gpufleet.workers import state
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class BatchRun:
         self.submitted_at = time.monotonic()
 
     def submit(self, pool: Any) -> None:
-        from workers.batch_exec import job_payload, run_batch
+        from gpufleet.workers.batch_exec import job_payload, run_batch
 
         first = self.requests[0]
         hard_s, soft_s = _limits(self.requests)

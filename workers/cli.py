@@ -55,7 +55,7 @@ def _progress_bar(done_bytes: int, total_bytes: int, width: int = 30) -> str:
 def _timeout_message(async_result: Any, timeout_s: float) -> str:
     """Why no result came: still running (wait longer), or waiting on a queue no worker takes it from (and what to
     do about that queue)."""
-    from tasks.client import route_of
+    from gpufleet.tasks.client import route_of
 
     meta = async_result.backend.get_task_meta(async_result.id)
     route = route_of(async_result)
@@ -81,7 +81,7 @@ def _timeout_message(async_result: Any, timeout_s: float) -> str:
 
 
 def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dict[str, Any]:
-    from tasks.errors import FleetError
+    from gpufleet.tasks.errors import FleetError
 
     deadline = time.monotonic() + timeout_s
     drawn = False
@@ -101,14 +101,14 @@ def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dic
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.main import run_worker
+    from gpufleet.workers.main import run_worker
 
     run_worker(gpu=args.gpu, gpus=args.gpus, cpu=args.cpu, name=args.name, loglevel=args.loglevel)
     return 0
 
 
 def _client() -> Any:
-    from tasks.client import FleetClient
+    from gpufleet.tasks.client import FleetClient
 
     return FleetClient()
 
@@ -157,8 +157,8 @@ def cmd_unload(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     if not args.control:
         # The registry the workers' heartbeats fill: one Redis read, no broadcast to wait on, no Celery import.
-        from tasks.fleet import FleetRegistry, describe, registry_url
-        from tasks.settings import get_settings, redact_url
+        from gpufleet.tasks.fleet import FleetRegistry, describe, registry_url
+        from gpufleet.tasks.settings import get_settings, redact_url
 
         url = registry_url(get_settings())
         if url is None:
@@ -217,9 +217,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _plan_live(model: str, settings: Any, *, as_json: bool) -> int:
     """``gpufleet plan --live``: the router's decision for ``model`` and the live fleet it was made on."""
-    from tasks.errors import RoutingError
-    from tasks.live_routing import RouteDecision
-    from tasks.routing import LiveRouter
+    from gpufleet.tasks.errors import RoutingError
+    from gpufleet.tasks.live_routing import RouteDecision
+    from gpufleet.tasks.routing import LiveRouter
 
     router = LiveRouter(settings)
     fleet = router.fleet()
@@ -263,12 +263,12 @@ def _plan_live(model: str, settings: Any, *, as_json: bool) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from gpu.plan.report import render_placement
-    from gpu.plan.selection import Placement, plan
-    from tasks.errors import ModelNotFoundError
-    from tasks.names import gpu_type_queue
-    from tasks.planning import fleet_gpu_types, placement_for
-    from tasks.settings import get_settings
+    from gpufleet.gpu.plan.report import render_placement
+    from gpufleet.gpu.plan.selection import Placement, plan
+    from gpufleet.tasks.errors import ModelNotFoundError
+    from gpufleet.tasks.names import gpu_type_queue
+    from gpufleet.tasks.planning import fleet_gpu_types, placement_for
+    from gpufleet.tasks.settings import get_settings
 
     settings = get_settings()
     if args.live:
@@ -301,13 +301,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "make-demo":
-        from workers.tools.demo_models import make_demo_models
+        from gpufleet.workers.tools.demo_models import make_demo_models
 
         for model in make_demo_models(Path(args.root), force=args.force):
             print(f"{model.model_id}: {model.path} ({model.kind.value}, {model.bytes / 2**20:.1f} MiB)")
         return 0
-    from gpu.repository import list_models
-    from tasks.settings import get_settings
+    from gpufleet.gpu.repository import list_models
+    from gpufleet.tasks.settings import get_settings
 
     root = Path(args.root) if args.root else get_settings().model_root
     if root is None:
@@ -320,22 +320,22 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(bench_args: Sequence[str]) -> int:
     """Run the loading benchmark with its own options (its parser prints its ``--help``)."""
-    from workers.tools.bench import main as bench_main
+    from gpufleet.workers.tools.bench import main as bench_main
 
     return int(bench_main(list(bench_args)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from workers.demo import run_demo
+    from gpufleet.workers.demo import run_demo
 
     return run_demo(workdir=Path(args.workdir), gpu=args.gpu, keep=args.keep)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from tasks.settings import get_settings
+    from gpufleet.tasks.settings import get_settings
 
     try:
-        from tasks.api.app import serve
+        from gpufleet.tasks.api.app import serve
     except ModuleNotFoundError as exc:  # the API's libraries are an extra, not the producer's base install
         print(f"gpufleet api: needs the api extra (`pip install 'gpufleet[api]'`): {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -452,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gpufleet`` console script."""
-    from gpu.errors import GpuError
-    from tasks.errors import FleetError
-    from workers.errors import WorkerError
+    from gpufleet.gpu.errors import GpuError
+    from gpufleet.tasks.errors import FleetError
+    from gpufleet.workers.errors import WorkerError
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

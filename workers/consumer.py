@@ -3,10 +3,11 @@
 Celery's consumer logs and drops a task message whose body it cannot decode (pickle, broken JSON, a content type
 outside ``accept_content``) or whose shape is wrong, so the caller waits until its own timeout; for an unknown task
 name it stores ``NotRegistered``, a type outside the job contract. :class:`ContractConsumer` (the
-``worker_consumer`` setting, set by :func:`workers.main.run_worker`) keeps Celery's behaviour for the message itself
-(logged, then dropped: never requeued, never decoded with pickle) and, where the message's *headers* name a task
+``worker_consumer`` setting, set by :func:`gpufleet.workers.main.run_worker`) keeps Celery's behaviour for the message
+itself (logged, then dropped: never requeued, never decoded with pickle) and, where the message's *headers* name a task
 id (protocol 2 carries ``id`` and ``task`` in the headers, which decode without the body), first stores a failure
-result for that id: an :class:`~tasks.errors.InvalidRequestError` that says what was wrong and what to send instead.
+result for that id: an :class:`~gpufleet.tasks.errors.InvalidRequestError` that says what was wrong and what to send
+instead.
 
 It also checks a protocol 2 body's shape before the job is reserved (``[args, kwargs, embed]`` with a list,
 a mapping and a mapping): Celery would otherwise fail inside the pool with a bare ``TypeError``, or not at all.
@@ -26,13 +27,13 @@ from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 from kombu.message import Message
 
-from tasks.errors import InvalidRequestError
+from gpufleet.tasks.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 JSON_ONLY_HINT = "gpufleet accepts JSON only: send with serializer='json'"
 # Celery's dotted path for the ``worker_consumer`` setting.
-CONSUMER_PATH = "workers.consumer:ContractConsumer"
+CONSUMER_PATH = "gpufleet.workers.consumer:ContractConsumer"
 
 Strategy = Callable[..., Any]
 

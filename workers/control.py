@@ -1,7 +1,7 @@
 """Remote control commands answered by the worker's parent process, while jobs run.
 
 ``gpu_status``, ``models_status`` and ``cache_status`` read the snapshot the pool child publishes
-(:mod:`workers.state`) plus live device memory from NVML, so they answer even while the child is busy.
+(:mod:`gpufleet.workers.state`) plus live device memory from NVML, so they answer even while the child is busy.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from workers import state
+from gpufleet.workers import state
 
 
 def _live_memory() -> dict[str, int] | None:
@@ -18,7 +18,7 @@ def _live_memory() -> dict[str, int] | None:
     context = state.context()
     if context is None or not context.identity.gpu_indices:
         return None
-    from gpu.runtime.nvml import device_memory
+    from gpufleet.gpu.runtime.nvml import device_memory
 
     try:
         per_gpu = [device_memory(index) for index in context.identity.gpu_indices]

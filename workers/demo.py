@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.client import FleetClient
-from tasks.settings import load_settings
-from workers.launch import spawn_worker, stop_process, wait_until_ready
-from workers.local_redis import LocalRedis
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.launch import spawn_worker, stop_process, wait_until_ready
+from gpufleet.workers.local_redis import LocalRedis
 
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CHAT_MODEL = "gpufleet/tiny-chat"
@@ -41,7 +41,7 @@ def _timings(result: dict[str, Any]) -> str:
 
 def run_demo(*, workdir: Path, gpu: int | None = None, keep: bool = False) -> int:
     """Run the demo; returns the process exit code."""
-    from workers.tools.demo_models import make_demo_models
+    from gpufleet.workers.tools.demo_models import make_demo_models
 
     workdir = workdir.resolve()
     model_root = workdir / "models"

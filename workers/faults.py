@@ -7,7 +7,7 @@ list of:
   ``count`` times it runs: for ``load``, the check forward right after the model is loaded (it needs
   ``GPUFLEET_GPU__WARMUP__AFTER_LOAD``, the default); for ``infer``, the job's forward. The error comes out of a
   real forward of the real model, so it travels the same path as a CUDA out-of-memory error: translated by
-  :mod:`gpu.runtime`, then the worker's OOM policy;
+  :mod:`gpufleet.gpu.runtime`, then the worker's OOM policy;
 - ``crash:load|infer:<model or *>:<count>``: kill the pool child with SIGKILL instead (a poison job);
 - ``slow:warmup|load:<seconds>``: make warm-up (or each disk load) take that much longer, to observe a worker
   that is not ready yet or a load in progress.
@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.errors import WorkerStartError
+from gpufleet.workers.errors import WorkerStartError
 
 if TYPE_CHECKING:
-    from tasks.settings import Settings
+    from gpufleet.tasks.settings import Settings
 
 ENV = "GPUFLEET_FAULTS"
 STAGES = ("load", "infer")
@@ -98,7 +98,7 @@ class Faults:
     def arm(self, stage: str, model_id: str, module: Any) -> None:
         """Make ``module``'s next forward raise a real torch out-of-memory error, if one is left for it."""
         if self._take(self.ooms, stage, model_id):
-            from gpu.runtime.oom import inject_oom_on_forward
+            from gpufleet.gpu.runtime.oom import inject_oom_on_forward
 
             inject_oom_on_forward(module, calls=1)
 

@@ -1,9 +1,9 @@
 """The worker's heartbeat: its parent process tells the fleet registry who it is and what it holds.
 
-The parent (which never imports torch) publishes a :class:`~tasks.fleet.WorkerRecord` every
+The parent (which never imports torch) publishes a :class:`~gpufleet.tasks.fleet.WorkerRecord` every
 ``GPUFLEET_FLEET__HEARTBEAT_INTERVAL_S`` with a TTL of ``GPUFLEET_FLEET__HEARTBEAT_TTL_S``, built from its identity
-and the snapshot the pool child keeps writing (:mod:`workers.state`), so it reports the child's models, memory and
-running job even while a long job holds the child. It starts on Celery's ``worker_ready`` and stops on
+and the snapshot the pool child keeps writing (:mod:`gpufleet.workers.state`), so it reports the child's models, memory
+and running job even while a long job holds the child. It starts on Celery's ``worker_ready`` and stops on
 ``worker_shutdown``; a failed beat (a Redis blip) is logged and retried on the next tick, never fatal.
 
 No job may wait on a queue nobody consumes. A worker's direct queue is moved back to its type queue:
@@ -18,7 +18,7 @@ queue instead (``add_consumer`` to itself): RabbitMQ puts the dead consumer's un
 at once, and the claimer serves them.
 
 On a Redis broker the heartbeat also keeps this worker's held-delivery records alive and restores those of dead
-holders (:mod:`workers.recovery`): a killed worker's unacknowledged jobs go back to their queues about
+holders (:mod:`gpufleet.workers.recovery`): a killed worker's unacknowledged jobs go back to their queues about
 ``heartbeat_ttl_s`` after its last beat. RabbitMQ needs none of it: it requeues a lost consumer's messages itself.
 """
 
@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from tasks.fleet import FleetRegistry, HeldModel, RunningJob, WorkerRecord
-from workers.recovery import Recovery, Restored, stop_fenced_worker
+from gpufleet.tasks.fleet import FleetRegistry, HeldModel, RunningJob, WorkerRecord
+from gpufleet.workers.recovery import Recovery, Restored, stop_fenced_worker
 
 if TYPE_CHECKING:
     import redis
 
-    from tasks.settings import Settings
-    from workers.identity import WorkerIdentity
+    from gpufleet.tasks.settings import Settings
+    from gpufleet.workers.identity import WorkerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def build_record(
 
     Args:
         identity: who the worker is (name, GPU type and indices, device, queues, device memory).
-        snapshot: the pool child's last snapshot (:func:`workers.state.snapshot`); missing sections read as
+        snapshot: the pool child's last snapshot (:func:`gpufleet.workers.state.snapshot`); missing sections read as
             "not ready, nothing held".
         ttl_s: how long the record stays valid without another heartbeat.
         now: seconds since the epoch (the heartbeat's time).
@@ -268,7 +268,7 @@ class Heartbeat:
         clock: seconds since the epoch.
         recovery: restores dead holders' jobs (Redis broker), or None.
         on_fenced: called with the held sets a peer claimed when this worker wakes from a freeze longer than its
-            TTL (default :func:`workers.recovery.stop_fenced_worker`, which does not return).
+            TTL (default :func:`gpufleet.workers.recovery.stop_fenced_worker`, which does not return).
         adopt: start consuming a dead worker's direct queue (a broker without lists to move: RabbitMQ), or None.
     """
 
@@ -361,7 +361,7 @@ class Heartbeat:
         """Claim workers whose heartbeat expired and move their direct queues, and what landed on departed ones.
 
         On a Redis broker, once :attr:`trusted`, it also restores the jobs of expired holders (see
-        :mod:`workers.recovery`; counted in :attr:`restored`).
+        :mod:`gpufleet.workers.recovery`; counted in :attr:`restored`).
 
         Returns:
             How many jobs were moved.
@@ -469,7 +469,7 @@ _heartbeat: Heartbeat | None = None
 def on_worker_ready(**_: Any) -> None:
     """``worker_ready`` (parent): start the heartbeat; nothing when the broker and results have no Redis."""
     global _heartbeat
-    from workers import state
+    from gpufleet.workers import state
 
     context = state.context()
     if context is None or _heartbeat is not None:

@@ -8,7 +8,7 @@ consumer holds which message, so nobody can give a dead worker's jobs back soone
 This transport adds that fact, in the same MULTI/EXEC as kombu's own bookkeeping, so it is exact and costs no
 extra round trip:
 
-- on delivery, the tag goes into the channel's held set (:func:`tasks.fleet.held_key`, one per channel) and the
+- on delivery, the tag goes into the channel's held set (:func:`gpufleet.tasks.fleet.held_key`, one per channel) and the
   set's holder entry in ``gpufleet:fleet:holders`` is scored "alive until now + TTL";
 - on ack, reject or restore (kombu's ``_remove_from_indices``), the tag leaves the held set.
 
@@ -22,8 +22,8 @@ the last resort, restores whoever's tags are too old.
 
 The worker's heartbeat keeps the holder entries of its open channels fresh; when one expires (the worker died, or
 a lost connection closed the channel), a live worker restores exactly those tags with kombu's own restore code
-(:mod:`workers.recovery`). Installed on a worker's app by :func:`install` when the broker is Redis; producers and
-RabbitMQ workers use kombu's transports unchanged.
+(:mod:`gpufleet.workers.recovery`). Installed on a worker's app by :func:`install` when the broker is Redis; producers
+and RabbitMQ workers use kombu's transports unchanged.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from tasks.fleet import HOLDERS_KEY, held_key
+from gpufleet.tasks.fleet import HOLDERS_KEY, held_key
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from tasks.settings import Settings
+    from gpufleet.tasks.settings import Settings
 
-TRANSPORT_PATH = "workers.held_transport:Transport"
+TRANSPORT_PATH = "gpufleet.workers.held_transport:Transport"
 WORKER_OPTION = "gpufleet_worker"
 TTL_OPTION = "gpufleet_holder_ttl_s"
 # Broker URLs kombu serves with its plain Redis transport (sentinel:// has a channel of its own: left alone).

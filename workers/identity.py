@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tasks.names import CPU_QUEUE, gpu_type_queue, worker_queue
-from workers.errors import WorkerStartError
+from gpufleet.tasks.names import CPU_QUEUE, gpu_type_queue, worker_queue
+from gpufleet.workers.errors import WorkerStartError
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,9 @@ def gpus_identity(indices: Sequence[int], *, name: str | None = None, flag: str 
     Raises:
         WorkerStartError: NVML is unavailable, an index has no GPU, or the GPUs are of different types.
     """
-    from gpu.errors import ConfigError
-    from gpu.plan.catalog import gpu_type_from_device_name
-    from gpu.runtime.nvml import list_devices
+    from gpufleet.gpu.errors import ConfigError
+    from gpufleet.gpu.plan.catalog import gpu_type_from_device_name
+    from gpufleet.gpu.runtime.nvml import list_devices
 
     if not indices:
         raise WorkerStartError(f"{flag} names no GPU; pass at least one index, or --cpu")

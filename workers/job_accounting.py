@@ -6,8 +6,8 @@ A job on a resident model takes milliseconds, so its bookkeeping must cost micro
   background thread, once the worker has been quiet for a moment (``quiet_s``) and at the latest ``max_delay_s``
   after the first unwritten change. A job of a few milliseconds is never written as running; one that runs
   longer is, ``quiet_s`` after it started. Changes to what the worker holds (loads, evictions, unloads) do not
-  wait: :meth:`workers.runtime.WorkerRuntime.changed` writes them before the job's result is stored, so a caller
-  who got the result sees them in the status commands at once.
+  wait: :meth:`gpufleet.workers.runtime.WorkerRuntime.changed` writes them before the job's result is stored, so a
+  caller who got the result sees them in the status commands at once.
 * :func:`count_delivery` counts only *re*-deliveries. Both Redis (kombu marks every message it restores) and
   RabbitMQ flag a message delivered again as ``redelivered``, so a first delivery, the common case, costs no
   round trip; a redelivered job pays one (INCR and EXPIRE, pipelined).

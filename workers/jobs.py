@@ -1,4 +1,4 @@
-"""The fleet's task bodies: each says what its job does; :class:`workers.task_base.FleetTask` does the rest.
+"""The fleet's task bodies: each says what its job does; :class:`gpufleet.workers.task_base.FleetTask` does the rest.
 
 Parsing, delivery counting, error mapping, timings and the OOM policy are the base class's. The diagnostic
 tasks ``fleet.diag.sleep`` and ``fleet.diag.noop`` (a bare Celery task) answer only on a worker started with
@@ -15,10 +15,17 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from gpu.runtime.batching import EmbedJob, EncodedPrompt, GenerateJob, embed_batch, encode_prompt, generate_batch
-from gpu.runtime.inference import Generation, LoadedModel, embed, generate
-from tasks import errors
-from tasks.contracts import (
+from gpufleet.gpu.runtime.batching import (
+    EmbedJob,
+    EncodedPrompt,
+    GenerateJob,
+    embed_batch,
+    encode_prompt,
+    generate_batch,
+)
+from gpufleet.gpu.runtime.inference import Generation, LoadedModel, embed, generate
+from gpufleet.tasks import errors
+from gpufleet.tasks.contracts import (
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
@@ -30,11 +37,11 @@ from tasks.contracts import (
     UnloadModelRequest,
     UnloadModelResult,
 )
-from tasks.names import TaskName
-from tasks.settings import Settings
-from workers.batch_exec import BatchedTask
-from workers.runtime import WorkerRuntime
-from workers.task_base import FleetTask, Served
+from gpufleet.tasks.names import TaskName
+from gpufleet.tasks.settings import Settings
+from gpufleet.workers.batch_exec import BatchedTask
+from gpufleet.workers.runtime import WorkerRuntime
+from gpufleet.workers.task_base import FleetTask, Served
 
 LOAD_ACTIONS = {"hit": "already-loaded", "loaded": "loaded", "restored": "restored"}
 
@@ -196,5 +203,5 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             task.soft_time_limit, task.time_limit = limits.soft_time_limit_s, limits.time_limit_s
         if isinstance(task, BatchedTask) and settings.batching.enabled:
             # Celery hands this task's reserved jobs to the batcher instead of the pool (workers.batching).
-            task.Strategy = "workers.batching:batching_strategy"
+            task.Strategy = "gpufleet.workers.batching:batching_strategy"
         app.register_task(task)

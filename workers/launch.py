@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.errors import WorkerStartError
+from gpufleet.workers.errors import WorkerStartError
 
 
 def gpufleet_command() -> list[str]:
@@ -23,7 +23,7 @@ def gpufleet_command() -> list[str]:
     script = shutil.which("gpufleet") or str(Path(sys.executable).with_name("gpufleet"))
     if Path(script).exists():
         return [script]
-    return [sys.executable, "-m", "workers.cli"]
+    return [sys.executable, "-m", "gpufleet.workers.cli"]
 
 
 def spawn_worker(

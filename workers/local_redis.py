@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from workers.errors import WorkerStartError
+from gpufleet.workers.errors import WorkerStartError
 
 
 def free_port() -> int:

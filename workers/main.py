@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from celery import signals
 
-from gpu.errors import GpuError
-from gpu.repository import default_hf_cache, resolve_model
-from tasks.app import create_app
-from tasks.names import boot_queue
-from tasks.settings import Settings, load_settings
-from workers.errors import WorkerStartError
-from workers.identity import WorkerIdentity, bind_gpus, cpu_identity, gpus_identity, parse_gpu_list
+from gpufleet.gpu.errors import GpuError
+from gpufleet.gpu.repository import default_hf_cache, resolve_model
+from gpufleet.tasks.app import create_app
+from gpufleet.tasks.names import boot_queue
+from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers.errors import WorkerStartError
+from gpufleet.workers.identity import WorkerIdentity, bind_gpus, cpu_identity, gpus_identity, parse_gpu_list
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_worker(
     Raises:
         WorkerStartError: the worker cannot start (flags, device, settings, priority models).
     """
-    from tasks.errors import SettingsError
+    from gpufleet.tasks.errors import SettingsError
 
     try:
         settings = load_settings()
@@ -103,10 +103,10 @@ def run_worker(
     identity = build_identity(gpu=gpu, cpu=cpu, name=name, gpus=gpus)
     check_priority_models(settings)
 
-    from workers import control, heartbeat, held_transport, process, state
-    from workers.consumer import CONSUMER_PATH
-    from workers.faults import Faults
-    from workers.jobs import register_tasks
+    from gpufleet.workers import control, heartbeat, held_transport, process, state
+    from gpufleet.workers.consumer import CONSUMER_PATH
+    from gpufleet.workers.faults import Faults
+    from gpufleet.workers.jobs import register_tasks
 
     del control  # imported for its @inspect_command registrations
     Faults.from_settings(settings)  # refuse GPUFLEET_FAULTS without diagnostics here, not in a looping child

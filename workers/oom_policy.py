@@ -1,14 +1,14 @@
 """The one out-of-memory policy of the fleet: evict, retry once, re-route, then refuse clearly.
 
-:mod:`gpu.runtime` turns a device out-of-memory error into :class:`gpu.errors.DeviceOutOfMemoryError` wherever it
-happens (a load, the check forward after a load, a job's forward). What to do about it is decided here, once, for
-every job that touches the device:
+:mod:`gpufleet.gpu.runtime` turns a device out-of-memory error into :class:`gpufleet.gpu.errors.DeviceOutOfMemoryError`
+wherever it happens (a load, the check forward after a load, a job's forward). What to do about it is decided here,
+once, for every job that touches the device:
 
 1. evict every unpinned model and hand the allocator's cached blocks back (fragmentation and stale blocks are the
    usual cause), then run the whole step again, once;
 2. still out of memory: re-send the job to the next GPU type of the model's plan with more memory, keeping the
    caller's task id (at most :data:`MAX_OOM_HOPS` re-sends along the chain);
-3. nothing larger is left: fail with a :class:`tasks.errors.CapacityError` that says what to do.
+3. nothing larger is left: fail with a :class:`gpufleet.tasks.errors.CapacityError` that says what to do.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from gpu.errors import DeviceOutOfMemoryError
-from tasks.errors import CapacityError
+from gpufleet.gpu.errors import DeviceOutOfMemoryError
+from gpufleet.tasks.errors import CapacityError
 
 log = logging.getLogger(__name__)
 

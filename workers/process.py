@@ -14,9 +14,9 @@ from typing import Any
 
 from celery import Celery
 
-from workers import state
-from workers.identity import WorkerIdentity
-from workers.runtime import WorkerRuntime
+from gpufleet.workers import state
+from gpufleet.workers.identity import WorkerIdentity
+from gpufleet.workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A dead worker's jobs back on their queues within seconds (Redis broker), exactly once.
 
-Each worker channel records the deliveries it holds (:mod:`workers.held_transport`) and the worker's heartbeat
+Each worker channel records the deliveries it holds (:mod:`gpufleet.workers.held_transport`) and the worker's heartbeat
 keeps its channels' holder entries alive. When a holder entry expires (``heartbeat_ttl_s`` after the last sign of
 life: the worker was killed, its machine lost, or a lost connection closed that channel), a live worker's
 heartbeat:
@@ -8,7 +8,7 @@ heartbeat:
 1. **claims** it (a Lua script: only if still expired, rescored to a claim lease so exactly one claimer works on
    it, a fence key written for its owner, and the held set moved aside to ``<key>:claimed`` in the same step, so a
    frozen owner that thaws no longer holds those tags: its late acknowledgements are no-ops, see
-   :mod:`workers.held_transport`);
+   :mod:`gpufleet.workers.held_transport`);
 2. for each tag of the held set still in kombu's ``unacked`` hash, reads the job's id from the message and asks
    the result backend: a job that ran to an answer (SUCCESS or FAILURE) is only dropped from ``unacked`` (its
    worker died before the acknowledgement), any other is **restored with kombu's own code**
@@ -46,14 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY, fence_key
-from workers.held_transport import SCHEMES, live_held_keys
+from gpufleet.tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY, fence_key
+from gpufleet.workers.held_transport import SCHEMES, live_held_keys
 
 if TYPE_CHECKING:
     import redis
     from celery import Celery
 
-    from tasks.settings import Settings
+    from gpufleet.tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Recovery:
         is_final: whether a job id has a final state in the result backend.
         prefix: kombu's ``global_keyprefix`` (every broker key, the held sets included, carries it).
         ttl_s: how long a holder entry stays alive after a beat (``fleet.heartbeat_ttl_s``).
-        live_keys: this process's open held sets (default: :func:`workers.held_transport.live_held_keys`).
+        live_keys: this process's open held sets (default: :func:`gpufleet.workers.held_transport.live_held_keys`).
         clock: seconds since the epoch.
     """
 

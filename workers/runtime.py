@@ -1,11 +1,11 @@
 """The per-process serving state of a worker's pool child: warm-up, memory pool, model cache, loader.
 
 Lives only in the pool child (CUDA never touches the forking parent). After every change it calls its
-``on_change`` hook; the worker publishes a snapshot from there (:mod:`workers.state`) for the parent's control
+``on_change`` hook; the worker publishes a snapshot from there (:mod:`gpufleet.workers.state`) for the parent's control
 commands. Changes to what the worker holds (loads, evictions, unloads, readiness) are published at once, inside
 the job that made them; a job's own bookkeeping (the running job, the counters) is published in the background
-once the worker goes quiet (:class:`workers.job_accounting.DeferredCall`), so a job on a resident model writes
-no file. What to do about a device out-of-memory error is not decided here but in :mod:`workers.oom_policy`:
+once the worker goes quiet (:class:`gpufleet.workers.job_accounting.DeferredCall`), so a job on a resident model writes
+no file. What to do about a device out-of-memory error is not decided here but in :mod:`gpufleet.workers.oom_policy`:
 the runtime only offers :meth:`WorkerRuntime.relieve_memory`.
 """
 
@@ -22,23 +22,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from gpu.errors import CapacityError, GpuError
-from gpu.plan.specs import read_config
-from gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
-from gpu.runtime.device_map import DeviceMapLoader, plan_device_map
-from gpu.runtime.device_memory import configure_allocator
-from gpu.runtime.inference import LoadedModel
-from gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
-from gpu.runtime.memory_pool import GPUMemoryPool
-from gpu.runtime.model_cache import ModelCache
-from gpu.runtime.parking import ParkedStore
-from gpu.runtime.quantization import check_quantized
-from gpu.runtime.warmup import GPUWarmupManager
-from gpu.units import dtype_bytes
-from tasks.settings import Settings
-from workers.faults import Faults
-from workers.identity import WorkerIdentity
-from workers.job_accounting import DeferredCall
+from gpufleet.gpu.errors import CapacityError, GpuError
+from gpufleet.gpu.plan.specs import read_config
+from gpufleet.gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
+from gpufleet.gpu.runtime.device_map import DeviceMapLoader, plan_device_map
+from gpufleet.gpu.runtime.device_memory import configure_allocator
+from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
+from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool
+from gpufleet.gpu.runtime.model_cache import ModelCache
+from gpufleet.gpu.runtime.parking import ParkedStore
+from gpufleet.gpu.runtime.quantization import check_quantized
+from gpufleet.gpu.runtime.warmup import GPUWarmupManager
+from gpufleet.gpu.units import dtype_bytes
+from gpufleet.tasks.settings import Settings
+from gpufleet.workers.faults import Faults
+from gpufleet.workers.identity import WorkerIdentity
+from gpufleet.workers.job_accounting import DeferredCall
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ class WorkerRuntime:
 
     def estimate_bytes(self, resolved: ResolvedModel) -> int:
         """Bytes the model will take on the device, before loading (the measured size is committed after)."""
-        from gpu.plan.estimate import estimate_model_bytes
-        from gpu.plan.specs import load_spec
+        from gpufleet.gpu.plan.estimate import estimate_model_bytes
+        from gpufleet.gpu.plan.specs import load_spec
 
         bytes_per_param = dtype_bytes(self.dtype)
         try:
@@ -296,7 +296,7 @@ class WorkerRuntime:
 
         Raises:
             gpu errors: ModelNotFoundError, UnsafeModelIdError, CapacityError (incl. AllPinnedError),
-            DeviceOutOfMemoryError (no retry here: :mod:`workers.oom_policy` decides), ModelLoadError.
+            DeviceOutOfMemoryError (no retry here: :mod:`gpufleet.workers.oom_policy` decides), ModelLoadError.
         """
         with self._serving:
             return self._acquire(model_id, pinned=pinned, progress=progress)

@@ -1,7 +1,7 @@
 """The worker's process state and the snapshot operators read: one owner for both.
 
 A worker is two processes. The parent (which never touches CUDA) records who the worker is with
-:func:`configure` before the pool forks; the pool child builds the :class:`~workers.runtime.WorkerRuntime` and
+:func:`configure` before the pool forks; the pool child builds the :class:`~gpufleet.workers.runtime.WorkerRuntime` and
 registers it with :func:`set_runtime`. The child writes a JSON snapshot of its runtime to a file after every change
 (:func:`publish`); the parent's control commands read it back (:func:`read_snapshot`), so they answer while a long
 job keeps the child busy. The snapshot's format is defined here and nowhere else.
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from celery import Celery
 
-    from tasks.settings import Settings
-    from workers.identity import WorkerIdentity
-    from workers.runtime import WorkerRuntime
+    from gpufleet.tasks.settings import Settings
+    from gpufleet.workers.identity import WorkerIdentity
+    from gpufleet.workers.runtime import WorkerRuntime
 
 
 @dataclass(frozen=True)

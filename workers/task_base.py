@@ -9,7 +9,8 @@
 5. adds what every result carries (model, worker, device, GPU type, timings) and returns JSON.
 
 Subclasses set ``name``, ``request_model`` and ``result_model`` and implement :meth:`serve`; device work goes
-through :meth:`FleetTask.infer` or :meth:`FleetTask.acquire`, which apply the OOM policy (:mod:`workers.oom_policy`).
+through :meth:`FleetTask.infer` or :meth:`FleetTask.acquire`, which apply the OOM policy
+(:mod:`gpufleet.workers.oom_policy`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TaskPredicate
 from pydantic import BaseModel
 
-import gpu.errors as gpu_errors
-from gpu.runtime.inference import LoadedModel
-from tasks import errors
-from tasks.contracts import Timings, dump, validate_request
-from workers import state
-from workers.oom_policy import run_with_oom_policy
-from workers.runtime import Acquired, WorkerRuntime
+import gpufleet.gpu.errors as gpu_errors
+from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.tasks import errors
+from gpufleet.tasks.contracts import Timings, dump, validate_request
+from gpufleet.workers import state
+from gpufleet.workers.oom_policy import run_with_oom_policy
+from gpufleet.workers.runtime import Acquired, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,12 @@ def check_deliveries(app: Any, job_id: str, delivery_info: dict[str, Any] | None
     ``task_reject_on_worker_lost`` requeues a job whose process died; Redis does not count deliveries, so the
     count lives in the result backend's Redis (when it is one) under the job id. Only redeliveries (the broker's
     ``redelivered`` flag) are counted there: a first delivery costs no round trip
-    (:func:`workers.job_accounting.count_delivery`). Used by single jobs and by each job of a batch.
+    (:func:`gpufleet.workers.job_accounting.count_delivery`). Used by single jobs and by each job of a batch.
 
     Raises:
         JobError: the job keeps killing its worker process.
     """
-    from workers import job_accounting
+    from gpufleet.workers import job_accounting
 
     client = getattr(app.backend, "client", None)
     if client is None:
@@ -232,7 +233,7 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
 
     @staticmethod
     def _next_queue(model: str, runtime: WorkerRuntime) -> str | None:
-        from tasks.planning import next_fallback_queue
+        from gpufleet.tasks.planning import next_fallback_queue
 
         return next_fallback_queue(model, runtime.identity.gpu_type, runtime.settings)
 

@@ -2,17 +2,17 @@
 
 Llama-style decoders (llama, mistral, mixtral, qwen2, qwen2-moe, qwen3, qwen3-moe, gemma, gemma2, phi3), gpt2,
 gpt-neox, falcon, and the encoders (bert, roberta, xlm-roberta, camembert, distilbert), each checked by a test
-against what transformers instantiates on the meta device. The newer families live in :mod:`gpu.plan.families`
-and :mod:`gpu.plan.multimodal`; :mod:`gpu.plan.formulas` is the registry of all of them.
+against what transformers instantiates on the meta device. The newer families live in :mod:`gpufleet.gpu.plan.families`
+and :mod:`gpufleet.gpu.plan.multimodal`; :mod:`gpufleet.gpu.plan.formulas` is the registry of all of them.
 
-Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (which imports this module).
+Pure Python: never imports torch or transformers, nor :mod:`gpufleet.gpu.plan.specs` (which imports this module).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from gpu.plan.counting import Cfg, Counts, KvLayout, gqa_layout, kv_layout_from_layer_types
+from gpufleet.gpu.plan.counting import Cfg, Counts, KvLayout, gqa_layout, kv_layout_from_layer_types
 
 __all__ = ["CLASSIC_FAMILIES", "decoder_counts", "decoder_kv_layout"]
 

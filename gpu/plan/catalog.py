@@ -2,7 +2,7 @@
 
 Pure Python (no torch, no NVML): the router and the ``gpufleet plan`` command read it on machines without a GPU,
 and the worker uses :func:`gpu_type_from_device_name` to name itself (``h100-0@host``) from what NVML reports.
-Queue names are not planning data: they are made from a type's name by ``tasks.names``.
+Queue names are not planning data: they are made from a type's name by ``gpufleet.tasks.names``.
 
 Memory is what NVML reports as total device memory for the usual board of each type (slightly below the
 marketing figure: a "16 GB" T4 reports 15360 MiB). Planning against the reported figure keeps placements honest.
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from gpu.errors import ConfigError
-from gpu.units import GiB, MiB
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.units import GiB, MiB
 
 CPU: Final = "cpu"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ModelSpecError
-from gpu.plan.counting import positive_int
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.counting import positive_int
 
 __all__ = ["CheckpointLayout", "checkpoint_layout", "read_config"]
 

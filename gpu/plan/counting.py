@@ -1,10 +1,10 @@
 """The records every parameter formula shares: typed config reads, the counts, and the KV cache layout.
 
-A formula (:mod:`gpu.plan.architectures`, :mod:`gpu.plan.families`, :mod:`gpu.plan.multimodal`) reads a config
-through :class:`Cfg` and returns :class:`Counts`, which carry the parameters and the geometry planning needs,
-including how the model caches keys and values (:class:`KvLayout`): plain or grouped-query attention, layers
-limited to a sliding window, the compressed latent of multi-head latent attention, or no cache at all for
-state-space layers.
+A formula (:mod:`gpufleet.gpu.plan.architectures`, :mod:`gpufleet.gpu.plan.families`,
+:mod:`gpufleet.gpu.plan.multimodal`) reads a config through :class:`Cfg` and returns :class:`Counts`, which carry the
+parameters and the geometry planning needs, including how the model caches keys and values (:class:`KvLayout`): plain or
+grouped-query attention, layers limited to a sliding window, the compressed latent of multi-head latent attention, or no
+cache at all for state-space layers.
 
 Pure Python: never imports torch or transformers.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from gpu.errors import ModelSpecError
+from gpufleet.gpu.errors import ModelSpecError
 
 __all__ = ["Cfg", "Counts", "KvKind", "KvLayout", "gqa_layout", "kv_layout_from_layer_types", "positive_int"]
 

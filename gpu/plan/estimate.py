@@ -1,7 +1,7 @@
 """Memory a model needs to serve: weights, KV cache, activations and runtime overhead, each reported apart.
 
-Pure Python. The numbers feed :mod:`gpu.plan.selection` (which GPU type) and the worker's memory budget (how much
-to reserve before loading, via :func:`estimate_model_bytes`).
+Pure Python. The numbers feed :mod:`gpufleet.gpu.plan.selection` (which GPU type) and the worker's memory budget (how
+much to reserve before loading, via :func:`estimate_model_bytes`).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gpu.errors import ConfigError
-from gpu.plan.catalog import GpuType
-from gpu.plan.model_names import QuantMethod
-from gpu.plan.specs import ModelSpec
-from gpu.units import DTYPE_BYTES, GiB, MiB, dtype_bytes
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.plan.catalog import GpuType
+from gpufleet.gpu.plan.model_names import QuantMethod
+from gpufleet.gpu.plan.specs import ModelSpec
+from gpufleet.gpu.units import DTYPE_BYTES, GiB, MiB, dtype_bytes
 
 # With chunked prefill an engine runs at most this many tokens through the model in one step, which bounds the
 # activations whatever the context (vLLM's max_num_batched_tokens for long contexts is of this order).
@@ -92,7 +92,7 @@ def estimate_model_bytes(spec: ModelSpec, dtype_bytes: float | None = None) -> i
     """Bytes of the weights only: what the worker's memory budget reserves before loading.
 
     Args:
-        spec: the model (see :func:`gpu.plan.specs.load_spec`).
+        spec: the model (see :func:`gpufleet.gpu.plan.specs.load_spec`).
         dtype_bytes: bytes per unquantized parameter as the worker will load them (2 for fp16/bf16, 4 for
             fp32); ``None`` for the checkpoint's dtype.
 
@@ -107,7 +107,7 @@ def estimate_kv_cache_bytes(
 ) -> int:
     """Bytes of the KV cache for ``batch_size`` sequences of ``context_length`` tokens.
 
-    Per the model's :class:`~gpu.plan.counting.KvLayout`: GQA/MQA layers cache ``2 * kv_heads * head_dim``
+    Per the model's :class:`~gpufleet.gpu.plan.counting.KvLayout`: GQA/MQA layers cache ``2 * kv_heads * head_dim``
     elements per token, MLA layers their compressed latent, sliding-window (and chunked) layers at most their
     window of tokens, state-space layers nothing. Without a layout: layers * KV heads * head dim * 2 per token.
     Encoders keep no cache (0).

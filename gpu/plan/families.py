@@ -1,7 +1,7 @@
 """Parameter formulas of the newer text families: DBRX, DeepSeek V2/V3 (multi-head latent attention with shared
 and routed experts) and the state-space models Mamba and Mamba-2.
 
-Each is recognised by its ``model_type`` only (:mod:`gpu.plan.formulas` holds the registry) and checked by a
+Each is recognised by its ``model_type`` only (:mod:`gpufleet.gpu.plan.formulas` holds the registry) and checked by a
 test against what transformers instantiates on the meta device. Each also says how the model caches: DBRX a
 plain GQA cache, DeepSeek the compressed MLA latent, Mamba nothing per token.
 
@@ -10,7 +10,7 @@ Pure Python: never imports torch or transformers.
 
 from __future__ import annotations
 
-from gpu.plan.counting import Cfg, Counts, KvKind, KvLayout, gqa_layout
+from gpufleet.gpu.plan.counting import Cfg, Counts, KvKind, KvLayout, gqa_layout
 
 __all__ = ["dbrx_counts", "deepseek_counts", "mamba2_counts", "mamba_counts"]
 

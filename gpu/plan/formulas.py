@@ -3,7 +3,7 @@ and :func:`parameter_counts`, which picks a config's source of parameters: heade
 
 A family is recognised by its ``model_type`` only, never by the presence of keys it happens to share with
 another family (a DBRX config has ``d_model`` and ``n_layers`` like many others; a llama-shaped guess on it is
-eight times too small). A ``model_type`` not listed here takes the general path (:mod:`gpu.plan.general`).
+eight times too small). A ``model_type`` not listed here takes the general path (:mod:`gpufleet.gpu.plan.general`).
 
 Pure Python: never imports torch or transformers.
 """
@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gpu.errors import ModelSpecError
-from gpu.plan.architectures import CLASSIC_FAMILIES
-from gpu.plan.counting import Cfg, Counts
-from gpu.plan.families import dbrx_counts, deepseek_counts, mamba2_counts, mamba_counts
-from gpu.plan.general import general_counts, geometry_from_keys
-from gpu.plan.model_names import Quantization
-from gpu.plan.multimodal import llama4_counts, qwen2_5_vl_counts
-from gpu.plan.safetensors_header import CheckpointWeights
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.architectures import CLASSIC_FAMILIES
+from gpufleet.gpu.plan.counting import Cfg, Counts
+from gpufleet.gpu.plan.families import dbrx_counts, deepseek_counts, mamba2_counts, mamba_counts
+from gpufleet.gpu.plan.general import general_counts, geometry_from_keys
+from gpufleet.gpu.plan.model_names import Quantization
+from gpufleet.gpu.plan.multimodal import llama4_counts, qwen2_5_vl_counts
+from gpufleet.gpu.plan.safetensors_header import CheckpointWeights
 
 __all__ = ["FORMULAS", "SUPPORTED_ARCHITECTURES", "Formula", "parameter_counts"]
 

@@ -2,7 +2,7 @@
 
 In order: the exact parameters from the checkpoint's safetensors headers when the weights are there; else a
 count of the model transformers builds on the meta device, when transformers is installed
-(:mod:`gpu.plan.meta_count`); else the checkpoint's size on disk (an index's ``total_size`` or the weight
+(:mod:`gpufleet.gpu.plan.meta_count`); else the checkpoint's size on disk (an index's ``total_size`` or the weight
 files) divided by the bytes per parameter; else a refusal naming the facts that are missing. A llama-shaped
 guess from ``hidden_size`` and ``num_hidden_layers`` is never made: on a DBRX-like or state-space config it
 is off by a factor of eight in either direction.
@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from gpu.errors import ModelSpecError
-from gpu.plan.counting import Cfg, Counts, KvKind, KvLayout, gqa_layout, kv_layout_from_layer_types
-from gpu.plan.meta_count import count_on_meta_device, transformers_available
-from gpu.plan.model_names import Quantization, reference_shape
-from gpu.plan.safetensors_header import CheckpointWeights
-from gpu.units import DTYPE_BYTES
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.counting import Cfg, Counts, KvKind, KvLayout, gqa_layout, kv_layout_from_layer_types
+from gpufleet.gpu.plan.meta_count import count_on_meta_device, transformers_available
+from gpufleet.gpu.plan.model_names import Quantization, reference_shape
+from gpufleet.gpu.plan.safetensors_header import CheckpointWeights
+from gpufleet.gpu.units import DTYPE_BYTES
 
 __all__ = ["general_counts", "geometry_from_keys"]
 

@@ -1,8 +1,8 @@
 """GGUF files, planned as they are served: parameters counted from the header, sized at the serving dtype.
 
 Workers serve a GGUF file through transformers' GGUF loading, which dequantizes every tensor to the dtype the
-model is served in (:mod:`gpu.runtime.gguf_loader`). So the memory a GGUF model needs is its parameter count times
-the serving dtype's bytes, not the file's size: a 7B ``Q4_K_M`` file of 4.1 GB takes about 14 GB in bf16. This
+model is served in (:mod:`gpufleet.gpu.runtime.gguf_loader`). So the memory a GGUF model needs is its parameter count
+times the serving dtype's bytes, not the file's size: a 7B ``Q4_K_M`` file of 4.1 GB takes about 14 GB in bf16. This
 module reads the file's header (metadata and tensor infos, never the tensor data) in pure Python, so the router
 can plan a GGUF model without torch, transformers or the ``gguf`` package, and the worker reserves what it will
 really hold.
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import ModelSpecError
-from gpu.units import fmt_bytes
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.units import fmt_bytes
 
 if TYPE_CHECKING:
-    from gpu.plan.specs import ModelSpec
+    from gpufleet.gpu.plan.specs import ModelSpec
 
 __all__ = [
     "GGUF_ENCODER_ARCHITECTURES",
@@ -257,7 +257,7 @@ def spec_from_gguf_files(files: list[Path], *, notes: tuple[str, ...] = ()) -> M
     Raises:
         ModelSpecError: a file is not a readable GGUF file.
     """
-    from gpu.plan.specs import ModelSpec, SpecSource
+    from gpufleet.gpu.plan.specs import ModelSpec, SpecSource
 
     headers = [read_gguf_header(f) for f in files]
     first = headers[0]

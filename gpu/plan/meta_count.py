@@ -6,7 +6,7 @@ router keeps planning the known families on machines without it (the import-lint
 allows this one edge and says why). The meta device allocates no memory and reads no weights; no CUDA is
 touched and ``trust_remote_code`` is never passed, so only architectures transformers ships are built.
 
-The one module of :mod:`gpu.plan` that may import torch and transformers.
+The one module of :mod:`gpufleet.gpu.plan` that may import torch and transformers.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gpu.errors import ModelSpecError
-from gpu.plan.counting import Counts, KvKind, KvLayout, gqa_layout, kv_layout_from_layer_types
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.counting import Counts, KvKind, KvLayout, gqa_layout, kv_layout_from_layer_types
 
 __all__ = ["MetaCount", "count_on_meta_device", "transformers_available"]
 

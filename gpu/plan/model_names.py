@@ -7,7 +7,7 @@ a name-only model's KV cache is estimated from. Also home of the quantization re
 :class:`Quantization`), built from names here and from a config's ``quantization_config``
 (:func:`quantization_from_config`).
 
-Pure Python: never imports torch or transformers, nor :mod:`gpu.plan.specs` (which imports this module).
+Pure Python: never imports torch or transformers, nor :mod:`gpufleet.gpu.plan.specs` (which imports this module).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from gpu.errors import ModelSpecError
+from gpufleet.gpu.errors import ModelSpecError
 
 __all__ = [
     "DEFAULT_GGUF_TYPE",

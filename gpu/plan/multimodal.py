@@ -2,7 +2,7 @@
 
 A multimodal checkpoint holds more than its text model: counting the text model alone plans 6-8 % too small
 (Llama 4, Qwen2.5-VL). Each family here counts the vision encoder, the projector between them and the text
-model; the registry (:mod:`gpu.plan.formulas`) recognises them by their top-level ``model_type``. Both the
+model; the registry (:mod:`gpufleet.gpu.plan.formulas`) recognises them by their top-level ``model_type``. Both the
 nested layout (``text_config`` + ``vision_config``) and the older flat one (text sizes at the top level, as
 Qwen2.5-VL's published configs have them) are read.
 
@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from gpu.plan.architectures import decoder_counts
-from gpu.plan.counting import Cfg, Counts, KvLayout, kv_layout_from_layer_types
+from gpufleet.gpu.plan.architectures import decoder_counts
+from gpufleet.gpu.plan.counting import Cfg, Counts, KvLayout, kv_layout_from_layer_types
 
 __all__ = ["llama4_counts", "qwen2_5_vl_counts", "text_part"]
 

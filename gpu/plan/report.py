@@ -1,4 +1,4 @@
-"""Human rendering of a :class:`~gpu.plan.selection.Placement`: the table ``gpufleet plan`` prints.
+"""Human rendering of a :class:`~gpufleet.gpu.plan.selection.Placement`: the table ``gpufleet plan`` prints.
 
 Plain text, no colour, no third-party table library: it goes to terminals, logs and issue comments alike.
 """
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpu.plan.catalog import get_gpu_type
-from gpu.plan.selection import Placement
-from gpu.units import fmt_bytes
+from gpufleet.gpu.plan.catalog import get_gpu_type
+from gpufleet.gpu.plan.selection import Placement
+from gpufleet.gpu.units import fmt_bytes
 
 
 def _params(params: int) -> str:
@@ -57,7 +57,7 @@ def render_placement(
     """A two-column table of the placement followed by its reasons, as one string without a trailing newline.
 
     Args:
-        placement: what :func:`gpu.plan.selection.plan` returned.
+        placement: what :func:`gpufleet.gpu.plan.selection.plan` returned.
         model: the model as the user named it, for the title line; ``None`` for no title.
         extra_rows: ``(label, value)`` rows the caller adds after the GPU row (the CLI adds the queue).
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ModelSpecError
+from gpufleet.gpu.errors import ModelSpecError
 
 __all__ = ["CheckpointWeights", "read_header", "weights_from_safetensors"]
 

@@ -4,7 +4,7 @@
 settings); :func:`get_gpu_placement` is ``(gpu_type, gpu_count, memory_utilization)``; :func:`get_gpu_config` is
 the seed interface ``(gpu_type, memory_utilization)``, which cannot say how many GPUs a model needs. All are pure
 functions of the model and the catalog: the router calls them on machines without torch. Which Celery queue serves
-a GPU type is not planning's business: ``tasks.names`` decides that.
+a GPU type is not planning's business: ``gpufleet.tasks.names`` decides that.
 
 The rules:
 
@@ -27,12 +27,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ConfigError, PlanningError
-from gpu.plan.catalog import CPU, GpuType, all_types, get_gpu_type
-from gpu.plan.estimate import MemoryEstimate, estimate_memory
-from gpu.plan.model_names import QuantMethod
-from gpu.plan.specs import ModelSpec, load_spec
-from gpu.units import GiB, fmt_bytes
+from gpufleet.gpu.errors import ConfigError, PlanningError
+from gpufleet.gpu.plan.catalog import CPU, GpuType, all_types, get_gpu_type
+from gpufleet.gpu.plan.estimate import MemoryEstimate, estimate_memory
+from gpufleet.gpu.plan.model_names import QuantMethod
+from gpufleet.gpu.plan.specs import ModelSpec, load_spec
+from gpufleet.gpu.units import GiB, fmt_bytes
 
 MAX_MEMORY_UTILIZATION = 0.92
 """The highest fraction of a device a plan uses: the rest is for other processes and estimate error."""
@@ -215,7 +215,7 @@ def plan(
         The placement; its weights + KV cache + overhead fit in ``memory_utilization`` of its devices.
 
     Raises:
-        ModelSpecError: the model cannot be understood (see :func:`gpu.plan.specs.load_spec`).
+        ModelSpecError: the model cannot be understood (see :func:`gpufleet.gpu.plan.specs.load_spec`).
         ConfigError: a bad argument (unknown type, non-positive context or batch, unknown preference).
         PlanningError: no allowed type, in any count, can hold or run the model.
     """

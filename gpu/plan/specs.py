@@ -7,19 +7,19 @@ estimate and says so in :attr:`ModelSpec.notes`.
 Where the parameters come from, best first (the first note says which was used):
 
 1. the checkpoint's safetensors headers, when the files are there: exact bytes and parameters, quantized
-   layouts included (:mod:`gpu.plan.safetensors_header`);
-2. a formula for the config's ``model_type`` (:mod:`gpu.plan.formulas`), each within 1 % of what transformers
+   layouts included (:mod:`gpufleet.gpu.plan.safetensors_header`);
+2. a formula for the config's ``model_type`` (:mod:`gpufleet.gpu.plan.formulas`), each within 1 % of what transformers
    instantiates on the meta device;
-3. for any other ``model_type``, the general path (:mod:`gpu.plan.general`): transformers' own meta-device
+3. for any other ``model_type``, the general path (:mod:`gpufleet.gpu.plan.general`): transformers' own meta-device
    count when it is installed, else the checkpoint's size on disk, else a refusal. Never a small guess.
 
-:func:`gpu.plan.formulas.parameter_counts` makes that choice; :mod:`gpu.plan.checkpoint_files` reads the
-directory (``config.json``, the index and the weight files).
+:func:`gpufleet.gpu.plan.formulas.parameter_counts` makes that choice; :mod:`gpufleet.gpu.plan.checkpoint_files` reads
+the directory (``config.json``, the index and the weight files).
 
 Pure Python: never imports torch or transformers (the optional meta-device count imports them inside one
 function), so the router plans known families and checkpoints with weights on a machine without them. The
 name-only rules (sizes, known names, quantization suffixes, GGUF quant types) live in
-:mod:`gpu.plan.model_names`.
+:mod:`gpufleet.gpu.plan.model_names`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ModelSpecError
-from gpu.plan.checkpoint_files import checkpoint_layout, read_config
-from gpu.plan.counting import KvLayout, positive_int
-from gpu.plan.formulas import parameter_counts
-from gpu.plan.model_names import (
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.checkpoint_files import checkpoint_layout, read_config
+from gpufleet.gpu.plan.counting import KvLayout, positive_int
+from gpufleet.gpu.plan.formulas import parameter_counts
+from gpufleet.gpu.plan.model_names import (
     DEFAULT_GGUF_TYPE,
     GGUF_BITS_PER_WEIGHT,
     NAME_VOCAB,
@@ -49,7 +49,7 @@ from gpu.plan.model_names import (
     reference_shape,
     size_from_name,
 )
-from gpu.plan.safetensors_header import CheckpointWeights, weights_from_safetensors
+from gpufleet.gpu.plan.safetensors_header import CheckpointWeights, weights_from_safetensors
 
 __all__ = [
     "ModelSpec",
@@ -327,7 +327,7 @@ def _spec_from_gguf_files(files: list[Path]) -> ModelSpec:
     # A real GGUF file is planned as the worker serves it: transformers dequantizes it, so gpu.plan.gguf counts
     # its parameters from the header and sizes them at the serving dtype. Only a file without a GGUF header (a
     # name-only stand-in) keeps the name and file-size estimate below.
-    from gpu.plan import gguf
+    from gpufleet.gpu.plan import gguf
 
     if gguf.is_gguf(files[0]):
         chosen, notes = gguf.gguf_files(files[0].parent) if len(files) > 1 else (files, [])

@@ -1,7 +1,7 @@
 """Batched inference: several jobs' texts in one embedding forward, several prompts in one generation.
 
-The worker's batcher (``workers.batching``) gathers queued jobs for one model; these functions run them together
-and hand each job back its own answer. A job's answer does not depend on what it was batched with: embeddings
+The worker's batcher (``gpufleet.workers.batching``) gathers queued jobs for one model; these functions run them
+together and hand each job back its own answer. A job's answer does not depend on what it was batched with: embeddings
 equal the job run alone within float tolerance, greedy generations are token-identical, and a sampled
 generation with a seed draws from its own generator, so the same seed gives the same text in any batch.
 """
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import InferenceError
-from gpu.runtime.inference import Generation, LoadedModel, ModelKind, Pooling
+from gpufleet.gpu.errors import InferenceError
+from gpufleet.gpu.runtime.inference import Generation, LoadedModel, ModelKind, Pooling
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ def embed_batch(
     """
     import torch
 
-    from gpu.runtime.oom import translate_model_errors
+    from gpufleet.gpu.runtime.oom import translate_model_errors
 
     if loaded.kind is not ModelKind.EMBEDDING:
         raise InferenceError(
@@ -145,7 +145,7 @@ def encode_prompt(loaded: LoadedModel, job: GenerateJob) -> EncodedPrompt:
     Raises:
         InferenceError: not a causal LM, no chat template for messages, over the context, or tokenizing failed.
     """
-    from gpu.runtime.oom import translate_model_errors
+    from gpufleet.gpu.runtime.oom import translate_model_errors
 
     if loaded.kind is not ModelKind.CAUSAL_LM:
         raise InferenceError(f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it")
@@ -184,7 +184,7 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[EncodedPrompt]) -> lis
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    from gpu.runtime.oom import translate_model_errors
+    from gpufleet.gpu.runtime.oom import translate_model_errors
 
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

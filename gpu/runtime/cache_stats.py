@@ -1,4 +1,5 @@
-"""The records a :class:`~gpu.runtime.model_cache.ModelCache` keeps: why entries leave, per-model usage, totals.
+"""The records a :class:`~gpufleet.gpu.runtime.model_cache.ModelCache` keeps: why entries leave, per-model usage,
+totals.
 
 Plain dataclasses (no torch), JSON-ready through their ``to_dict`` methods.
 """
@@ -60,7 +61,7 @@ class ModelUsage:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Counters and occupancy of a :class:`~gpu.runtime.model_cache.ModelCache` at one moment.
+    """Counters and occupancy of a :class:`~gpufleet.gpu.runtime.model_cache.ModelCache` at one moment.
 
     ``evictions`` counts removals the cache chose (reasons ``lru`` and ``oom``); ``expirations`` and ``unloads``
     (explicit removals) are counted apart so an operator can tell thrashing from housekeeping.

@@ -5,7 +5,7 @@ A worker that owns several GPUs (``gpufleet worker --gpus 0,1``) loads a model t
 ``infer_auto_device_map`` computes it from the model built on the meta device (no memory, no GPU needed) and
 each GPU's budget, never splitting a block the model lists in ``_no_split_modules`` (a decoder layer with its
 residual connection). What accelerate would offload to the CPU or disk is refused here instead: a serving
-worker keeps every weight on its GPUs, so a model that does not fit raises :class:`~gpu.errors.CapacityError`.
+worker keeps every weight on its GPUs, so a model that does not fit raises :class:`~gpufleet.gpu.errors.CapacityError`.
 
 A budget is what the model's weights may take on a GPU (the pool's ``memory_fraction`` already leaves the headroom
 for activations): the room accelerate keeps on the first GPU for bringing offloaded blocks back is handed back
@@ -21,14 +21,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import CapacityError, ConfigError, ModelLoadError
-from gpu.runtime.inference import LoadedModel
-from gpu.units import fmt_bytes
+from gpufleet.gpu.errors import CapacityError, ConfigError, ModelLoadError
+from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.gpu.units import fmt_bytes
 
 if TYPE_CHECKING:
     import torch
 
-    from gpu.runtime.loader import ModelLoader, ProgressFn
+    from gpufleet.gpu.runtime.loader import ModelLoader, ProgressFn
 
 __all__ = [
     "DeviceMap",
@@ -171,9 +171,9 @@ def meta_model(model_dir: Path, dtype: str, *, trust_remote_code: bool = False) 
 def _meta_model(model_dir: str, config_mtime_ns: int, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from gpu.runtime.inference import ModelKind, detect_kind
-    from gpu.runtime.loader import CHECKPOINT_ERRORS
-    from gpu.runtime.skeleton import parameters_on_meta
+    from gpufleet.gpu.runtime.inference import ModelKind, detect_kind
+    from gpufleet.gpu.runtime.loader import CHECKPOINT_ERRORS
+    from gpufleet.gpu.runtime.skeleton import parameters_on_meta
 
     path = Path(model_dir)
     auto = AutoModelForCausalLM if detect_kind(path) is ModelKind.CAUSAL_LM else AutoModel
@@ -191,7 +191,7 @@ def _meta_model(model_dir: str, config_mtime_ns: int, dtype: str, trust_remote_c
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    from gpu.runtime.loader import torch_dtype
+    from gpufleet.gpu.runtime.loader import torch_dtype
 
     return torch_dtype(name)
 
@@ -267,7 +267,8 @@ class DeviceMapLoader:
     def load(
         self, model_id: str, path: Path, *, device: str, dtype: str, progress: ProgressFn | None = None
     ) -> LoadedModel:
-        """Plan the map against the free per-GPU budgets, then load; see :class:`~gpu.runtime.loader.ModelLoader`.
+        """Plan the map against the free per-GPU budgets, then load; see
+        :class:`~gpufleet.gpu.runtime.loader.ModelLoader`.
 
         Raises:
             CapacityError: the model does not fit the GPUs' free budgets (nothing was allocated).
@@ -295,7 +296,7 @@ class DeviceMapLoader:
         dtype: str,
         progress: ProgressFn | None,
     ) -> LoadedModel:
-        from gpu.runtime.loader import PretrainedLoader
+        from gpufleet.gpu.runtime.loader import PretrainedLoader
 
         on_gpus = device.startswith("cuda")
         placement = device_map if on_gpus else dict.fromkeys(device_map, "cpu")

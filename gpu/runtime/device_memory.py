@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from gpu.errors import ConfigError
+from gpufleet.gpu.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A GGUF model directory holds a ``.gguf`` file (llama.cpp's format: quantized blo
 tokenizer as metadata) and maybe nothing else. transformers reads it with ``from_pretrained(dir, gguf_file=...)``
 and dequantizes every tensor to the requested dtype, so the model served is a plain transformers model: the
 same embed and generate paths, and the same memory as an unquantized checkpoint of its size, which is what
-:mod:`gpu.plan.gguf` plans for. Newer transformers can keep the blocks packed when the ``kernels`` package is
+:mod:`gpufleet.gpu.plan.gguf` plans for. Newer transformers can keep the blocks packed when the ``kernels`` package is
 installed; this loader asks for dequantized weights, so what is resident always matches the plan.
 
 The tokenizer comes from the directory when it has tokenizer files, else from the GGUF metadata.
@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ModelLoadError, ModelSpecError
-from gpu.plan.gguf import GGUF_ENCODER_ARCHITECTURES, gguf_files, read_gguf_header
-from gpu.runtime.inference import LoadedModel, ModelKind, detect_pooling, module_bytes
+from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
+from gpufleet.gpu.plan.gguf import GGUF_ENCODER_ARCHITECTURES, gguf_files, read_gguf_header
+from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, detect_pooling, module_bytes
 
 __all__ = ["gguf_model_file", "gguf_model_kind", "is_gguf_model", "load_gguf"]
 
@@ -85,8 +85,8 @@ def load_gguf(
             transformers cannot load from GGUF.
         DeviceOutOfMemoryError: the device ran out of memory while placing the weights.
     """
-    from gpu.runtime.loader import CHECKPOINT_ERRORS, load_tokenizer, torch_dtype
-    from gpu.runtime.oom import translate_oom
+    from gpufleet.gpu.runtime.loader import CHECKPOINT_ERRORS, load_tokenizer, torch_dtype
+    from gpufleet.gpu.runtime.oom import translate_oom
 
     started = time.perf_counter()
     file = gguf_model_file(path)

@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import ModelLoadError, ModelSpecError
+from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
 
 if TYPE_CHECKING:
     import torch
@@ -60,10 +60,10 @@ def detect_kind(model_dir: Path) -> ModelKind:
     Multimodal checkpoints (``...ForConditionalGeneration``) are causal LMs: their text generation is served.
     A GGUF model without a config.json is judged from the file's architecture.
     """
-    from gpu.plan.specs import read_config  # cached: planning and loading parse config.json once between them
+    from gpufleet.gpu.plan.specs import read_config  # cached: planning and loading parse config.json once between them
 
     if not (model_dir / "config.json").is_file():
-        from gpu.runtime.gguf_loader import gguf_model_kind, is_gguf_model
+        from gpufleet.gpu.runtime.gguf_loader import gguf_model_kind, is_gguf_model
 
         if is_gguf_model(model_dir):
             return gguf_model_kind(model_dir)
@@ -117,7 +117,7 @@ def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> l
         InferenceError: the model is not an embedding model, or tokenizing or its forward failed.
         DeviceOutOfMemoryError: the device ran out of memory during the forward.
     """
-    from gpu.runtime.batching import EmbedJob, embed_batch
+    from gpufleet.gpu.runtime.batching import EmbedJob, embed_batch
 
     return embed_batch(loaded, [EmbedJob(texts, normalize)])[0]
 
@@ -163,9 +163,9 @@ def generate(
     """
     import torch
 
-    from gpu.runtime.batching import GENERATE_ADVICE as advice
-    from gpu.runtime.batching import GenerateJob, encode_prompt
-    from gpu.runtime.oom import translate_model_errors
+    from gpufleet.gpu.runtime.batching import GENERATE_ADVICE as advice
+    from gpufleet.gpu.runtime.batching import GenerateJob, encode_prompt
+    from gpufleet.gpu.runtime.oom import translate_model_errors
 
     # The same tokenizing and checks (kind, chat template, context) as a batch's prompts.
     job = GenerateJob(prompt=prompt, messages=messages, max_new_tokens=max_new_tokens)

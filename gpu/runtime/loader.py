@@ -5,7 +5,7 @@ implementation (``from_pretrained``). :class:`FastSafetensorsLoader` builds the 
 and streams the safetensors bytes straight to the device through reused (pinned) staging buffers, with reads and
 host→device copies overlapped; it falls back to :class:`PretrainedLoader` for what it does not handle and says
 so in :attr:`LoadedModel.loader`. The skeleton and the matching of its keys to the checkpoint are
-:mod:`gpu.runtime.skeleton`'s; reading the bytes is :mod:`gpu.runtime.safetensors_io`'s.
+:mod:`gpufleet.gpu.runtime.skeleton`'s; reading the bytes is :mod:`gpufleet.gpu.runtime.safetensors_io`'s.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpu.errors import ModelLoadError, ModelSpecError
-from gpu.runtime.gguf_loader import is_gguf_model, load_gguf
-from gpu.runtime.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
-from gpu.runtime.quantization import check_quantized
-from gpu.runtime.safetensors_io import (
+from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
+from gpufleet.gpu.runtime.gguf_loader import is_gguf_model, load_gguf
+from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
+from gpufleet.gpu.runtime.quantization import check_quantized
+from gpufleet.gpu.runtime.safetensors_io import (
     CHUNK_ALIGN_BYTES,
     SAFETENSORS_DTYPES,
     Piece,
@@ -34,7 +34,7 @@ from gpu.runtime.safetensors_io import (
     read_safetensors_header,
     safetensors_files,
 )
-from gpu.runtime.skeleton import (
+from gpufleet.gpu.runtime.skeleton import (
     Unsupported,
     build_skeleton,
     check_supported,
@@ -42,7 +42,7 @@ from gpu.runtime.skeleton import (
     named_buffer_slots,
     renamed_entries,
 )
-from gpu.units import MiB
+from gpufleet.gpu.units import MiB
 
 if TYPE_CHECKING:
     import torch
@@ -150,15 +150,15 @@ class PretrainedLoader:
 
         ``progress`` is called once, with (total, total), when the weights are in place: ``from_pretrained``
         does not report along the way. ``device_map`` (module name -> device), when given, spreads the model
-        instead (:mod:`gpu.runtime.device_map` computes it); the result's ``device`` is still ``device``.
-        A GGUF model is loaded dequantized (:mod:`gpu.runtime.gguf_loader`); a multimodal checkpoint with its
+        instead (:mod:`gpufleet.gpu.runtime.device_map` computes it); the result's ``device`` is still ``device``.
+        A GGUF model is loaded dequantized (:mod:`gpufleet.gpu.runtime.gguf_loader`); a multimodal checkpoint with its
         image-text-to-text class (its text generation is served); a quantized checkpoint only after
-        :func:`gpu.runtime.quantization.check_quantized` found its kernels and GPU here.
+        :func:`gpufleet.gpu.runtime.quantization.check_quantized` found its kernels and GPU here.
 
         Raises:
             UnsupportedQuantizationError: a quantized checkpoint this device cannot run (before any weight is read).
         """
-        from gpu.runtime.oom import translate_oom
+        from gpufleet.gpu.runtime.oom import translate_oom
 
         started = time.perf_counter()
         # transformers needs accelerate for any device_map; without it, load on the CPU and move.
@@ -237,7 +237,8 @@ class FastSafetensorsLoader:
     when it is free again). Pieces of all shards go through one queue, so shards are read in parallel. On the
     CPU the bytes are read straight into the parameters' memory. Host memory used beyond the staging buffers
     is a tensor's worth at most while converting dtypes on the CPU: the model is never copied whole in host
-    memory. The reading itself is :class:`gpu.runtime.safetensors_io.StagedReader`'s; this class decides what to read.
+    memory. The reading itself is :class:`gpufleet.gpu.runtime.safetensors_io.StagedReader`'s; this class decides what
+    to read.
 
     Falls back to :class:`PretrainedLoader` (and names why in ``LoadedModel.loader``) for checkpoints without
     safetensors, quantized ones (which it refuses where this device cannot run them), GGUF files, multimodal
@@ -289,7 +290,7 @@ class FastSafetensorsLoader:
             ModelLoadError: the weights could not be read or placed.
             DeviceOutOfMemoryError: the device ran out of memory while placing them.
         """
-        from gpu.runtime.oom import translate_oom
+        from gpufleet.gpu.runtime.oom import translate_oom
 
         started = time.perf_counter()
         with self._lock:
@@ -413,7 +414,7 @@ class FastSafetensorsLoader:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    from gpu.plan.specs import read_config  # cached: the estimate before the load already parsed this file
+    from gpufleet.gpu.plan.specs import read_config  # cached: the estimate before the load already parsed this file
 
     try:
         return read_config(path / "config.json")

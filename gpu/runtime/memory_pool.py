@@ -3,7 +3,7 @@
 :class:`GPUMemoryPool` is bookkeeping, not an allocator: it holds a byte budget for the device (vLLM's
 ``gpu_memory_utilization`` fraction of the device, or an explicit byte override). Who counts which bytes:
 
-* resident models are counted by the :class:`~gpu.runtime.model_cache.ModelCache` alone; the pool reads that
+* resident models are counted by the :class:`~gpufleet.gpu.runtime.model_cache.ModelCache` alone; the pool reads that
   total through its ``resident_bytes`` callable and records no size of its own for them;
 * a load in flight holds a *reservation*: :meth:`GPUMemoryPool.reserve` its estimate before loading (so a load
   that cannot fit is refused before it touches the device), then either :meth:`GPUMemoryPool.commit` once the
@@ -11,13 +11,13 @@
   :meth:`GPUMemoryPool.release` when the load failed.
 
 :meth:`GPUMemoryPool.stats` is the one report of device and allocator memory (budget, resident, reserved,
-driver figures, allocator counters); nothing else in :mod:`gpu.runtime` reports them.
+driver figures, allocator counters); nothing else in :mod:`gpufleet.gpu.runtime` reports them.
 
-Where the bytes come from is a :class:`~gpu.runtime.device_memory.MemorySource` (torch's CUDA caching allocator,
-psutil on the CPU, or a fake in tests).
+Where the bytes come from is a :class:`~gpufleet.gpu.runtime.device_memory.MemorySource` (torch's CUDA caching
+allocator, psutil on the CPU, or a fake in tests).
 
 Fragmentation is handled by the allocator configuration, not by the pool:
-:func:`~gpu.runtime.device_memory.configure_allocator` turns on ``expandable_segments`` before CUDA starts.
+:func:`~gpufleet.gpu.runtime.device_memory.configure_allocator` turns on ``expandable_segments`` before CUDA starts.
 Preallocating common block sizes (the original design's idea) is kept as an option, off by default, until
 ``benchmarks/runtime_bench.py`` shows it helps on a GPU.
 """
@@ -30,16 +30,16 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gpu.config import GpuConfig
-from gpu.errors import CapacityError, ConfigError
-from gpu.runtime.device_memory import (
+from gpufleet.gpu.config import GpuConfig
+from gpufleet.gpu.errors import CapacityError, ConfigError
+from gpufleet.gpu.runtime.device_memory import (
     ALLOC_CONF_ENV,
     GENERIC_ALLOC_CONF_ENV,
     MemorySource,
     MultiDeviceMemorySource,
     source_for_device,
 )
-from gpu.units import MiB, fmt_bytes
+from gpufleet.gpu.units import MiB, fmt_bytes
 
 __all__ = ["GPUMemoryPool", "device_budget_bytes"]
 
@@ -323,7 +323,7 @@ class GPUMemoryPool:
             return []
         import torch
 
-        from gpu.runtime.oom import translate_oom
+        from gpufleet.gpu.runtime.oom import translate_oom
 
         with translate_oom(f"preallocating {list(sizes_mb)} MiB on {self.device}"):
             blocks = [torch.empty(size * MiB, dtype=torch.uint8, device=self.device) for size in sizes_mb]

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from gpu.errors import AllPinnedError, CapacityError, ConfigError
-from gpu.runtime.cache_stats import EVICT_REASONS, CacheStats, EvictReason, ModelUsage
-from gpu.units import fmt_bytes
+from gpufleet.gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpufleet.gpu.runtime.cache_stats import EVICT_REASONS, CacheStats, EvictReason, ModelUsage
+from gpufleet.gpu.units import fmt_bytes
 
 __all__ = ["ModelCache"]
 
@@ -68,7 +68,7 @@ class ModelCache(Generic[V]):
         idle_ttl_s: idle seconds after which an unpinned entry expires; None (the default) never expires.
             :meth:`put` may override it per entry.
         on_evict: called as ``on_evict(key, value, reason)`` for every entry that leaves the cache, with
-            ``reason`` one of :data:`~gpu.runtime.cache_stats.EVICT_REASONS`. Exceptions it raises are logged,
+            ``reason`` one of :data:`~gpufleet.gpu.runtime.cache_stats.EVICT_REASONS`. Exceptions it raises are logged,
             not propagated: by then the entry is gone, and one failed cleanup must not fail the job that needed
             the room.
         clock: monotonic seconds; tests pass a fake one to drive expiry.
@@ -299,13 +299,13 @@ class ModelCache(Generic[V]):
         """Evict every unpinned entry, e.g. after the device ran out of memory mid-job.
 
         Args:
-            reason: passed to ``on_evict``; one of :data:`~gpu.runtime.cache_stats.EVICT_REASONS`.
+            reason: passed to ``on_evict``; one of :data:`~gpufleet.gpu.runtime.cache_stats.EVICT_REASONS`.
 
         Returns:
             The evicted keys, least recently used first.
 
         Raises:
-            ConfigError: ``reason`` is not one of :data:`~gpu.runtime.cache_stats.EVICT_REASONS`.
+            ConfigError: ``reason`` is not one of :data:`~gpufleet.gpu.runtime.cache_stats.EVICT_REASONS`.
         """
         if reason not in EVICT_REASONS:
             raise ConfigError(f"eviction reason {reason!r} is not one of {', '.join(EVICT_REASONS)}")
@@ -361,7 +361,7 @@ class ModelCache(Generic[V]):
 
         Returns:
             ``{model_id: {"hits", "misses", "loads", "last_load_s", "load_s_total", "last_used_s_ago",
-            "resident"}}``; see :meth:`~gpu.runtime.cache_stats.ModelUsage.to_dict`.
+            "resident"}}``; see :meth:`~gpufleet.gpu.runtime.cache_stats.ModelUsage.to_dict`.
         """
         with self._lock:
             now = self._clock()

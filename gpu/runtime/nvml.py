@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpu.errors import ConfigError
+from gpufleet.gpu.errors import ConfigError
 
 
 @dataclass(frozen=True)

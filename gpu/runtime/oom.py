@@ -1,10 +1,10 @@
 """Failures of a running model, translated once where they happen; and a way to cause real ones on purpose.
 
 Every place a model runs (inference, warm-up, loading) wraps the library call in :func:`translate_oom` or
-:func:`translate_model_errors`, so what leaves :mod:`gpu.runtime` is a :mod:`gpu.errors` class: a device
-out-of-memory becomes :class:`~gpu.errors.DeviceOutOfMemoryError` (the worker evicts and retries, or re-routes),
-and any other failure of torch, transformers or tokenizers inside a forward becomes
-:class:`~gpu.errors.InferenceError`. Our own errors pass through unchanged.
+:func:`translate_model_errors`, so what leaves :mod:`gpufleet.gpu.runtime` is a :mod:`gpufleet.gpu.errors` class: a
+device out-of-memory becomes :class:`~gpufleet.gpu.errors.DeviceOutOfMemoryError` (the worker evicts and retries, or
+re-routes), and any other failure of torch, transformers or tokenizers inside a forward becomes
+:class:`~gpufleet.gpu.errors.InferenceError`. Our own errors pass through unchanged.
 
 :func:`inject_oom_on_forward` arms a forward pre-hook on a real module so its next forwards raise a real
 ``torch.OutOfMemoryError``: the tests and the worker's fault injection exercise the same path a full device takes.
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, InferenceError
+from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, InferenceError
 
 if TYPE_CHECKING:
     import torch

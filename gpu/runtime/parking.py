@@ -6,7 +6,7 @@ parked, it costs one host→device copy from pinned memory (about 55 GB/s on an 
 (``MemoryPoolConfig.host_budget_bytes``). The worker runtime calls :meth:`ParkedStore.park` from the model cache's
 eviction hook and :meth:`ParkedStore.restore` before a disk load.
 
-The bookkeeping is a :class:`~gpu.runtime.model_cache.ModelCache` sized in host bytes: the same byte-weighted
+The bookkeeping is a :class:`~gpufleet.gpu.runtime.model_cache.ModelCache` sized in host bytes: the same byte-weighted
 LRU, feasibility-first eviction and statistics as the device tier. Nothing reads a parked model except
 :meth:`ParkedStore.restore`, which takes it out, so its LRU order is parking order: the least recently parked
 model goes first. The cache's eviction hook frees the pinned host copy.
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import CapacityError, ConfigError
-from gpu.runtime.inference import LoadedModel
-from gpu.runtime.model_cache import ModelCache
+from gpufleet.gpu.errors import CapacityError, ConfigError
+from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.gpu.runtime.model_cache import ModelCache
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +168,7 @@ class ParkedStore:
         Raises:
             DeviceOutOfMemoryError: the device cannot hold it; the model stays parked.
         """
-        from gpu.runtime.oom import translate_oom
+        from gpufleet.gpu.runtime.oom import translate_oom
 
         with self._lock:
             parked = self._cache.get(model_id)

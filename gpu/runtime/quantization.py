@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ModelSpecError, UnsupportedQuantizationError
+from gpufleet.gpu.errors import ModelSpecError, UnsupportedQuantizationError
 
 __all__ = [
     "PIP_NAMES",
@@ -74,7 +74,7 @@ def quant_method(path: Path) -> str | None:
     Raises:
         ModelSpecError: the config.json exists but cannot be read.
     """
-    from gpu.plan.specs import read_config  # cached: planning already parsed it
+    from gpufleet.gpu.plan.specs import read_config  # cached: planning already parsed it
 
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -128,7 +128,7 @@ def check_quantized(
     try:
         method = quant_method(path)
     except ModelSpecError as exc:
-        from gpu.errors import ModelLoadError
+        from gpufleet.gpu.errors import ModelLoadError
 
         raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
     if method is None:

@@ -13,7 +13,8 @@ already live on the target device from those byte ranges, so the model is never 
   frees them); host memory beyond them is at most a tensor's worth while converting dtypes on the CPU.
 
 Deciding *what* to read is not this module's job (the meta skeleton and key matching are
-:mod:`gpu.runtime.skeleton`'s; tying and falling back, :mod:`gpu.runtime.loader`'s): this module only moves bytes.
+:mod:`gpufleet.gpu.runtime.skeleton`'s; tying and falling back, :mod:`gpufleet.gpu.runtime.loader`'s): this module only
+moves bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import ModelLoadError
-from gpu.units import MiB
+from gpufleet.gpu.errors import ModelLoadError
+from gpufleet.gpu.units import MiB
 
 if TYPE_CHECKING:
     import torch
@@ -162,7 +163,7 @@ class StagedReader:
     """Reads :class:`Piece` lists into device tensors with ``read_threads`` threads through reused pinned staging.
 
     Not for concurrent use: the staging buffers are shared between calls, so callers serialize :meth:`read`
-    and :meth:`release_staging` (:class:`gpu.runtime.loader.FastSafetensorsLoader` holds a lock around both).
+    and :meth:`release_staging` (:class:`gpufleet.gpu.runtime.loader.FastSafetensorsLoader` holds a lock around both).
     """
 
     def __init__(self, *, read_threads: int, chunk_bytes: int) -> None:

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpu.errors import ModelLoadError
-from gpu.runtime.inference import ModelKind
-from gpu.runtime.safetensors_io import SAFETENSORS_DTYPES, TensorEntry
+from gpufleet.gpu.errors import ModelLoadError
+from gpufleet.gpu.runtime.inference import ModelKind
+from gpufleet.gpu.runtime.safetensors_io import SAFETENSORS_DTYPES, TensorEntry
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +35,7 @@ __all__ = [
 
 class Unsupported(Exception):
     """The fast path does not handle this checkpoint; the message is the reason. The fast loader catches it
-    and falls back to ``from_pretrained``: it never leaves :mod:`gpu.runtime`."""
+    and falls back to ``from_pretrained``: it never leaves :mod:`gpufleet.gpu.runtime`."""
 
 
 @contextmanager

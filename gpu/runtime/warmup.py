@@ -10,7 +10,8 @@ On the CPU the same operations run with small shapes: nothing needs warming ther
 same, so CI exercises it.
 
 The manager only warms up: what is resident and how it is used is the model cache's record
-(:mod:`gpu.runtime.model_cache`), and device memory is reported by the memory pool (:mod:`gpu.runtime.memory_pool`).
+(:mod:`gpufleet.gpu.runtime.model_cache`), and device memory is reported by the memory pool
+(:mod:`gpufleet.gpu.runtime.memory_pool`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpu.config import WarmupConfig, WarmupOp, WarmupSize
-from gpu.errors import ConfigError
-from gpu.runtime.inference import LoadedModel, ModelKind
-from gpu.units import MiB
+from gpufleet.gpu.config import WarmupConfig, WarmupOp, WarmupSize
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind
+from gpufleet.gpu.units import MiB
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +134,7 @@ class GPUWarmupManager:
             return WarmupReport(self.device, size, skipped="warm-up disabled (GPUFLEET_GPU__WARMUP__ENABLED=false)")
         import torch
 
-        from gpu.runtime.oom import translate_oom
+        from gpufleet.gpu.runtime.oom import translate_oom
 
         if self.is_cuda and not torch.cuda.is_available():
             raise ConfigError(
@@ -228,8 +229,8 @@ class GPUWarmupManager:
         """
         import torch
 
-        from gpu.runtime.inference import embed, generate
-        from gpu.runtime.oom import translate_model_errors
+        from gpufleet.gpu.runtime.inference import embed, generate
+        from gpufleet.gpu.runtime.oom import translate_model_errors
 
         device = torch.device(loaded.device)
         # embed and generate translate their own failures; this also covers the synchronisations, where an

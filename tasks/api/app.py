@@ -2,8 +2,8 @@
 
 Every endpoint reads one snapshot of the fleet registry (through the registry's short-lived cache, so a page
 that refreshes every two seconds and a Prometheus scrape cost Redis one read per ``GPUFLEET_FLEET__REGISTRY_CACHE_S``)
-and answers from :mod:`tasks.api.views` or :mod:`tasks.api.metrics`. When the registry cannot be read, every
-endpoint answers 503 with the registry's own message (what failed and what to do), ``/healthz`` included: it
+and answers from :mod:`gpufleet.tasks.api.views` or :mod:`gpufleet.tasks.api.metrics`. When the registry cannot be read,
+every endpoint answers 503 with the registry's own message (what failed and what to do), ``/healthz`` included: it
 reports the API's ability to show the fleet, which is nothing without Redis.
 
 With ``GPUFLEET_API__TOKEN`` set, every endpoint but ``/healthz`` and the page itself requires
@@ -22,10 +22,10 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, status
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tasks.api import metrics, views
-from tasks.errors import FleetError
-from tasks.fleet import FleetRegistry, FleetSnapshot
-from tasks.settings import Settings, redact_url
+from gpufleet.tasks.api import metrics, views
+from gpufleet.tasks.errors import FleetError
+from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot
+from gpufleet.tasks.settings import Settings, redact_url
 
 SnapshotSource = Callable[[], FleetSnapshot]
 """Reads the live fleet; raises a :class:`FleetError` (e.g. ``BrokerUnavailableError``) when it cannot."""
@@ -35,7 +35,7 @@ _bearer = HTTPBearer(auto_error=False, description="the value of GPUFLEET_API__T
 
 def dashboard_html() -> str:
     """The dashboard page, shipped as package data."""
-    return resources.files("tasks.api").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    return resources.files("gpufleet.tasks.api").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
 
 def _token_check(token: str) -> Callable[[HTTPAuthorizationCredentials | None], None]:

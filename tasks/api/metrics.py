@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tasks.fleet import FleetSnapshot, WorkerRecord
+from gpufleet.tasks.fleet import FleetSnapshot, WorkerRecord
 
 __all__ = ["CONTENT_TYPE_LATEST", "FleetCollector", "render_metrics"]
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.fleet import FleetSnapshot, HeldModel, RunningJob, WorkerRecord
+from gpufleet.tasks.fleet import FleetSnapshot, HeldModel, RunningJob, WorkerRecord
 
 
 class _View(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from tasks.errors import InvalidRequestError
+from gpufleet.tasks.errors import InvalidRequestError
 from tests.integration.conftest import RunningWorker
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
+from gpufleet.workers.local_redis import LocalRedis
 from tests.integration.conftest import WorkerFactory
-from workers.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
 

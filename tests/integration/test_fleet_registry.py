@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from tasks.fleet import FleetRegistry, WorkerRecord, registry_url
+from gpufleet.tasks.fleet import FleetRegistry, WorkerRecord, registry_url
+from gpufleet.workers.cli import main
+from gpufleet.workers.launch import stop_process
+from gpufleet.workers.local_redis import LocalRedis
 from tests.integration.conftest import RunningWorker, WorkerFactory
 from tests.integration.test_brokers import rabbitmq_up
-from workers.cli import main
-from workers.launch import stop_process
-from workers.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
 

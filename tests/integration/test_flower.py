@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from gpufleet.workers.launch import stop_process, tail
+from gpufleet.workers.local_redis import free_port
 from tests.integration.conftest import RunningWorker
-from workers.launch import stop_process, tail
-from workers.local_redis import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def flower(worker: RunningWorker, tmp_path_factory: pytest.TempPathFactory) -> I
     command = [
         *celery_command(),
         "--app",
-        "tasks.app:app",
+        "gpufleet.tasks.app:app",
         "flower",
         f"--port={port}",
         "--address=127.0.0.1",

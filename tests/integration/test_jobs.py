@@ -140,7 +140,7 @@ def test_status_cli(worker: RunningWorker) -> None:
     import json
     import os
 
-    from workers.launch import gpufleet_command
+    from gpufleet.workers.launch import gpufleet_command
 
     def status(*flags: str) -> object:
         done = subprocess.run(

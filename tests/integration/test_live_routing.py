@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.client import FleetClient, route_of
-from tasks.fleet import FleetRegistry, FleetSnapshot
-from tasks.names import worker_queue
-from tasks.settings import Settings, load_settings
-from workers.launch import gpufleet_command, spawn_worker, stop_process, tail, wait_until_ready
-from workers.local_redis import LocalRedis
+from gpufleet.tasks.client import FleetClient, route_of
+from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot
+from gpufleet.tasks.names import worker_queue
+from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers.launch import gpufleet_command, spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from gpu.plan.estimate import estimate_model_bytes
-from gpu.plan.specs import load_spec
-from tasks.client import FleetClient
-from tasks.errors import ModelLoadError
-from tasks.settings import load_settings
+from gpufleet.gpu.plan.estimate import estimate_model_bytes
+from gpufleet.gpu.plan.specs import load_spec
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.errors import ModelLoadError
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.gguf_export import make_gguf_model
 from tests.integration.conftest import RunningWorker, WorkerFactory
-from workers.tools.checkpoints import make_checkpoint
-from workers.tools.gguf_export import make_gguf_model
 
 pytestmark = pytest.mark.integration
 

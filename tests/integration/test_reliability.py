@@ -11,12 +11,12 @@ import time
 import pytest
 import redis as redis_client
 
-from tasks.client import FleetClient
-from tasks.errors import BrokerUnavailableError
-from tasks.settings import load_settings
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.errors import BrokerUnavailableError
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.launch import gpufleet_command
+from gpufleet.workers.local_redis import LocalRedis, free_port
 from tests.integration.conftest import RunningWorker, WorkerFactory
-from workers.launch import gpufleet_command
-from workers.local_redis import LocalRedis, free_port
 
 pytestmark = pytest.mark.integration
 

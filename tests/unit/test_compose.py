@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.settings import JobLimits
+from gpufleet.tasks.settings import JobLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -175,7 +175,7 @@ def test_redis_has_a_healthcheck_and_a_data_volume(compose: dict[str, Any], serv
 
 def test_flower_requires_basic_auth(services: dict[str, dict[str, Any]]) -> None:
     command = _command(services["flower"])
-    assert command[:4] == ["celery", "--app", "tasks.app:app", "flower"]
+    assert command[:4] == ["celery", "--app", "gpufleet.tasks.app:app", "flower"]
     auth = _option(command, "--basic-auth") or _option(command, "--basic_auth")
     assert auth is not None, "flower must run with --basic-auth"
     # Both halves required (``:?``): Compose refuses to start Flower with an empty user or password.
@@ -198,7 +198,7 @@ def test_flower_flag_spelling_is_what_flower_accepts() -> None:
 def test_flower_app_path_exists() -> None:
     import importlib
 
-    module = importlib.import_module("tasks.app")
+    module = importlib.import_module("gpufleet.tasks.app")
     assert hasattr(module, "app"), "the Flower command names tasks.app:app; expose a module-level `app`"
 
 

@@ -19,15 +19,16 @@ HEAVY = ("torch", "transformers", "pynvml", "safetensors", "tokenizers")
 PARENT = textwrap.dedent(
     """
     import json, sys
-    from tasks.app import create_app
-    from tasks.settings import load_settings
-    import workers.main, workers.control, workers.process, workers.cli, workers.tools.demo_models
-    from workers.jobs import register_tasks
+    from gpufleet.tasks.app import create_app
+    from gpufleet.tasks.settings import load_settings
+    import gpufleet.workers.main, gpufleet.workers.control, gpufleet.workers.process, gpufleet.workers.cli
+    import gpufleet.workers.tools.demo_models
+    from gpufleet.workers.jobs import register_tasks
     settings = load_settings()
     register_tasks(create_app(settings), settings)
     # The CLI's planning path runs in the parent too (gpufleet plan, the router's checks).
-    assert workers.cli.main(["plan", "meta-llama/Llama-3.1-8B-Instruct", "--json"]) == 0
-    print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+    assert gpufleet.workers.cli.main(["plan", "meta-llama/Llama-3.1-8B-Instruct", "--json"]) == 0
+    print(json.dumps(sorted({".".join(name.split(".")[:2]) for name in sys.modules})))
     """
 )
 
@@ -37,5 +38,10 @@ def test_worker_parent_imports_no_heavy_libraries() -> None:
     result = subprocess.run([sys.executable, "-c", PARENT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     imported = set(json.loads(result.stdout.strip().splitlines()[-1]))
-    assert {"celery", "tasks", "workers", "gpu"} <= imported  # the probe really ran the parent's code
+    assert {
+        "celery",
+        "gpufleet.tasks",
+        "gpufleet.workers",
+        "gpufleet.gpu",
+    } <= imported  # the probe really ran the parent's code
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))

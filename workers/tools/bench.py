@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpu.units import GB, MiB
-from workers.tools.bench_report import ratios, render_chart, render_markdown
-from workers.tools.checkpoints import SHAPES, write_checkpoint
+from gpufleet.gpu.units import GB, MiB
+from gpufleet.workers.tools.bench_report import ratios, render_chart, render_markdown
+from gpufleet.workers.tools.checkpoints import SHAPES, write_checkpoint
 
 # --------------------------------------------------------------------------------------------------------------
 # measurements
@@ -175,8 +175,8 @@ def run_bench(out_dir: Path, *, device: str | None = None, size: str = "auto", r
     """
     import torch
 
-    from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-    from gpu.runtime.parking import ParkedStore
+    from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+    from gpufleet.gpu.runtime.parking import ParkedStore
 
     if repeats < 1:
         raise ValueError(f"repeats={repeats}; give at least 1")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.client import FleetClient
-from tasks.settings import load_settings
-from workers.local_redis import LocalRedis
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.local_redis import LocalRedis
 
 
 def worker_env(redis: LocalRedis, models: Path, **extra: str) -> dict[str, str]:

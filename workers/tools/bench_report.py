@@ -1,6 +1,6 @@
 """The loading benchmark's verdicts and reports: ratios against the targets, a markdown table, a bar chart.
 
-:mod:`workers.tools.bench` measures; this module turns its results dict into the figures the targets are set in
+:mod:`gpufleet.workers.tools.bench` measures; this module turns its results dict into the figures the targets are set in
 (GPU, 7B-shaped checkpoint) and renders them. Pure functions of that dict, so a stored JSON result can be
 re-rendered.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpu.units import GB, MiB
+from gpufleet.gpu.units import GB, MiB
 
 # Targets from issue 5 (GPU, 7B-shaped checkpoint).
 TARGET_FAST_VS_PRETRAINED = 3.0
@@ -23,7 +23,7 @@ def ratios(results: dict[str, Any], cuda: bool) -> dict[str, Any]:
     """Speeds, ratios and the targets, each with whether it applies (GPU only) and whether it was met.
 
     Args:
-        results: the measurements :func:`workers.tools.bench.run_bench` collected.
+        results: the measurements :func:`gpufleet.workers.tools.bench.run_bench` collected.
         cuda: the run was on a GPU (the h2d floor exists and the targets can apply).
 
     Returns:

@@ -3,7 +3,7 @@
 The one builder behind every generated model: the demo chat model, the tiny models tests load, and the
 benchmarks' checkpoints. A checkpoint is a model of an architecture (:data:`ARCHITECTURES`) and a shape
 (:data:`SHAPES`, or any :class:`Shape`), in a dtype, tied or not, in one file or sharded, with a
-``config.json`` and the local tokenizer (:mod:`workers.tools.tokenizer`). Two ways to write one:
+``config.json`` and the local tokenizer (:mod:`gpufleet.workers.tools.tokenizer`). Two ways to write one:
 
 * :func:`make_checkpoint` instantiates the model with transformers (weights from a fixed seed) and saves it with
   ``save_pretrained``: byte for byte the layout a hub checkpoint has, for anything that fits in memory;
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ConfigError
-from gpu.units import MiB
-from workers.tools.families import ENCODERS, auto_class, config_options, tokenizer_for
-from workers.tools.guards import needs_worker_libraries, writing
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.units import MiB
+from gpufleet.workers.tools.families import ENCODERS, auto_class, config_options, tokenizer_for
+from gpufleet.workers.tools.guards import needs_worker_libraries, writing
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "bert", "xlm-roberta", "qwen2_vl")
 # Encoders are saved as the bare encoder (what an embedding model is), multimodal models with their image-text
@@ -91,7 +91,7 @@ def model_config(arch: str, shape: Shape, *, tie: bool | None = None, tokenizer:
         tie: share the input embedding with the output head; ``None`` keeps the architecture's default (gpt2
             ties, the others do not).
         tokenizer: the tokenizer whose size and ids the config takes; default the family's
-            (:func:`workers.tools.families.tokenizer_for`).
+            (:func:`gpufleet.workers.tools.families.tokenizer_for`).
 
     Returns:
         A ``transformers.PretrainedConfig``.

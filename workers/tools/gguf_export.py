@@ -1,7 +1,7 @@
 """Writing GGUF files locally: a random-weight Llama checkpoint, converted the way llama.cpp converts one.
 
 The tests and the docs need a GGUF model without a hub: :func:`make_gguf_model` builds a tiny Llama with
-:func:`workers.tools.checkpoints.make_checkpoint`, then writes it with the ``gguf`` package (a worker
+:func:`gpufleet.workers.tools.checkpoints.make_checkpoint`, then writes it with the ``gguf`` package (a worker
 dependency) under llama.cpp's tensor names, with the query and key projections permuted as llama.cpp's
 converter permutes them (transformers undoes it when it reads the file), 2-D weights in ``Q8_0`` (or ``F16``
 / ``F32``; rows that are no whole number of blocks stay ``F32``), and the tokenizer as GGUF metadata
@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpu.errors import ConfigError
-from workers.tools.checkpoints import Shape, make_checkpoint, publish_atomically
-from workers.tools.guards import needs_worker_libraries, writing
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint, publish_atomically
+from gpufleet.workers.tools.guards import needs_worker_libraries, writing
 
 __all__ = ["GGUF_TENSOR_TYPES", "make_gguf_model", "write_gguf"]
 
@@ -37,7 +37,7 @@ def make_gguf_model(
 
     Args:
         directory: the model directory to create; it must not exist yet (or be empty).
-        size: a name in :data:`workers.tools.checkpoints.SHAPES` or a :class:`Shape` (the default is 1 MB).
+        size: a name in :data:`gpufleet.workers.tools.checkpoints.SHAPES` or a :class:`Shape` (the default is 1 MB).
         tensor_type: the type of the 2-D weights, one of :data:`GGUF_TENSOR_TYPES` (norms stay F32, as in
             llama.cpp's files).
         seed: seed for the random weights (the same as :func:`make_checkpoint`'s for the same shape).

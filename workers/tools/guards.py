@@ -1,4 +1,4 @@
-"""Turn the failures of writing generated models into :class:`gpu.errors.ConfigError` with advice.
+"""Turn the failures of writing generated models into :class:`gpufleet.gpu.errors.ConfigError` with advice.
 
 Shared by the checkpoint builder, the tokenizer and the demo models: a missing worker library or an
 unwritable directory is a setup problem the caller can fix, so it surfaces as a configuration error that
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpu.errors import ConfigError, GpuError
+from gpufleet.gpu.errors import ConfigError, GpuError
 
 WRITE_ADVICE = "check that the directory is writable and has space"
 

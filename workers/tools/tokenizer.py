@@ -15,7 +15,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from workers.tools.guards import needs_worker_libraries
+from gpufleet.workers.tools.guards import needs_worker_libraries
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "<|end|>"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from gpu.runtime.parking import ParkedStore
-from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs, write_checkpoint
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.parking import ParkedStore
+from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs, write_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,

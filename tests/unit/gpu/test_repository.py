@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu.errors import ModelNotFoundError, UnsafeModelIdError
-from gpu.repository import list_models, resolve_model, validate_model_id
+from gpufleet.gpu.errors import ModelNotFoundError, UnsafeModelIdError
+from gpufleet.gpu.repository import list_models, resolve_model, validate_model_id
 
 
 def _model(root: Path, model_id: str) -> Path:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.app import check_json_only, create_app
-from tasks.errors import SettingsError
-from tasks.settings import load_settings
+from gpufleet.tasks.app import check_json_only, create_app
+from gpufleet.tasks.errors import SettingsError
+from gpufleet.tasks.settings import load_settings
 
 
 def test_json_only_and_gpu_serving_settings() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.client import FleetClient
-from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
-from tasks.settings import Settings, load_settings
-from workers.local_redis import LocalRedis, free_port
+from gpufleet.tasks.client import FleetClient
+from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
+from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers.local_redis import LocalRedis, free_port
 
 
 def _settings(broker_url: str, result_backend: str) -> Settings:

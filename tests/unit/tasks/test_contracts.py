@@ -5,8 +5,14 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from tasks.contracts import EmbedRequest, GenerateRequest, LoadModelRequest, UnloadModelRequest, validate_request
-from tasks.errors import InvalidRequestError
+from gpufleet.tasks.contracts import (
+    EmbedRequest,
+    GenerateRequest,
+    LoadModelRequest,
+    UnloadModelRequest,
+    validate_request,
+)
+from gpufleet.tasks.errors import InvalidRequestError
 
 
 def test_embed_request_defaults() -> None:

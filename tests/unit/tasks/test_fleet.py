@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
-from tasks.fleet import ClaimedWorker, FleetRegistry, FleetSnapshot, HeldModel, WorkerRecord, describe, registry_url
-from tasks.settings import load_settings
-from workers.local_redis import LocalRedis, free_port
+from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
+from gpufleet.tasks.fleet import (
+    ClaimedWorker,
+    FleetRegistry,
+    FleetSnapshot,
+    HeldModel,
+    WorkerRecord,
+    describe,
+    registry_url,
+)
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.local_redis import LocalRedis, free_port
 
 
 class Clock:

@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from gpu.plan.selection import plan
-from tasks.app import create_app
-from tasks.client import FleetClient, route_of
-from tasks.errors import ModelNotFoundError, RoutingError
-from tasks.fleet import FleetRegistry, FleetSnapshot, HeldModel, WorkerRecord
-from tasks.live_routing import route_live
-from tasks.names import gpu_type_queue
-from tasks.planning import fleet_gpu_types, next_fallback_queue, placement_for, queue_for_model
-from tasks.routing import REGISTRY_RETRY_S, FleetRouter, LiveRouter, app_router
-from tasks.settings import Settings, load_settings
-from workers.local_redis import LocalRedis, free_port
+from gpufleet.gpu.plan.selection import plan
+from gpufleet.tasks.app import create_app
+from gpufleet.tasks.client import FleetClient, route_of
+from gpufleet.tasks.errors import ModelNotFoundError, RoutingError
+from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot, HeldModel, WorkerRecord
+from gpufleet.tasks.live_routing import route_live
+from gpufleet.tasks.names import gpu_type_queue
+from gpufleet.tasks.planning import fleet_gpu_types, next_fallback_queue, placement_for, queue_for_model
+from gpufleet.tasks.routing import REGISTRY_RETRY_S, FleetRouter, LiveRouter, app_router
+from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers.local_redis import LocalRedis, free_port
 
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -308,7 +308,7 @@ def test_registry_down_routes_by_type_and_warns_once(caplog: pytest.LogCaptureFi
     settings = load_settings(broker_url=url, fleet={"gpu_types": ("cpu", "l4")})
     clock = [0.0]
     router = LiveRouter(settings, clock=lambda: clock[0])
-    with caplog.at_level(logging.WARNING, logger="tasks.routing"):
+    with caplog.at_level(logging.WARNING, logger="gpufleet.tasks.routing"):
         first = router.decide(SMALL)
         second = router.decide(SMALL)
         clock[0] += REGISTRY_RETRY_S + 1  # asked again after the retry delay: still down, still one warning
@@ -331,8 +331,8 @@ def test_live_routing_off_or_no_redis_routes_by_type() -> None:
 
 
 def test_a_submit_that_times_out_names_the_queue_and_what_to_start(redis_server: LocalRedis) -> None:
-    from tasks.errors import FleetError
-    from workers.cli import _wait
+    from gpufleet.tasks.errors import FleetError
+    from gpufleet.workers.cli import _wait
 
     registry = FleetRegistry(redis_server.url(16))
     registry._client.flushdb()

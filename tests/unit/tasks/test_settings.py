@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.errors import SettingsError
-from tasks.settings import get_settings, load_settings
+from gpufleet.tasks.errors import SettingsError
+from gpufleet.tasks.settings import get_settings, load_settings
 
 
 def test_defaults_are_valid() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.settings import ENV_DELIMITER, ENV_PREFIX, Settings
+from gpufleet.tasks.settings import ENV_DELIMITER, ENV_PREFIX, Settings
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 

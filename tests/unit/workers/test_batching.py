@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from celery.worker import state as worker_state
 
-from tasks.settings import BatchingOptions
-from workers.batching import Batcher, BatchRun, model_of
+from gpufleet.tasks.settings import BatchingOptions
+from gpufleet.workers.batching import Batcher, BatchRun, model_of
 
 
 class FakeRequest:

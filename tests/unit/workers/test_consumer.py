@@ -12,8 +12,8 @@ import pytest
 from celery.exceptions import InvalidTaskError
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from tasks.errors import InvalidRequestError
-from workers.consumer import (
+from gpufleet.tasks.errors import InvalidRequestError
+from gpufleet.workers.consumer import (
     CONSUMER_PATH,
     ContractConsumer,
     check_body_shape,

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.settings import load_settings
-from workers.errors import WorkerStartError
-from workers.faults import Faults
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.errors import WorkerStartError
+from gpufleet.workers.faults import Faults
 
 
 def test_no_faults_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

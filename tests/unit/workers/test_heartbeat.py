@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.fleet import FleetRegistry
-from tasks.settings import Settings, load_settings
-from workers import state
-from workers.cli import main
-from workers.heartbeat import BrokerQueues, Heartbeat, KombuRedisLayout, build_record, package_versions
-from workers.identity import WorkerIdentity, cpu_identity
-from workers.local_redis import LocalRedis, free_port
-from workers.runtime import LOAD_S_BUCKETS, WorkerRuntime
+from gpufleet.tasks.fleet import FleetRegistry
+from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers import state
+from gpufleet.workers.cli import main
+from gpufleet.workers.heartbeat import BrokerQueues, Heartbeat, KombuRedisLayout, build_record, package_versions
+from gpufleet.workers.identity import WorkerIdentity, cpu_identity
+from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.runtime import LOAD_S_BUCKETS, WorkerRuntime
 
 MiB = 2**20
 DB = 52

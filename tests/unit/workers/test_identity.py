@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tasks.settings import load_settings
-from workers.errors import WorkerStartError
-from workers.identity import cpu_identity, gpu_identity, gpus_identity, parse_gpu_list, worker_name
-from workers.main import build_identity, celery_argv, check_priority_models
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.errors import WorkerStartError
+from gpufleet.workers.identity import cpu_identity, gpu_identity, gpus_identity, parse_gpu_list, worker_name
+from gpufleet.workers.main import build_identity, celery_argv, check_priority_models
 
 
 def test_worker_names_and_queues() -> None:
@@ -61,7 +61,7 @@ def test_binding_sets_visible_devices_in_pci_order() -> None:
 
 def test_gpu_flag_without_nvidia_gpu_says_use_cpu() -> None:
     try:
-        from gpu.runtime.nvml import list_devices
+        from gpufleet.gpu.runtime.nvml import list_devices
 
         list_devices()
         pytest.skip("this machine has an NVIDIA driver")
@@ -130,7 +130,7 @@ def test_gpu_identity_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_gpu_disabled_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.main import run_worker
+    from gpufleet.workers.main import run_worker
 
     monkeypatch.setenv("GPUFLEET_GPU__ENABLED", "false")
     with pytest.raises(WorkerStartError, match="GPUFLEET_GPU__ENABLED"):
@@ -198,7 +198,7 @@ def test_only_one_device_flag_with_gpus() -> None:
 
 
 def test_cli_parses_gpus() -> None:
-    from workers.cli import build_parser
+    from gpufleet.workers.cli import build_parser
 
     args = build_parser().parse_args(["worker", "--gpus", "0,1", "--name", "pair@box"])
     assert args.gpus == "0,1" and args.gpu is None and not args.cpu and args.name == "pair@box"
@@ -209,7 +209,7 @@ def test_cli_parses_gpus() -> None:
 
 
 def test_cli_reports_a_bad_gpu_list_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from workers.cli import main
+    from gpufleet.workers.cli import main
 
     assert main(["worker", "--gpus", "0,x"]) == 1
     err = capsys.readouterr().err.strip()
@@ -218,7 +218,7 @@ def test_cli_reports_a_bad_gpu_list_in_one_line(capsys: pytest.CaptureFixture[st
 
 
 def test_gpus_disabled_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.main import run_worker
+    from gpufleet.workers.main import run_worker
 
     monkeypatch.setenv("GPUFLEET_GPU__ENABLED", "false")
     with pytest.raises(WorkerStartError, match="GPUFLEET_GPU__ENABLED"):
@@ -245,7 +245,7 @@ def nvmlDeviceGetMemoryInfo(handle):
 
 BUILD_IN_A_FRESH_PARENT = """
 import json, os, sys
-from workers.main import build_identity
+from gpufleet.workers.main import build_identity
 identity = build_identity(gpu={gpu!r}, gpus={gpus!r}, cpu=False, name=None)
 print(json.dumps({{
     "name": identity.name, "queues": identity.queues, "device": identity.device, "devices": identity.devices,

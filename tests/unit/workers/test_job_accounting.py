@@ -10,14 +10,14 @@ from typing import Any, cast
 import pytest
 import redis
 
-from tasks import errors
-from tasks.app import create_app
-from tasks.contracts import SleepRequest, SleepResult
-from tasks.settings import load_settings
-from workers.job_accounting import DELIVERIES_KEY, DeferredCall, count_delivery
-from workers.local_redis import LocalRedis
-from workers.runtime import WorkerRuntime
-from workers.task_base import FleetTask
+from gpufleet.tasks import errors
+from gpufleet.tasks.app import create_app
+from gpufleet.tasks.contracts import SleepRequest, SleepResult
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.job_accounting import DELIVERIES_KEY, DeferredCall, count_delivery
+from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.runtime import WorkerRuntime
+from gpufleet.workers.task_base import FleetTask
 
 DB = 70
 

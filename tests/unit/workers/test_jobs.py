@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-import gpu.errors as gpu_errors
-from tasks import errors
-from tasks.contracts import EmbedRequest
-from workers.task_base import job_errors, parse
+import gpufleet.gpu.errors as gpu_errors
+from gpufleet.tasks import errors
+from gpufleet.tasks.contracts import EmbedRequest
+from gpufleet.workers.task_base import job_errors, parse
 
 
 def test_parse_refuses_positional_and_names_fields() -> None:

@@ -1,5 +1,5 @@
 """The OOM policy on a real runtime: real OOMs come out of real forwards (a forward hook raises torch's own error),
-:mod:`gpu.runtime` translates them, and the policy evicts, retries once, re-routes, then refuses."""
+:mod:`gpufleet.gpu.runtime` translates them, and the policy evicts, retries once, re-routes, then refuses."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from gpu.errors import DeviceOutOfMemoryError
-from gpu.runtime.inference import LoadedModel, generate
-from gpu.runtime.loader import ModelLoader
-from tasks.errors import CapacityError
-from tasks.settings import load_settings
-from workers.faults import Faults
-from workers.identity import cpu_identity
-from workers.oom_policy import MAX_OOM_HOPS, run_with_oom_policy
-from workers.runtime import WorkerRuntime, default_loader
+from gpufleet.gpu.errors import DeviceOutOfMemoryError
+from gpufleet.gpu.runtime.inference import LoadedModel, generate
+from gpufleet.gpu.runtime.loader import ModelLoader
+from gpufleet.tasks.errors import CapacityError
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.faults import Faults
+from gpufleet.workers.identity import cpu_identity
+from gpufleet.workers.oom_policy import MAX_OOM_HOPS, run_with_oom_policy
+from gpufleet.workers.runtime import WorkerRuntime, default_loader
 
 
 class CountingLoader:

@@ -11,14 +11,14 @@ import pytest
 import redis
 from kombu import Connection
 
-from tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY, fence_key
-from tasks.settings import load_settings
-from workers import held_transport
-from workers.heartbeat import Heartbeat
-from workers.held_transport import TTL_OPTION, WORKER_OPTION, HeldQoS, Transport, install
-from workers.identity import cpu_identity
-from workers.local_redis import LocalRedis
-from workers.recovery import Recovery
+from gpufleet.tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY, fence_key
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers import held_transport
+from gpufleet.workers.heartbeat import Heartbeat
+from gpufleet.workers.held_transport import TTL_OPTION, WORKER_OPTION, HeldQoS, Transport, install
+from gpufleet.workers.identity import cpu_identity
+from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.recovery import Recovery
 
 DB = 70  # broker database of these tests
 TTL_S = 10.0
@@ -213,7 +213,7 @@ def test_the_owner_sees_the_fence_and_a_refresh_keeps_its_holders_alive(
 
 
 def test_install_only_on_a_redis_broker_with_recovery_on(redis_server: LocalRedis) -> None:
-    from tasks.app import create_app
+    from gpufleet.tasks.app import create_app
 
     on = load_settings(broker_url=redis_server.url(DB))
     app = create_app(on)
@@ -254,7 +254,7 @@ class FakeRecovery:
         return 0
 
     def sweep(self, *, grace_s: float) -> Any:
-        from workers.recovery import Restored
+        from gpufleet.workers.recovery import Restored
 
         self.sweeps += 1
         return Restored()

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from gpu.errors import AllPinnedError, ModelNotFoundError
-from tasks.settings import Settings, load_settings
-from workers import state
-from workers.identity import cpu_identity
-from workers.runtime import WorkerRuntime
+from gpufleet.gpu.errors import AllPinnedError, ModelNotFoundError
+from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers import state
+from gpufleet.workers.identity import cpu_identity
+from gpufleet.workers.runtime import WorkerRuntime
 
 MiB = 2**20
 

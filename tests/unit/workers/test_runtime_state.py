@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from tasks.settings import load_settings
-from workers import state
-from workers.identity import cpu_identity
-from workers.runtime import (
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers import state
+from gpufleet.workers.identity import cpu_identity
+from gpufleet.workers.runtime import (
     JOB_STATE_MAX_DELAY_S,
     JOB_STATE_QUIET_S,
     OPENMP_SPIN_DEFAULTS,

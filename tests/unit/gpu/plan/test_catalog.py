@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import gpu.plan.catalog
-from gpu.errors import ConfigError
-from gpu.plan.catalog import (
+import gpufleet.gpu.plan.catalog
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.plan.catalog import (
     CATALOG,
     CPU,
     GPU_TYPE_NAMES,
@@ -17,7 +17,7 @@ from gpu.plan.catalog import (
     gpu_type_from_device_name,
     stand_in_type,
 )
-from gpu.units import GiB, MiB
+from gpufleet.gpu.units import GiB, MiB
 
 # (name, nominal memory in GB, compute capability, bf16, fp8)
 EXPECTED = [
@@ -61,7 +61,7 @@ def test_cpu_entry() -> None:
 
 
 def test_prices_state_their_source_and_date() -> None:
-    doc = gpu.plan.catalog.__doc__ or ""
+    doc = gpufleet.gpu.plan.catalog.__doc__ or ""
     assert "2026-11" in doc
     assert "approximate" in doc
     assert "on-demand" in doc
@@ -82,7 +82,7 @@ def test_get_gpu_type_is_case_insensitive_and_refuses_unknown_names() -> None:
 def test_the_catalog_knows_no_queues() -> None:
     # Queue names are the task contract's (tasks.names), not planning data.
     assert not any("queue" in field for field in GpuType.__dataclass_fields__)
-    assert not hasattr(gpu.plan.catalog, "queue_for")
+    assert not hasattr(gpufleet.gpu.plan.catalog, "queue_for")
 
 
 KNOWN_BOARDS = [

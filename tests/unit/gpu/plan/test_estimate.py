@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from gpu.errors import ConfigError
-from gpu.plan.catalog import get_gpu_type
-from gpu.plan.estimate import (
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.plan.catalog import get_gpu_type
+from gpufleet.gpu.plan.estimate import (
     GPU_RUNTIME_BYTES,
     estimate_activation_bytes,
     estimate_kv_cache_bytes,
@@ -17,8 +17,8 @@ from gpu.plan.estimate import (
     estimate_model_bytes,
     estimate_weights_bytes,
 )
-from gpu.plan.specs import load_spec, spec_from_config, spec_from_name
-from gpu.units import GB, GiB, dtype_bytes
+from gpufleet.gpu.plan.specs import load_spec, spec_from_config, spec_from_name
+from gpufleet.gpu.units import GB, GiB, dtype_bytes
 
 
 def _quantized(llama_config: dict[str, Any], quantization_config: dict[str, Any]) -> int:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from gpu.plan.counting import KvKind
-from gpu.plan.estimate import estimate_kv_cache_bytes
-from gpu.plan.specs import spec_from_config
+from gpufleet.gpu.plan.counting import KvKind
+from gpufleet.gpu.plan.estimate import estimate_kv_cache_bytes
+from gpufleet.gpu.plan.specs import spec_from_config
 
 
 def _hf_config(model_type: str, **fields: Any) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def test_formula_matches_the_meta_device_count(model_type: str, class_name: str,
 
 
 def test_dbrx_is_counted_at_its_size_and_needs_more_than_one_l40s() -> None:
-    from gpu.plan.selection import plan
+    from gpufleet.gpu.plan.selection import plan
 
     spec = spec_from_config({"model_type": "dbrx", **DBRX_132B, "torch_dtype": "bfloat16"})
     assert spec.params == pytest.approx(131.6e9, rel=0.01)
@@ -144,7 +144,7 @@ def test_hybrid_models_cache_only_their_attention_layers(model_type: str, attent
 
 
 def test_jamba_without_transformers_reads_its_attention_period(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gpu.plan.general.transformers_available", lambda: False)
+    monkeypatch.setattr("gpufleet.gpu.plan.general.transformers_available", lambda: False)
     config = _hf_config("jamba")
     spec = spec_from_config(config, checkpoint_bytes=100_000_000_000)
     assert spec.kv_layout is not None and spec.kv_layout.full_layers == 4 and spec.kv_layout.stateless_layers == 28
@@ -155,8 +155,8 @@ ROUTER_WITHOUT_TRANSFORMERS = textwrap.dedent(
     import json, sys
     sys.modules["torch"] = None
     sys.modules["transformers"] = None
-    from gpu.errors import ModelSpecError
-    from gpu.plan.selection import plan
+    from gpufleet.gpu.errors import ModelSpecError
+    from gpufleet.gpu.plan.selection import plan
     out = {}
     for name in sys.argv[1:3]:
         placement = plan(name)

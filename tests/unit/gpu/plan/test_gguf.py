@@ -8,12 +8,12 @@ from pathlib import Path
 import gguf
 import pytest
 
-from gpu.errors import ModelSpecError
-from gpu.plan.estimate import estimate_model_bytes
-from gpu.plan.gguf import gguf_files, is_gguf, read_gguf_header, spec_from_gguf_files
-from gpu.plan.specs import SpecSource, load_spec
-from workers.tools.checkpoints import make_checkpoint
-from workers.tools.gguf_export import make_gguf_model
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.estimate import estimate_model_bytes
+from gpufleet.gpu.plan.gguf import gguf_files, is_gguf, read_gguf_header, spec_from_gguf_files
+from gpufleet.gpu.plan.specs import SpecSource, load_spec
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.gguf_export import make_gguf_model
 
 
 @pytest.fixture(scope="module")

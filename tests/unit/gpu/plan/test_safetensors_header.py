@@ -9,10 +9,10 @@ from typing import Any, cast
 
 import pytest
 
-from gpu.errors import ModelSpecError
-from gpu.plan.estimate import estimate_weights_bytes
-from gpu.plan.safetensors_header import read_header, weights_from_safetensors
-from gpu.plan.specs import SpecSource, spec_from_path
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.estimate import estimate_weights_bytes
+from gpufleet.gpu.plan.safetensors_header import read_header, weights_from_safetensors
+from gpufleet.gpu.plan.specs import SpecSource, spec_from_path
 
 _ELEMENT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "F8_E4M3": 1}
 
@@ -124,7 +124,7 @@ def test_index_without_its_shards_says_what_it_used(tmp_path: Path, llama_config
 
 
 def test_unknown_model_type_with_weights_needs_no_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gpu.plan.general.transformers_available", lambda: False)
+    monkeypatch.setattr("gpufleet.gpu.plan.general.transformers_available", lambda: False)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "brand_new_lm", "torch_dtype": "bfloat16"}))
     data = _write_safetensors(tmp_path / "model.safetensors", {"w": ("BF16", [1000, 1000])})
     spec = spec_from_path(tmp_path)
@@ -156,7 +156,7 @@ def test_cli_plan_reports_the_files_tensor_bytes(tmp_path: Path, capsys: pytest.
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.cli import main
+    from gpufleet.workers.cli import main
 
     config = LlamaConfig(
         hidden_size=256,

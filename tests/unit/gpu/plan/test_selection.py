@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from gpu.errors import ConfigError, ModelSpecError, PlanningError
-from gpu.plan.catalog import CATALOG, GpuType, all_types, get_gpu_type
-from gpu.plan.estimate import estimate_memory
-from gpu.plan.report import render_placement
-from gpu.plan.selection import (
+from gpufleet.gpu.errors import ConfigError, ModelSpecError, PlanningError
+from gpufleet.gpu.plan.catalog import CATALOG, GpuType, all_types, get_gpu_type
+from gpufleet.gpu.plan.estimate import estimate_memory
+from gpufleet.gpu.plan.report import render_placement
+from gpufleet.gpu.plan.selection import (
     GPU_COUNTS,
     MAX_MEMORY_UTILIZATION,
     Placement,
@@ -24,7 +24,7 @@ from gpu.plan.selection import (
     get_gpu_placement,
     plan,
 )
-from gpu.plan.specs import ModelSpec, load_spec, spec_from_config
+from gpufleet.gpu.plan.specs import ModelSpec, load_spec, spec_from_config
 
 Configs = dict[str, dict[str, Any]]
 
@@ -256,7 +256,7 @@ def test_cpu_is_chosen_when_no_allowed_gpu_can_run_the_model(monkeypatch: pytest
             for g in all_types(include_cpu=include_cpu)
         )
 
-    monkeypatch.setattr("gpu.plan.selection.all_types", tiny_t4)
+    monkeypatch.setattr("gpufleet.gpu.plan.selection.all_types", tiny_t4)
     placement = plan("openai-community/gpt2", allowed_types=("t4", "cpu"))
     assert placement.gpu_type == "cpu"
     assert any("no allowed GPU type can hold or run the model" in reason for reason in placement.reasons)
@@ -353,7 +353,7 @@ def test_plan_report_renders_a_table() -> None:
 
 def test_planning_from_a_config_directory(make_model_dir: Callable[..., Path], llama_config: dict[str, Any]) -> None:
     """The planning core end to end on a model directory (that it needs no torch is lint-imports' plan-pure rule)."""
-    from gpu.plan import estimate, specs
+    from gpufleet.gpu.plan import estimate, specs
 
     directory = make_model_dir(llama_config)
     assert estimate.estimate_model_bytes(specs.load_spec(directory)) == 16060522496  # Llama-3-8B in bf16

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from gpu.errors import ModelSpecError
-from gpu.plan.formulas import SUPPORTED_ARCHITECTURES
-from gpu.plan.model_names import QuantMethod
-from gpu.plan.specs import (
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.formulas import SUPPORTED_ARCHITECTURES
+from gpufleet.gpu.plan.model_names import QuantMethod
+from gpufleet.gpu.plan.specs import (
     ModelSpec,
     SpecSource,
     load_spec,
@@ -186,7 +186,7 @@ def test_unknown_quantization_method_is_noted(llama_config: dict[str, Any]) -> N
 
 def test_unknown_architecture_is_never_a_llama_shaped_guess(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sizes alone do not make a formula: without weights or transformers the planner refuses."""
-    monkeypatch.setattr("gpu.plan.general.transformers_available", lambda: False)
+    monkeypatch.setattr("gpufleet.gpu.plan.general.transformers_available", lambda: False)
     config = {"model_type": "brand_new_lm", "hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 32000}
     with pytest.raises(ModelSpecError, match=r"'brand_new_lm' has no formula.*install transformers"):
         spec_from_config(config, name="org/brand-new-7B")

@@ -5,11 +5,11 @@ the auto class the server loads it with (an auto class, like ``from_pretrained``
 text part to a text-only causal LM: Llama 4, Qwen 3.5):
 
 - an encoder family (the plan says ``is_encoder``: BERT, RoBERTa, DistilBERT ...) with ``AutoModel``, the base
-  model with its pooler, as the server loads it for embeddings (``gpu.runtime.inference.detect_kind`` →
+  model with its pooler, as the server loads it for embeddings (``gpufleet.gpu.runtime.inference.detect_kind`` →
   ``ModelKind.EMBEDDING`` → the loader's ``AutoModel``);
 - anything else with its generating head: ``AutoModelForCausalLM`` when transformers maps the type there, else
   ``AutoModelForImageTextToText``, else ``AutoModelForSeq2SeqLM``, else ``AutoModel`` (the order
-  :mod:`gpu.plan.meta_count` follows; the generating head is never smaller than the bare model).
+  :mod:`gpufleet.gpu.plan.meta_count` follows; the generating head is never smaller than the bare model).
 
 What is checked, per type (keyed by the ``model_type`` the default config writes: ``gpt-sw3`` writes ``gpt2``):
 
@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 
-from gpu.errors import ModelSpecError
-from gpu.plan.formulas import FORMULAS
-from gpu.plan.specs import ModelSpec, spec_from_config
+from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.formulas import FORMULAS
+from gpufleet.gpu.plan.specs import ModelSpec, spec_from_config
 
 _AUTO_CLASSES = (  # the auto class the server's loader uses, and the mapping that says it knows a type
     ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
@@ -95,7 +95,7 @@ def _check_formula(sweep: _Sweep, types: tuple[str, ...], config: Any) -> None:
 
 def _check_general(sweep: _Sweep, types: tuple[str, ...], config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as patched:  # the config-only path: no formula, no weights, no transformers
-        patched.setattr("gpu.plan.general.transformers_available", lambda: False)
+        patched.setattr("gpufleet.gpu.plan.general.transformers_available", lambda: False)
         try:
             guess = spec_from_config(config.to_dict())
         except ModelSpecError as exc:

@@ -6,11 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from gpu.errors import InferenceError
-from gpu.runtime.batching import EmbedJob, GenerateJob, _length_chunks, embed_batch, encode_prompt, generate_batch
-from gpu.runtime.inference import LoadedModel, embed, generate
-from gpu.runtime.loader import FastSafetensorsLoader
-from workers.tools.demo_models import DEMO_EMBEDDING_ID
+from gpufleet.gpu.errors import InferenceError
+from gpufleet.gpu.runtime.batching import (
+    EmbedJob,
+    GenerateJob,
+    _length_chunks,
+    embed_batch,
+    encode_prompt,
+    generate_batch,
+)
+from gpufleet.gpu.runtime.inference import LoadedModel, embed, generate
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.workers.tools.demo_models import DEMO_EMBEDDING_ID
 
 SENTENCES = [
     "the quick brown fox",

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from gpu.errors import CapacityError, ConfigError, ModelLoadError
-from gpu.runtime.device_map import DeviceMapLoader, device_bytes, first_device, plan_device_map, planned_bytes
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.gpu.errors import CapacityError, ConfigError, ModelLoadError
+from gpufleet.gpu.runtime.device_map import DeviceMapLoader, device_bytes, first_device, plan_device_map, planned_bytes
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
 
 # Blocks small against the model (8 decoder layers of ~0.8 MB in float32), so a split can be even.
 LAYERED = Shape(hidden=64, layers=8, heads=4, kv_heads=2, intermediate=1024, shard_size="8MiB")
@@ -152,9 +152,9 @@ def test_loading_plans_against_what_the_gpus_have_free_now(root: Path) -> None:
 
 
 def two_gpu_runtime(root: Path, tmp_path: Path, per_gpu_budget_bytes: int) -> Any:
-    from tasks.settings import load_settings
-    from workers.identity import WorkerIdentity
-    from workers.runtime import WorkerRuntime
+    from gpufleet.tasks.settings import load_settings
+    from gpufleet.workers.identity import WorkerIdentity
+    from gpufleet.workers.runtime import WorkerRuntime
 
     identity = WorkerIdentity("cpu-pair@unit", "cpu", "cpu", None, "cpu", 2**34, gpu_indices=(0, 1))
     settings = load_settings(

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.errors import ModelLoadError
-from gpu.plan.estimate import estimate_model_bytes
-from gpu.plan.specs import load_spec
-from gpu.repository import resolve_model
-from gpu.runtime.gguf_loader import gguf_model_file, is_gguf_model
-from gpu.runtime.inference import ModelKind, detect_kind, generate
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
-from workers.tools.gguf_export import make_gguf_model
-from workers.tools.tokenizer import demo_tokenizer
+from gpufleet.gpu.errors import ModelLoadError
+from gpufleet.gpu.plan.estimate import estimate_model_bytes
+from gpufleet.gpu.plan.specs import load_spec
+from gpufleet.gpu.repository import resolve_model
+from gpufleet.gpu.runtime.gguf_loader import gguf_model_file, is_gguf_model
+from gpufleet.gpu.runtime.inference import ModelKind, detect_kind, generate
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
+from gpufleet.workers.tools.gguf_export import make_gguf_model
+from gpufleet.workers.tools.tokenizer import demo_tokenizer
 
 
 @pytest.fixture(scope="module")

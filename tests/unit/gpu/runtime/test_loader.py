@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from gpu.errors import ModelLoadError
-from gpu.runtime.inference import LoadedModel, embed
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader, ProgressFn
-from gpu.runtime.safetensors_io import read_safetensors_header, safetensors_files
-from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
-from workers.tools.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID
-from workers.tools.tokenizer import save_tokenizer
+from gpufleet.gpu.errors import ModelLoadError
+from gpufleet.gpu.runtime.inference import LoadedModel, embed
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader, ProgressFn
+from gpufleet.gpu.runtime.safetensors_io import read_safetensors_header, safetensors_files
+from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
+from gpufleet.workers.tools.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID
+from gpufleet.workers.tools.tokenizer import save_tokenizer
 
 # Small chunks, so tensors are cut into several reads (and the dtype-converting path is cut too).
 SMALL_CHUNKS = {"staging_bytes": 2 * 2 * 8192, "read_threads": 2}
@@ -145,7 +145,7 @@ class RecordingLoader:
     def load(
         self, model_id: str, path: Path, *, device: str, dtype: str, progress: ProgressFn | None = None
     ) -> LoadedModel:
-        from gpu.runtime.inference import ModelKind
+        from gpufleet.gpu.runtime.inference import ModelKind
 
         self.calls.append(model_id)
         return LoadedModel(model_id, path, ModelKind.CAUSAL_LM, None, None, device, dtype, 0, self.name)

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpu.config import GpuConfig, MemoryPoolConfig
-from gpu.errors import CapacityError, ConfigError
-from gpu.runtime import device_memory
-from gpu.runtime.device_memory import (
+from gpufleet.gpu.config import GpuConfig, MemoryPoolConfig
+from gpufleet.gpu.errors import CapacityError, ConfigError
+from gpufleet.gpu.runtime import device_memory
+from gpufleet.gpu.runtime.device_memory import (
     ALLOC_CONF_ENV,
     DEFAULT_ALLOC_CONF,
     CpuMemorySource,
@@ -24,9 +24,9 @@ from gpu.runtime.device_memory import (
     configure_allocator,
     source_for_device,
 )
-from gpu.runtime.memory_pool import GPUMemoryPool
-from gpu.runtime.model_cache import ModelCache
-from gpu.units import GiB, MiB
+from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool
+from gpufleet.gpu.runtime.model_cache import ModelCache
+from gpufleet.gpu.units import GiB, MiB
 
 
 class FakeSource:
@@ -270,7 +270,7 @@ def test_configure_allocator_before_torch_in_a_fresh_process() -> None:
     result = _run(
         """
         import os, sys
-        from gpu.runtime.device_memory import configure_allocator
+        from gpufleet.gpu.runtime.device_memory import configure_allocator
         assert "torch" not in sys.modules, "gpu.runtime.memory_pool must not import torch"
         print(configure_allocator())
         print(os.environ["PYTORCH_CUDA_ALLOC_CONF"])
@@ -283,7 +283,7 @@ def test_configure_allocator_before_torch_in_a_fresh_process() -> None:
 def test_configure_allocator_respects_operator_setting() -> None:
     code = """
         import os
-        from gpu.runtime.device_memory import configure_allocator
+        from gpufleet.gpu.runtime.device_memory import configure_allocator
         print(configure_allocator("expandable_segments:True"))
         print(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "-"))
         """
@@ -299,7 +299,7 @@ def test_configure_allocator_custom_setting_after_torch_import_without_cuda() ->
     result = _run(
         """
         import torch
-        from gpu.runtime.device_memory import configure_allocator
+        from gpufleet.gpu.runtime.device_memory import configure_allocator
         print(configure_allocator("expandable_segments:True,max_split_size_mb:256"))
         """
     )

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from gpu.errors import AllPinnedError, CapacityError, ConfigError
-from gpu.runtime.model_cache import ModelCache
-from gpu.units import GiB
+from gpufleet.gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpufleet.gpu.runtime.model_cache import ModelCache
+from gpufleet.gpu.units import GiB
 
 
 class FakeClock:
@@ -443,7 +443,7 @@ def test_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import gpu.runtime.model_cache, gpu.runtime.cache_stats; print('ok')"
+        "import gpufleet.gpu.runtime.model_cache, gpufleet.gpu.runtime.cache_stats; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 
-from gpu.config import WarmupConfig
-from gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, InferenceError, ModelLoadError
-from gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
-from gpu.runtime.loader import FastSafetensorsLoader
-from gpu.runtime.oom import inject_forward_error, inject_oom_on_forward, is_oom
-from gpu.runtime.warmup import GPUWarmupManager
-from workers.tools.demo_models import DEMO_EMBEDDING_ID
+from gpufleet.gpu.config import WarmupConfig
+from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, InferenceError, ModelLoadError
+from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.gpu.runtime.oom import inject_forward_error, inject_oom_on_forward, is_oom
+from gpufleet.gpu.runtime.warmup import GPUWarmupManager
+from gpufleet.workers.tools.demo_models import DEMO_EMBEDDING_ID
 
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB"
 

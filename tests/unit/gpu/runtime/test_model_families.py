@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gpu.errors import InferenceError
-from gpu.runtime.inference import ModelKind, embed, generate
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from workers.tools.checkpoints import make_checkpoint
+from gpufleet.gpu.errors import InferenceError
+from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.workers.tools.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="module")

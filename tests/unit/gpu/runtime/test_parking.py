@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.errors import ConfigError
-from gpu.runtime.inference import LoadedModel
-from gpu.runtime.loader import FastSafetensorsLoader
-from gpu.runtime.parking import ParkedStore
-from workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.gpu.runtime.parking import ParkedStore
+from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
 
 
 @pytest.fixture(scope="module")

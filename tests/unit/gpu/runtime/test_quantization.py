@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from gpu.errors import ModelLoadError, UnsupportedQuantizationError
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from gpu.runtime.quantization import QUANT_REQUIREMENTS, check_quantized, quant_method
+from gpufleet.gpu.errors import ModelLoadError, UnsupportedQuantizationError
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.quantization import QUANT_REQUIREMENTS, check_quantized, quant_method
 
 QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128},

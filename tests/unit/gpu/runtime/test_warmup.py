@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from gpu.config import WarmupConfig, WarmupOp, WarmupSize
-from gpu.errors import ConfigError, InferenceError
-from gpu.runtime.inference import LoadedModel, ModelKind
-from gpu.runtime.loader import PretrainedLoader
-from gpu.runtime.warmup import GPUWarmupManager, WarmupReport
-from workers.tools.checkpoints import make_checkpoint
+from gpufleet.gpu.config import WarmupConfig, WarmupOp, WarmupSize
+from gpufleet.gpu.errors import ConfigError, InferenceError
+from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind
+from gpufleet.gpu.runtime.loader import PretrainedLoader
+from gpufleet.gpu.runtime.warmup import GPUWarmupManager, WarmupReport
+from gpufleet.workers.tools.checkpoints import make_checkpoint
 
 
 def test_cpu_warm_up_runs_every_op_for_every_dtype() -> None:
@@ -121,7 +121,7 @@ def test_imports_without_torch() -> None:
 
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import gpu.runtime.warmup, gpu.runtime.memory_pool; print('ok')"
+        "import gpufleet.gpu.runtime.warmup, gpufleet.gpu.runtime.memory_pool; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tasks.fleet import FleetSnapshot, HeldModel, RunningJob, WorkerRecord
+from gpufleet.tasks.fleet import FleetSnapshot, HeldModel, RunningJob, WorkerRecord
 
 NOW = 1_800_000_000.0
 GIB = 2**30

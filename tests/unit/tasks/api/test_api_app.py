@@ -9,14 +9,14 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
-from tasks.api import views
-from tasks.api.app import app_from_settings, create_app, dashboard_html
-from tasks.errors import BrokerUnavailableError, SettingsError
-from tasks.fleet import FleetRegistry, FleetSnapshot, HeldModel
-from tasks.settings import load_settings
+from gpufleet.tasks.api import views
+from gpufleet.tasks.api.app import app_from_settings, create_app, dashboard_html
+from gpufleet.tasks.errors import BrokerUnavailableError, SettingsError
+from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot, HeldModel
+from gpufleet.tasks.settings import load_settings
+from gpufleet.workers.cli import build_parser
+from gpufleet.workers.local_redis import LocalRedis, free_port
 from tests.unit.tasks.api.conftest import make_record
-from workers.cli import build_parser
-from workers.local_redis import LocalRedis, free_port
 
 TOKEN = "t0ken-for-tests"
 DATA_PATHS = ("/gpu/status", "/models/status", "/cache/status", "/workers", "/metrics")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tasks.api.metrics import render_metrics
-from tasks.fleet import FleetSnapshot, HeldModel
+from gpufleet.tasks.api.metrics import render_metrics
+from gpufleet.tasks.fleet import FleetSnapshot, HeldModel
 from tests.unit.tasks.api.conftest import GIB, NOW, RecordFactory
 
 H100 = {"worker": "h100-0@host-a", "gpu_type": "h100"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.api import views
-from tasks.fleet import FleetSnapshot, HeldModel
+from gpufleet.tasks.api import views
+from gpufleet.tasks.fleet import FleetSnapshot, HeldModel
 from tests.unit.tasks.api.conftest import GIB, NOW, RecordFactory
 
 LIVE = {"h100-0@host-a", "cpu-0@host-b"}

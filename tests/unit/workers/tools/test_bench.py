@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from workers.tools.bench import main, run_bench
-from workers.tools.bench_report import TARGET_FAST_VS_PRETRAINED, ratios, render_markdown
-from workers.tools.checkpoints import SHAPES
+from gpufleet.workers.tools.bench import main, run_bench
+from gpufleet.workers.tools.bench_report import TARGET_FAST_VS_PRETRAINED, ratios, render_markdown
+from gpufleet.workers.tools.checkpoints import SHAPES
 
 
 def test_help_prints_usage_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.errors import ConfigError
-from gpu.runtime.inference import generate
-from gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from workers.tools.checkpoints import (
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.runtime.inference import generate
+from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.workers.tools.checkpoints import (
     ARCHITECTURES,
     ENCODERS,
     Shape,
@@ -20,8 +20,8 @@ from workers.tools.checkpoints import (
     sample_inputs,
     write_checkpoint,
 )
-from workers.tools.families import MULTIMODAL
-from workers.tools.tokenizer import demo_tokenizer
+from gpufleet.workers.tools.families import MULTIMODAL
+from gpufleet.workers.tools.tokenizer import demo_tokenizer
 
 CAUSAL = [arch for arch in ARCHITECTURES if arch not in ENCODERS | MULTIMODAL]
 

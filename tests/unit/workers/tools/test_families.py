@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gpu.errors import ConfigError
-from workers.tools.checkpoints import make_checkpoint
-from workers.tools.gguf_export import make_gguf_model, write_gguf
-from workers.tools.tokenizer import UNIGRAM_SPECIAL_TOKENS, unigram_tokenizer
+from gpufleet.gpu.errors import ConfigError
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.gguf_export import make_gguf_model, write_gguf
+from gpufleet.workers.tools.tokenizer import UNIGRAM_SPECIAL_TOKENS, unigram_tokenizer
 
 
 def test_unigram_tokenizer_has_the_xlm_roberta_layout() -> None:

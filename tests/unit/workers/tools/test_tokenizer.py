@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workers.tools.tokenizer import demo_tokenizer, save_tokenizer
+from gpufleet.workers.tools.tokenizer import demo_tokenizer, save_tokenizer
 
 
 def test_tokenizer_special_tokens_and_chat_template() -> None:
@@ -35,7 +35,7 @@ def test_tokenizer_special_tokens_and_chat_template() -> None:
 def test_tokenizer_training_is_deterministic() -> None:
     code = (
         "import hashlib\n"
-        "from workers.tools.tokenizer import _trained_tokenizer_json\n"
+        "from gpufleet.workers.tools.tokenizer import _trained_tokenizer_json\n"
         "print(hashlib.sha256(_trained_tokenizer_json().encode()).hexdigest())\n"
     )
     digests = {
