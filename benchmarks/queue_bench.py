@@ -36,11 +36,11 @@ from celery.result import AsyncResult
 
 from benchmarks.overhead_bench import machine, measure
 from gpufleet.tasks.client import FleetClient
-from gpufleet.workers.demo import CHAT_MODEL, EMBED_MODEL
-from gpufleet.workers.launch import spawn_worker, stop_process, tail, wait_until_ready
-from gpufleet.workers.local_redis import LocalRedis
 from gpufleet.workers.tools import bench_fleet
 from gpufleet.workers.tools.bench import machine_name
+from gpufleet.workers.tools.demo import CHAT_MODEL, EMBED_MODEL
+from gpufleet.workers.tools.launch import spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.tools.local_redis import LocalRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

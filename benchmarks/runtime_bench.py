@@ -138,6 +138,7 @@ def child_first_forward(spec: dict[str, Any]) -> dict[str, Any]:
     configure_allocator()
     from gpufleet.gpu.config import WarmupConfig, WarmupSize
     from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+    from gpufleet.gpu.runtime.options import GenerateOptions
     from gpufleet.gpu.runtime.warmup import GPUWarmupManager
 
     device, dtype, mode = spec["device"], spec["dtype"], spec["mode"]
@@ -159,7 +160,10 @@ def child_first_forward(spec: dict[str, Any]) -> dict[str, Any]:
         if loaded.kind is ModelKind.EMBEDDING:
             embed(loaded, ["the first real request of the day", "arrives with a second sentence"])
         else:
-            generate(loaded, prompt="The first real request of the day is", max_new_tokens=spec["new_tokens"])
+            generate(
+                loaded,
+                GenerateOptions(prompt="The first real request of the day is", max_new_tokens=spec["new_tokens"]),
+            )
         synchronize(device)
         return time.perf_counter() - t0
 
@@ -206,6 +210,7 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
     from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
     from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool
     from gpufleet.gpu.runtime.model_cache import ModelCache
+    from gpufleet.gpu.runtime.options import GenerateOptions
 
     device, dtype = spec["device"], spec["dtype"]
     models: dict[str, str] = spec["models"]
@@ -251,7 +256,7 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
             if loaded.kind is ModelKind.EMBEDDING:
                 embed(loaded, ["cycle request", "with two sentences"])
             else:
-                generate(loaded, prompt="cycle request", max_new_tokens=4)
+                generate(loaded, GenerateOptions(prompt="cycle request", max_new_tokens=4))
         except (CapacityError, torch.OutOfMemoryError) as exc:
             errors.append(f"cycle {cycle} {model_id}: {type(exc).__name__}: {exc}")
         synchronize(device)

@@ -10,8 +10,8 @@ jobs (batched by the workers) with a ``fleet.generate`` every ``--generate-every
 :class:`gpufleet.tasks.client.FleetClient` (live routing on), keeping at most ``--window`` unanswered. Along the way:
 
 - at 30 % answered it kill -9s the whole of one worker (parent and pool child), notes which jobs that worker held
-  (its held sets, :mod:`gpufleet.workers.held_transport`), times how long until all of them are answered (by the other
-  worker: the recovery time), and starts it again as a supervisor would;
+  (its held sets, :mod:`gpufleet.workers.parent.held_transport`), times how long until all of them are answered (by the
+  other worker: the recovery time), and starts it again as a supervisor would;
 - at 60 % answered it restarts Redis (the append-only file keeps what was queued and held) and goes on.
 
 Results are read straight from the result backend (MGET of the result keys) and every final store is counted from
@@ -39,10 +39,10 @@ from overhead_bench import RESULTS, machine  # a sibling module: this file runs 
 
 from gpufleet.tasks.client import FleetClient
 from gpufleet.tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY
-from gpufleet.workers.demo import CHAT_MODEL, EMBED_MODEL
-from gpufleet.workers.launch import spawn_worker, stop_process, wait_until_ready
-from gpufleet.workers.local_redis import LocalRedis
 from gpufleet.workers.tools import bench_fleet
+from gpufleet.workers.tools.demo import CHAT_MODEL, EMBED_MODEL
+from gpufleet.workers.tools.launch import spawn_worker, stop_process, wait_until_ready
+from gpufleet.workers.tools.local_redis import LocalRedis
 
 WORKERS = ("soak-a@bench", "soak-b@bench")
 RESULT_PREFIX = "celery-task-meta-"

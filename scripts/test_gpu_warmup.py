@@ -112,6 +112,7 @@ def check_model(device: str, model_dir: Path | None) -> None:
     """Load through pool + cache with the reference loader, warm the model up, then time five requests."""
     from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
     from gpufleet.gpu.runtime.loader import PretrainedLoader
+    from gpufleet.gpu.runtime.options import GenerateOptions
 
     with tempfile.TemporaryDirectory(prefix="gpufleet-check-") as scratch:
         path = model_dir if model_dir is not None else build_tiny_llama(Path(scratch))
@@ -134,7 +135,7 @@ def check_model(device: str, model_dir: Path | None) -> None:
         if loaded.kind is ModelKind.EMBEDDING:
             request = lambda: embed(loaded, ["a first request", "and a second sentence"])  # noqa: E731
         else:
-            request = lambda: generate(loaded, prompt="The first real request", max_new_tokens=8)  # noqa: E731
+            request = lambda: generate(loaded, GenerateOptions(prompt="The first real request", max_new_tokens=8))  # noqa: E731
         times = []
         for _ in range(5):
             started = time.perf_counter()

@@ -26,11 +26,10 @@ from gpufleet.tasks.contracts import (
 )
 from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
 from gpufleet.tasks.live_routing import RouteDecision
-from gpufleet.tasks.names import TaskName
+from gpufleet.tasks.names import ENQUEUED_AT_HEADER, TaskName
 from gpufleet.tasks.routing import LiveRouter, app_router
 from gpufleet.tasks.settings import Settings, get_settings, redact_url
 
-ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 ROUTE_ATTRIBUTE = "fleet_route"
 
 
@@ -121,12 +120,14 @@ class FleetClient:
         """Enqueue ``fleet.unload_model``."""
         return self.submit(TaskName.UNLOAD_MODEL, queue=queue, model=model)
 
-    def status(self, command: str, *, timeout_s: float = 2.0) -> dict[str, Any]:
-        """Broadcast a status command (``gpu_status``, ``models_status``, ``cache_status``) to every worker.
+    def status(self, command: str, *, timeout_s: float = 2.0, limit: int | None = None) -> dict[str, Any]:
+        """Broadcast a status command (``worker_status``: the next three at once; ``gpu_status``, ``models_status``,
+        ``cache_status``) to every worker.
 
         Args:
             command: the control command's name.
             timeout_s: how long to collect replies.
+            limit: stop collecting after this many replies (the live workers' count): no wait for the timeout.
 
         Returns:
             The replies merged: worker name -> that worker's answer (empty when no worker answered).
@@ -136,7 +137,7 @@ class FleetClient:
             BrokerAuthenticationError: the broker refused the password in its URL.
         """
         try:
-            replies = self.app.control.broadcast(command, reply=True, timeout=timeout_s)
+            replies = self.app.control.broadcast(command, reply=True, timeout=timeout_s, limit=limit)
         except OperationalError as exc:
             raise self._unreachable(f"could not ask the workers for {command}", exc, backend=False) from exc
         merged: dict[str, Any] = {}

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from gpufleet.gpu.errors import UnsafeModelIdError
+from gpufleet.gpu.outcomes import FinishReason
 from gpufleet.gpu.repository import validate_model_id
 from gpufleet.tasks.errors import InvalidRequestError
 
@@ -154,11 +155,15 @@ class GenerateResult(_Result):
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
+
+
+LoadAction = Literal["loaded", "already-loaded", "restored"]
+"""What a load did: read the model from disk, found it resident, or copied it back from the parked tier."""
 
 
 class LoadModelResult(_Result):
-    action: Literal["loaded", "already-loaded", "restored"]
+    action: LoadAction
     bytes: int
     seconds: float
     pinned: bool

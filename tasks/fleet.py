@@ -24,8 +24,8 @@ The queues hash outlives a dead worker's record on purpose: whoever claims the d
 departed set lets live workers keep moving jobs that kombu gives back to a departed worker's direct queue.
 
 The held sets live in the broker's Redis (under kombu's ``global_keyprefix``), written by the worker's broker
-channel in the same transaction as kombu's own ``unacked`` entry; :mod:`gpufleet.workers.recovery` restores a dead
-holder's deliveries at once instead of after the transport's visibility timeout.
+channel in the same transaction as kombu's own ``unacked`` entry; :mod:`gpufleet.workers.parent.recovery` restores a
+dead holder's deliveries at once instead of after the transport's visibility timeout.
 """
 
 from __future__ import annotations

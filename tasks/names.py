@@ -18,6 +18,9 @@ class TaskName(str, Enum):
     NOOP = "fleet.diag.noop"
 
 
+ENQUEUED_AT_HEADER = "fleet_enqueued_at"
+"""Message header: when the producer sent the job (seconds since the epoch); the worker reports the queue wait."""
+
 CPU_QUEUE = "cpu"
 QUEUE_PREFIX = "gpu."
 

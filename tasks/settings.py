@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     # Test hooks: fault injection (GPUFLEET_FAULTS) and the fleet.diag.* tasks. Off in production: a fault can
     # kill a worker and a diag task holds one for as long as it is told.
     diagnostics: bool = False
+    # Fault injection for tests of failure paths (GPUFLEET_FAULTS; the forms are in workers/child/faults.py).
+    # Refused unless diagnostics are on, so a stray variable never kills a production worker.
+    faults: str = ""
     gpu: GpuConfig = GpuConfig()
     jobs: JobLimits = JobLimits()
     broker: BrokerOptions = BrokerOptions()
@@ -255,6 +258,15 @@ class Settings(BaseSettings):
         if "://" not in value:
             raise ValueError(f"{value!r} is not a URL: use e.g. redis://:password@127.0.0.1:6379/0")
         return value
+
+    @model_validator(mode="after")
+    def _faults_need_diagnostics(self) -> Settings:
+        if self.faults.strip() and not self.diagnostics:
+            raise ValueError(
+                "GPUFLEET_FAULTS is set but diagnostics are off: fault injection is for tests only. Unset "
+                "GPUFLEET_FAULTS, or set GPUFLEET_DIAGNOSTICS=true on a test worker"
+            )
+        return self
 
     @model_validator(mode="after")
     def _visibility_covers_limits(self) -> Settings:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.tasks.settings import get_settings
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.local_redis import LocalRedis
 
 # No hub at run time: anything that tries the network fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -182,37 +182,59 @@ def cmd_status(args: argparse.Namespace) -> int:
         for worker in live:
             print(describe(worker, now=fleet.read_at))
         return 0
+    return _status_control(args)
+
+
+def _status_control(args: argparse.Namespace) -> int:
+    """``gpufleet status --control``: every worker's own answer, one broadcast, read through the typed replies."""
+    from gpufleet.gpu.units import fmt_bytes
+    from gpufleet.workers.common.snapshot import WorkerStatusReply
+
     client = _client()
-    report = {
-        command: client.status(command, timeout_s=args.timeout)
-        for command in ("gpu_status", "models_status", "cache_status")
+    replies = {
+        name: WorkerStatusReply.model_validate(reply)
+        for name, reply in client.status("worker_status", timeout_s=args.timeout, limit=_live_count()).items()
     }
     if args.json:
-        _print_json(report)
+        _print_json(
+            {
+                section: {name: getattr(reply, key).model_dump(mode="json") for name, reply in replies.items()}
+                for section, key in (("gpu_status", "gpu"), ("models_status", "models"), ("cache_status", "cache"))
+            }
+        )
         return 0
-    workers = report["gpu_status"]
-    if not workers:
+    if not replies:
         print("no workers answered (are they running, and on this broker?)")
         return EXIT_FAILED
-    for name, gpu in sorted(workers.items()):
-        models = report["models_status"].get(name, {}).get("loaded", [])
-        cache = (report["cache_status"].get(name, {}) or {}).get("stats", {})
+    for name, reply in sorted(replies.items()):
+        gpu = reply.gpu
+        print(f"{name}: {'ready' if gpu.ready else 'NOT READY'}  {gpu.device}  dtype={gpu.dtype}  jobs={gpu.jobs_done}")
+        print(f"  queues: {', '.join(gpu.queues)}")
+        for model in reply.models.loaded:
+            print(f"  model {model.model}: {fmt_bytes(model.bytes)}{' (pinned)' if model.pinned else ''}")
+        parked = reply.cache.parked.entries if reply.cache.parked is not None else []
+        for entry in parked:
+            print(f"  parked {entry.model}: {fmt_bytes(entry.bytes)} (host memory)")
+        stats = reply.cache.stats
         print(
-            f"{name}: {'ready' if gpu.get('ready') else 'NOT READY'}  {gpu.get('device')}  "
-            f"dtype={gpu.get('dtype')}  jobs={gpu.get('jobs_done')}"
+            f"  cache: hits={stats.hits} misses={stats.misses} evictions={stats.evictions} "
+            f"hit_ratio={stats.hit_ratio:.2f} (per job)"
         )
-        print(f"  queues: {', '.join(gpu.get('queues', []))}")
-        for model in models:
-            print(
-                f"  model {model.get('key')}: {model.get('size_bytes', 0) / 2**20:.1f} MiB"
-                f"{' (pinned)' if model.get('pinned') else ''}"
-            )
-        if cache:
-            print(
-                f"  cache: hits={cache.get('hits')} misses={cache.get('misses')} "
-                f"evictions={cache.get('evictions')} hit_ratio={cache.get('hit_ratio')}"
-            )
     return 0
+
+
+def _live_count() -> int | None:
+    """How many workers the registry says are live (replies to wait for), or None when it cannot say."""
+    from gpufleet.tasks.fleet import FleetRegistry, registry_url
+    from gpufleet.tasks.settings import get_settings
+
+    url = registry_url(get_settings())
+    if url is None:
+        return None
+    try:
+        return len(FleetRegistry(url, cache_s=0, connect_timeout_s=1.0).snapshot().live()) or None
+    except Exception:  # the broadcast still works without it: it then waits its whole timeout
+        return None
 
 
 def _plan_live(model: str, settings: Any, *, as_json: bool) -> int:
@@ -326,7 +348,7 @@ def cmd_bench(bench_args: Sequence[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gpufleet.workers.demo import run_demo
+    from gpufleet.workers.tools.demo import run_demo
 
     return run_demo(workdir=Path(args.workdir), gpu=args.gpu, keep=args.keep)
 

@@ -18,8 +18,8 @@ from gpufleet.gpu.repository import default_hf_cache, resolve_model
 from gpufleet.tasks.app import create_app
 from gpufleet.tasks.names import boot_queue
 from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.workers.common.identity import WorkerIdentity, bind_gpus, cpu_identity, gpus_identity, parse_gpu_list
 from gpufleet.workers.errors import WorkerStartError
-from gpufleet.workers.identity import WorkerIdentity, bind_gpus, cpu_identity, gpus_identity, parse_gpu_list
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,12 @@ def run_worker(
     identity = build_identity(gpu=gpu, cpu=cpu, name=name, gpus=gpus)
     check_priority_models(settings)
 
-    from gpufleet.workers import control, heartbeat, held_transport, process, state
-    from gpufleet.workers.consumer import CONSUMER_PATH
-    from gpufleet.workers.faults import Faults
-    from gpufleet.workers.jobs import register_tasks
+    from gpufleet.workers.child import process
+    from gpufleet.workers.child.faults import Faults
+    from gpufleet.workers.child.jobs import register_tasks
+    from gpufleet.workers.common.context import configure
+    from gpufleet.workers.parent import control, heartbeat, held_transport
+    from gpufleet.workers.parent.consumer import CONSUMER_PATH
 
     del control  # imported for its @inspect_command registrations
     Faults.from_settings(settings)  # refuse GPUFLEET_FAULTS without diagnostics here, not in a looping child
@@ -114,7 +116,7 @@ def run_worker(
     held_transport.install(app, identity.name, settings)  # before it connects: records what it holds (Redis)
     app.conf.worker_consumer = CONSUMER_PATH  # a message the worker cannot run still gets a contract error
     register_tasks(app, settings)
-    state.configure(app, identity, settings)
+    configure(app, identity, settings)
     signals.worker_process_init.connect(process.on_process_init, weak=False)
     signals.worker_process_shutdown.connect(process.on_process_shutdown, weak=False)
     # The parent heartbeats to the fleet registry (never the child: it may be busy or replaced).

@@ -1,6 +1,6 @@
 """Batched inference: several jobs' texts in one embedding forward, several prompts in one generation.
 
-The worker's batcher (``gpufleet.workers.batching``) gathers queued jobs for one model; these functions run them
+The worker's batcher (``gpufleet.workers.parent.batching``) gathers queued jobs for one model; these functions run them
 together and hand each job back its own answer. A job's answer does not depend on what it was batched with: embeddings
 equal the job run alone within float tolerance, greedy generations are token-identical, and a sampled
 generation with a seed draws from its own generator, so the same seed gives the same text in any batch.
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.gpu.errors import InferenceError
+from gpufleet.gpu.outcomes import FinishReason
 from gpufleet.gpu.runtime.inference import Generation, LoadedModel, ModelKind, Pooling
+from gpufleet.gpu.runtime.options import GenerateOptions
 
 if TYPE_CHECKING:
     import torch
@@ -118,26 +120,14 @@ def pool_states(states: torch.Tensor, attention_mask: torch.Tensor, pooling: Poo
 
 
 @dataclass(frozen=True)
-class GenerateJob:
-    """One job's share of a generation batch."""
-
-    prompt: str | None = None
-    messages: Sequence[dict[str, str]] | None = None
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class EncodedPrompt:
     """A job's prompt as token ids, checked against the model's context (see :func:`encode_prompt`)."""
 
-    job: GenerateJob
+    job: GenerateOptions
     input_ids: list[int]
 
 
-def encode_prompt(loaded: LoadedModel, job: GenerateJob) -> EncodedPrompt:
+def encode_prompt(loaded: LoadedModel, job: GenerateOptions) -> EncodedPrompt:
     """Tokenize one job's prompt or chat messages and check it fits the model's context.
 
     Done per job before batching, so a job with a bad prompt fails alone and never enters a batch.
@@ -231,7 +221,7 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[EncodedPrompt]) -> lis
     return results
 
 
-def _trim(tokens: list[int], eos_set: set[int], max_new_tokens: int) -> tuple[list[int], str]:
+def _trim(tokens: list[int], eos_set: set[int], max_new_tokens: int) -> tuple[list[int], FinishReason]:
     """A row's own tokens: up to and including its first end-of-sequence token (padding follows it)."""
     for position, token in enumerate(tokens):
         if token in eos_set:
@@ -245,7 +235,7 @@ class _RowSampler:
     The sampled token gets the only finite score, so transformers' greedy step picks it; greedy rows pass through.
     """
 
-    def __init__(self, jobs: Sequence[GenerateJob], device: str) -> None:
+    def __init__(self, jobs: Sequence[GenerateOptions], device: str) -> None:
         import torch
 
         self.rows: list[tuple[int, float, float, torch.Generator]] = []
@@ -278,7 +268,7 @@ class _RowSampler:
 class _RowLimits:
     """A stopping criterion: each row is done at its own ``max_new_tokens`` (transformers stops a row per flag)."""
 
-    def __init__(self, jobs: Sequence[GenerateJob], prompt_width: int) -> None:
+    def __init__(self, jobs: Sequence[GenerateOptions], prompt_width: int) -> None:
         self.limits = [job.max_new_tokens for job in jobs]
         self.prompt_width = prompt_width
 

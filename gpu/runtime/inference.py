@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
+from gpufleet.gpu.outcomes import FinishReason
+from gpufleet.gpu.runtime.options import GenerateOptions
 
 if TYPE_CHECKING:
     import torch
@@ -129,29 +131,18 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
+    finish_reason: FinishReason
 
 
-def generate(
-    loaded: LoadedModel,
-    *,
-    prompt: str | None = None,
-    messages: list[dict[str, str]] | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> Generation:
-    """Generate text from a prompt or chat messages.
+def generate(loaded: LoadedModel, options: GenerateOptions) -> Generation:
+    """Generate text from a prompt or chat messages with transformers' own ``generate``, one job alone.
+
+    The reference the batched and continuous paths are checked against. A ``seed`` seeds torch's global generator
+    for the call (its state is restored afterwards); ``stop`` strings are not applied here.
 
     Args:
         loaded: a causal LM.
-        prompt: the text to continue (used when ``messages`` is None).
-        messages: chat messages (``role``, ``content``), rendered with the model's chat template.
-        max_new_tokens: at most this many tokens are generated.
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus sampling mass (with ``temperature`` > 0).
-        seed: seeds the sampling; the global RNG state is restored afterwards.
+        options: the prompt or chat messages (rendered with the model's chat template) and the sampling settings.
 
     Returns:
         The generated text and its token accounting.
@@ -164,23 +155,23 @@ def generate(
     import torch
 
     from gpufleet.gpu.runtime.batching import GENERATE_ADVICE as advice
-    from gpufleet.gpu.runtime.batching import GenerateJob, encode_prompt
+    from gpufleet.gpu.runtime.batching import encode_prompt
     from gpufleet.gpu.runtime.oom import translate_model_errors
 
     # The same tokenizing and checks (kind, chat template, context) as a batch's prompts.
-    job = GenerateJob(prompt=prompt, messages=messages, max_new_tokens=max_new_tokens)
-    encoded = encode_prompt(loaded, job)
+    encoded = encode_prompt(loaded, options)
+    max_new_tokens, temperature, top_p, seed = options.max_new_tokens, options.temperature, options.top_p, options.seed
     tokenizer = loaded.tokenizer
     input_ids = torch.tensor([encoded.input_ids], device=loaded.device)
     attention_mask = torch.ones_like(input_ids)
     prompt_tokens = len(encoded.input_ids)
     sampling = temperature > 0
-    options: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens}
+    generate_kwargs: dict[str, Any] = {"do_sample": sampling, "max_new_tokens": max_new_tokens}
     if sampling:
-        options.update(temperature=float(temperature), top_p=float(top_p))
+        generate_kwargs.update(temperature=float(temperature), top_p=float(top_p))
     else:
         # Greedy: clear sampling knobs a checkpoint's generation_config may carry, so transformers does not warn.
-        options.update(temperature=None, top_p=None, top_k=None)
+        generate_kwargs.update(temperature=None, top_p=None, top_k=None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator_state = None
     if seed is not None:
@@ -192,7 +183,7 @@ def generate(
             torch.inference_mode(),
         ):
             output = loaded.module.generate(
-                input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id, **options
+                input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id, **generate_kwargs
             )
             new_tokens = output[0, prompt_tokens:].cpu()
     finally:
@@ -202,7 +193,7 @@ def generate(
     eos_ids = loaded.module.generation_config.eos_token_id
     eos_set = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
     stopped = completion_tokens > 0 and int(new_tokens[-1]) in eos_set
-    finish = "stop" if stopped or completion_tokens < max_new_tokens else "length"
+    finish: FinishReason = "stop" if stopped or completion_tokens < max_new_tokens else "length"
     with translate_model_errors(loaded.model_id, "decoding the generated tokens", advice):
         text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     return Generation(

@@ -135,13 +135,16 @@ class ModelCache(Generic[V]):
 
     # --------------------------------------------------------------------------------------------- reads
 
-    def get(self, key: str) -> V | None:
-        """The cached value for ``key``, marking it most recently used and counting a hit or a miss.
+    def get(self, key: str, *, jobs: int = 1) -> V | None:
+        """The cached value for ``key``, marking it most recently used and counting ``jobs`` hits or misses.
 
-        An expired entry is evicted (reason ``"expired"``) and counts as a miss.
+        Hits and misses count the jobs served, not lookups: a batch of 32 jobs on a resident model is 32 hits, a
+        job that waits for its model to load is a miss. An expired entry is evicted (reason ``"expired"``) and
+        counts as a miss.
 
         Args:
             key: the model id.
+            jobs: how many jobs this lookup serves (a batch's size; 0 counts nothing).
 
         Returns:
             The value, or None on a miss.
@@ -154,11 +157,11 @@ class ModelCache(Generic[V]):
                 self._remove(key, "expired")
                 entry = None
             if entry is None:
-                usage.misses += 1
+                usage.misses += jobs
                 return None
-            entry.hits += 1
+            entry.hits += jobs
             entry.last_used = now
-            usage.hits += 1
+            usage.hits += jobs
             usage.last_used = now
             self._entries.move_to_end(key)
             return entry.value

@@ -231,6 +231,7 @@ class GPUWarmupManager:
 
         from gpufleet.gpu.runtime.inference import embed, generate
         from gpufleet.gpu.runtime.oom import translate_model_errors
+        from gpufleet.gpu.runtime.options import GenerateOptions
 
         device = torch.device(loaded.device)
         # embed and generate translate their own failures; this also covers the synchronisations, where an
@@ -245,7 +246,7 @@ class GPUWarmupManager:
             if loaded.kind is ModelKind.EMBEDDING:
                 embed(loaded, list(_WARM_SENTENCES))
             else:
-                generate(loaded, prompt=_WARM_PROMPT, max_new_tokens=2)
+                generate(loaded, GenerateOptions(prompt=_WARM_PROMPT, max_new_tokens=2))
             _synchronize(device)
         warm_s = time.perf_counter() - started
         loaded.extra["warm_s"] = warm_s

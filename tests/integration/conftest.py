@@ -13,8 +13,8 @@ import pytest
 
 from gpufleet.tasks.client import FleetClient
 from gpufleet.tasks.settings import Settings, load_settings
-from gpufleet.workers.launch import spawn_worker, stop_process, wait_until_ready
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.launch import spawn_worker, stop_process, wait_until_ready
+from gpufleet.workers.tools.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
 # Broker on an even database from 100 up, results on the next one; tests that use a database of their own pick one

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpufleet.workers.launch import gpufleet_command, spawn_worker, stop_process, tail, wait_until_ready
-from gpufleet.workers.local_redis import free_port
+from gpufleet.workers.tools.launch import gpufleet_command, spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.tools.local_redis import free_port
 from tests.integration.conftest import RunningWorker, WorkerFactory
 
 pytestmark = pytest.mark.integration

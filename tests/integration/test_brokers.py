@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.local_redis import LocalRedis
 from tests.integration.conftest import WorkerFactory
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import redis
 
 from gpufleet.tasks.fleet import FleetRegistry, WorkerRecord, registry_url
 from gpufleet.workers.cli import main
-from gpufleet.workers.launch import stop_process
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.launch import stop_process
+from gpufleet.workers.tools.local_redis import LocalRedis
 from tests.integration.conftest import RunningWorker, WorkerFactory
 from tests.integration.test_brokers import rabbitmq_up
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from gpufleet.workers.launch import stop_process, tail
-from gpufleet.workers.local_redis import free_port
+from gpufleet.workers.tools.launch import stop_process, tail
+from gpufleet.workers.tools.local_redis import free_port
 from tests.integration.conftest import RunningWorker
 
 pytestmark = pytest.mark.integration

@@ -123,7 +123,7 @@ def test_load_unload_and_status(worker: RunningWorker) -> None:
     assert loaded["action"] in ("loaded", "already-loaded") and loaded["pinned"] is True
     assert loaded["bytes"] > 0
     models = worker.client.status("models_status")[worker.name]
-    entries = {entry["key"]: entry for entry in models["loaded"]}
+    entries = {entry["model"]: entry for entry in models["loaded"]}
     assert entries[CHAT]["pinned"] is True
     gpu = worker.client.status("gpu_status")[worker.name]
     assert gpu["ready"] is True and gpu["warm"] is True
@@ -140,7 +140,7 @@ def test_status_cli(worker: RunningWorker) -> None:
     import json
     import os
 
-    from gpufleet.workers.launch import gpufleet_command
+    from gpufleet.workers.tools.launch import gpufleet_command
 
     def status(*flags: str) -> object:
         done = subprocess.run(

@@ -17,8 +17,8 @@ from gpufleet.tasks.client import FleetClient, route_of
 from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot
 from gpufleet.tasks.names import worker_queue
 from gpufleet.tasks.settings import Settings, load_settings
-from gpufleet.workers.launch import gpufleet_command, spawn_worker, stop_process, tail, wait_until_ready
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.launch import gpufleet_command, spawn_worker, stop_process, tail, wait_until_ready
+from gpufleet.workers.tools.local_redis import LocalRedis
 
 pytestmark = pytest.mark.integration
 

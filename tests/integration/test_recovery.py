@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from gpufleet.tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY
-from gpufleet.workers.job_accounting import DELIVERIES_KEY
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.child.job_accounting import DELIVERIES_KEY
+from gpufleet.workers.tools.local_redis import LocalRedis
 from tests.integration.conftest import RunningWorker, WorkerFactory
 from tests.integration.test_brokers import rabbitmq_up
 from tests.integration.test_fleet_registry import embed_on, record_where, registry_of, wait_for

@@ -14,8 +14,8 @@ import redis as redis_client
 from gpufleet.tasks.client import FleetClient
 from gpufleet.tasks.errors import BrokerUnavailableError
 from gpufleet.tasks.settings import load_settings
-from gpufleet.workers.launch import gpufleet_command
-from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.tools.launch import gpufleet_command
+from gpufleet.workers.tools.local_redis import LocalRedis, free_port
 from tests.integration.conftest import RunningWorker, WorkerFactory
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,9 @@ PARENT = textwrap.dedent(
     import json, sys
     from gpufleet.tasks.app import create_app
     from gpufleet.tasks.settings import load_settings
-    import gpufleet.workers.main, gpufleet.workers.control, gpufleet.workers.process, gpufleet.workers.cli
+    import gpufleet.workers.main, gpufleet.workers.parent.control, gpufleet.workers.child.process, gpufleet.workers.cli
     import gpufleet.workers.tools.demo_models
-    from gpufleet.workers.jobs import register_tasks
+    from gpufleet.workers.child.jobs import register_tasks
     settings = load_settings()
     register_tasks(create_app(settings), settings)
     # The CLI's planning path runs in the parent too (gpufleet plan, the router's checks).

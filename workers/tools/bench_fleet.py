@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpufleet.tasks.client import FleetClient
 from gpufleet.tasks.settings import load_settings
-from gpufleet.workers.local_redis import LocalRedis
+from gpufleet.workers.tools.local_redis import LocalRedis
 
 
 def worker_env(redis: LocalRedis, models: Path, **extra: str) -> dict[str, str]:

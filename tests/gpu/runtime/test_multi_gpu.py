@@ -20,9 +20,10 @@ import torch
 from gpufleet.gpu.runtime.device_map import DeviceMapLoader, planned_bytes
 from gpufleet.gpu.runtime.inference import generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.tasks.settings import load_settings
-from gpufleet.workers.identity import WorkerIdentity
-from gpufleet.workers.runtime import WorkerRuntime
+from gpufleet.workers.child.runtime import WorkerRuntime
+from gpufleet.workers.common.identity import WorkerIdentity
 from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
 
 pytestmark = [
@@ -112,8 +113,11 @@ def test_a_model_too_big_for_one_gpu_budget_is_split_and_answers_the_same(root: 
         got = split.module(ids.to(split.device)).logits.float().cpu()
     torch.testing.assert_close(got, expected)
     # Generation feeds the first GPU; accelerate's hooks carry the activations to the second and back.
-    answer = generate(split, prompt="hello", max_new_tokens=8)
-    assert answer.completion_tokens > 0 and answer.text == generate(whole, prompt="hello", max_new_tokens=8).text
+    answer = generate(split, GenerateOptions(prompt="hello", max_new_tokens=8))
+    assert (
+        answer.completion_tokens > 0
+        and answer.text == generate(whole, GenerateOptions(prompt="hello", max_new_tokens=8)).text
+    )
 
 
 @two_gpus

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gpufleet.tasks.settings import load_settings
-from gpufleet.workers.identity import WorkerIdentity
-from gpufleet.workers.runtime import WorkerRuntime
+from gpufleet.workers.child.runtime import WorkerRuntime
+from gpufleet.workers.common.identity import WorkerIdentity
 
 pytestmark = [
     pytest.mark.gpu,

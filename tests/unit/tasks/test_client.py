@@ -7,7 +7,7 @@ import pytest
 from gpufleet.tasks.client import FleetClient
 from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
 from gpufleet.tasks.settings import Settings, load_settings
-from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.tools.local_redis import LocalRedis, free_port
 
 
 def _settings(broker_url: str, result_backend: str) -> Settings:

@@ -15,7 +15,7 @@ from gpufleet.tasks.fleet import (
     registry_url,
 )
 from gpufleet.tasks.settings import load_settings
-from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.tools.local_redis import LocalRedis, free_port
 
 
 class Clock:

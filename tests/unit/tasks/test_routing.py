@@ -17,7 +17,7 @@ from gpufleet.tasks.names import gpu_type_queue
 from gpufleet.tasks.planning import fleet_gpu_types, next_fallback_queue, placement_for, queue_for_model
 from gpufleet.tasks.routing import REGISTRY_RETRY_S, FleetRouter, LiveRouter, app_router
 from gpufleet.tasks.settings import Settings, load_settings
-from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.tools.local_redis import LocalRedis, free_port
 
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 

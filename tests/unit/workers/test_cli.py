@@ -15,8 +15,8 @@ from gpufleet.gpu.plan.selection import plan
 from gpufleet.tasks.planning import placement_for
 from gpufleet.tasks.settings import get_settings, load_settings
 from gpufleet.workers.cli import _wait, build_parser, load_progress, main
-from gpufleet.workers.launch import gpufleet_command
-from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.tools.launch import gpufleet_command
+from gpufleet.workers.tools.local_redis import LocalRedis, free_port
 
 
 def test_plan_json_is_the_placement_and_its_queue(capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,7 +149,7 @@ def test_worker_requires_a_device_flag() -> None:
 def test_submit_with_no_broker_fails_clearly(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gpufleet.workers.local_redis import free_port
+    from gpufleet.workers.tools.local_redis import free_port
 
     port = free_port()
     monkeypatch.setenv("GPUFLEET_BROKER_URL", f"redis://127.0.0.1:{port}/0")

@@ -9,7 +9,6 @@ import pytest
 from gpufleet.gpu.errors import InferenceError
 from gpufleet.gpu.runtime.batching import (
     EmbedJob,
-    GenerateJob,
     _length_chunks,
     embed_batch,
     encode_prompt,
@@ -17,6 +16,7 @@ from gpufleet.gpu.runtime.batching import (
 )
 from gpufleet.gpu.runtime.inference import LoadedModel, embed, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.demo_models import DEMO_EMBEDDING_ID
 
 SENTENCES = [
@@ -69,32 +69,32 @@ def test_embed_batch_refuses_a_causal_lm(llama: LoadedModel) -> None:
 
 
 def test_greedy_batch_is_token_identical_to_each_prompt_alone(llama: LoadedModel) -> None:
-    jobs = [GenerateJob(prompt=p, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 5, 20, 1), strict=True)]
+    jobs = [GenerateOptions(prompt=p, max_new_tokens=n) for p, n in zip(PROMPTS, (12, 5, 20, 1), strict=True)]
     batched = generate_batch(llama, [encode_prompt(llama, job) for job in jobs])
     for job, result in zip(jobs, batched, strict=True):
-        alone = generate(llama, prompt=job.prompt, max_new_tokens=job.max_new_tokens)
+        alone = generate(llama, GenerateOptions(prompt=job.prompt, max_new_tokens=job.max_new_tokens))
         assert result == alone
         assert result.completion_tokens <= job.max_new_tokens
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(llama: LoadedModel) -> None:
-    sampled = GenerateJob(prompt="hello there", max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
-    others = [GenerateJob(prompt=p, max_new_tokens=8) for p in PROMPTS[1:]]
+    sampled = GenerateOptions(prompt="hello there", max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    others = [GenerateOptions(prompt=p, max_new_tokens=8) for p in PROMPTS[1:]]
     alone = generate_batch(llama, [encode_prompt(llama, sampled)])[0]
     in_batch = generate_batch(llama, [encode_prompt(llama, job) for job in [*others, sampled]])[-1]
     assert alone == in_batch
-    other_seed = GenerateJob(prompt="hello there", max_new_tokens=10, temperature=0.8, top_p=0.9, seed=8)
+    other_seed = GenerateOptions(prompt="hello there", max_new_tokens=10, temperature=0.8, top_p=0.9, seed=8)
     assert generate_batch(llama, [encode_prompt(llama, other_seed)])[0].text != alone.text
 
 
 def test_a_prompt_over_the_context_is_refused_before_batching(llama: LoadedModel) -> None:
     context = llama.module.config.max_position_embeddings
     with pytest.raises(InferenceError, match="exceeds the model's context"):
-        encode_prompt(llama, GenerateJob(prompt="hello", max_new_tokens=context))
+        encode_prompt(llama, GenerateOptions(prompt="hello", max_new_tokens=context))
 
 
 def test_messages_need_a_chat_template_or_are_refused(llama: LoadedModel) -> None:
-    job = GenerateJob(messages=[{"role": "user", "content": "hi"}], max_new_tokens=4)
+    job = GenerateOptions(messages=[{"role": "user", "content": "hi"}], max_new_tokens=4)
     if getattr(llama.tokenizer, "chat_template", None):
         (result,) = generate_batch(llama, [encode_prompt(llama, job)])
         assert result.prompt_tokens > 0

@@ -153,8 +153,8 @@ def test_loading_plans_against_what_the_gpus_have_free_now(root: Path) -> None:
 
 def two_gpu_runtime(root: Path, tmp_path: Path, per_gpu_budget_bytes: int) -> Any:
     from gpufleet.tasks.settings import load_settings
-    from gpufleet.workers.identity import WorkerIdentity
-    from gpufleet.workers.runtime import WorkerRuntime
+    from gpufleet.workers.child.runtime import WorkerRuntime
+    from gpufleet.workers.common.identity import WorkerIdentity
 
     identity = WorkerIdentity("cpu-pair@unit", "cpu", "cpu", None, "cpu", 2**34, gpu_indices=(0, 1))
     settings = load_settings(

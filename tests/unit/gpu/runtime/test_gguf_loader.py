@@ -15,6 +15,7 @@ from gpufleet.gpu.repository import resolve_model
 from gpufleet.gpu.runtime.gguf_loader import gguf_model_file, is_gguf_model
 from gpufleet.gpu.runtime.inference import ModelKind, detect_kind, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
 from gpufleet.workers.tools.gguf_export import make_gguf_model
 from gpufleet.workers.tools.tokenizer import demo_tokenizer
@@ -66,7 +67,7 @@ def test_tokenizer_comes_from_the_gguf_metadata(root: Path) -> None:
     text = "The morning train left the station."
     assert loaded.tokenizer(text)["input_ids"] == demo(text)["input_ids"]
     assert loaded.tokenizer.chat_template == demo.chat_template
-    chat = generate(loaded, messages=[{"role": "user", "content": "Hello!"}], max_new_tokens=4)
+    chat = generate(loaded, GenerateOptions(messages=[{"role": "user", "content": "Hello!"}], max_new_tokens=4))
     assert chat.prompt_tokens > 4 and 0 < chat.completion_tokens <= 4
 
 

@@ -20,6 +20,7 @@ from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, I
 from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
 from gpufleet.gpu.runtime.oom import inject_forward_error, inject_oom_on_forward, is_oom
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.gpu.runtime.warmup import GPUWarmupManager
 from gpufleet.workers.tools.demo_models import DEMO_EMBEDDING_ID
 
@@ -41,7 +42,7 @@ def run_embed(loaded: LoadedModel) -> object:
 
 
 def run_generate(loaded: LoadedModel) -> object:
-    return generate(loaded, prompt="hello there", max_new_tokens=3)
+    return generate(loaded, GenerateOptions(prompt="hello there", max_new_tokens=3))
 
 
 def run_warm_model(loaded: LoadedModel) -> object:

@@ -10,6 +10,7 @@ import pytest
 from gpufleet.gpu.errors import InferenceError
 from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.checkpoints import make_checkpoint
 
 
@@ -40,11 +41,11 @@ def test_multimodal_checkpoint_serves_text_generation(root: Path) -> None:
     assert type(loaded.module).__name__ == "Qwen2VLForConditionalGeneration"
     # The whole checkpoint is resident, vision tower included.
     assert any("visual" in name for name, _ in loaded.module.named_parameters())
-    first = generate(loaded, prompt="The weather", max_new_tokens=5)
-    again = generate(loaded, prompt="The weather", max_new_tokens=5)
+    first = generate(loaded, GenerateOptions(prompt="The weather", max_new_tokens=5))
+    again = generate(loaded, GenerateOptions(prompt="The weather", max_new_tokens=5))
     assert first == again and 0 < first.completion_tokens <= 5
-    chat = generate(loaded, messages=[{"role": "user", "content": "Hi!"}], max_new_tokens=3)
+    chat = generate(loaded, GenerateOptions(messages=[{"role": "user", "content": "Hi!"}], max_new_tokens=3))
     assert chat.prompt_tokens > first.prompt_tokens
     # The context limit comes from the text config (the top-level multimodal config has none).
     with pytest.raises(InferenceError, match="exceeds the model's context of 2048"):
-        generate(loaded, prompt="The weather", max_new_tokens=2048)
+        generate(loaded, GenerateOptions(prompt="The weather", max_new_tokens=2048))

@@ -15,7 +15,7 @@ from gpufleet.tasks.errors import BrokerUnavailableError, SettingsError
 from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot, HeldModel
 from gpufleet.tasks.settings import load_settings
 from gpufleet.workers.cli import build_parser
-from gpufleet.workers.local_redis import LocalRedis, free_port
+from gpufleet.workers.tools.local_redis import LocalRedis, free_port
 from tests.unit.tasks.api.conftest import make_record
 
 TOKEN = "t0ken-for-tests"

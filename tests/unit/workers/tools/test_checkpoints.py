@@ -11,6 +11,7 @@ import torch
 from gpufleet.gpu.errors import ConfigError
 from gpufleet.gpu.runtime.inference import generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.checkpoints import (
     ARCHITECTURES,
     ENCODERS,
@@ -42,7 +43,7 @@ def test_each_causal_arch_loads_and_generates(arch: str, tmp_path: Path) -> None
     assert config["vocab_size"] == len(demo_tokenizer())
     assert json.loads((path / "generation_config.json").read_text())["do_sample"] is False
     loaded = PretrainedLoader().load(f"test/{arch}", path, device="cpu", dtype="float32")
-    result = generate(loaded, prompt="The weather", max_new_tokens=4)
+    result = generate(loaded, GenerateOptions(prompt="The weather", max_new_tokens=4))
     assert 0 < result.completion_tokens <= 4
 
 

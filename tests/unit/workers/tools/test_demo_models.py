@@ -12,6 +12,7 @@ from gpufleet.gpu.errors import ConfigError, ModelNotFoundError
 from gpufleet.gpu.repository import list_models, resolve_model
 from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
 from gpufleet.gpu.runtime.loader import PretrainedLoader
+from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.demo_models import (
     DEMO_CHAT_ID,
     DEMO_EMBEDDING_ID,
@@ -135,10 +136,10 @@ def test_minilm_similar_sentences_are_closer(minilm: LoadedModel) -> None:
 
 def test_tiny_chat_generates_from_prompt_and_messages(tiny_chat: LoadedModel) -> None:
     assert tiny_chat.kind is ModelKind.CAUSAL_LM
-    from_prompt = generate(tiny_chat, prompt="The morning train", max_new_tokens=12)
+    from_prompt = generate(tiny_chat, GenerateOptions(prompt="The morning train", max_new_tokens=12))
     assert from_prompt.prompt_tokens == len(tiny_chat.tokenizer("The morning train")["input_ids"])
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
-    from_messages = generate(tiny_chat, messages=messages, max_new_tokens=12)
+    from_messages = generate(tiny_chat, GenerateOptions(messages=messages, max_new_tokens=12))
     rendered = tiny_chat.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert from_messages.prompt_tokens == len(tiny_chat.tokenizer(rendered, add_special_tokens=False)["input_ids"])
     for result in (from_prompt, from_messages):
@@ -148,15 +149,15 @@ def test_tiny_chat_generates_from_prompt_and_messages(tiny_chat: LoadedModel) ->
 
 
 def test_tiny_chat_greedy_is_deterministic(tiny_chat: LoadedModel) -> None:
-    first = generate(tiny_chat, prompt="Hello, how are you?", max_new_tokens=16)
-    second = generate(tiny_chat, prompt="Hello, how are you?", max_new_tokens=16)
+    first = generate(tiny_chat, GenerateOptions(prompt="Hello, how are you?", max_new_tokens=16))
+    second = generate(tiny_chat, GenerateOptions(prompt="Hello, how are you?", max_new_tokens=16))
     assert first == second
     assert first.text
 
 
 def test_tiny_chat_sampling_with_a_seed_repeats(tiny_chat: LoadedModel) -> None:
     options = {"prompt": "Once", "max_new_tokens": 8, "temperature": 1.0, "seed": 7}
-    assert generate(tiny_chat, **options) == generate(tiny_chat, **options)  # type: ignore[arg-type]
+    assert generate(tiny_chat, GenerateOptions(**options)) == generate(tiny_chat, GenerateOptions(**options))  # type: ignore[arg-type]
 
 
 def test_demo_model_record_is_plain_data(demo_root: Path) -> None:
