@@ -44,9 +44,10 @@ from gpufleet.tasks.live_routing import route_live
 from gpufleet.tasks.routing import FleetRouter
 from gpufleet.tasks.settings import load_settings
 from gpufleet.workers.tools.bench import machine_name
-from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.workers.tools.checkpoints import make_checkpoint
 from gpufleet.workers.tools.launch import spawn_worker, stop_process, tail, wait_until_ready
 from gpufleet.workers.tools.local_redis import LocalRedis
+from gpufleet.workers.tools.shapes import Shape
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

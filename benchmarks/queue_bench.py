@@ -15,7 +15,7 @@ measures, through :class:`gpufleet.tasks.client.FleetClient`:
 - per-job overhead: that round trip minus its compute, against a no-op Celery task's round trip
   (:mod:`benchmarks.overhead_bench` does this part).
 
-Targets (issue 13, CPU): embed saturation >= 4x off; queued jobs >= 0.63x the one-job throughput; generate (16)
+Targets (CPU): embed saturation >= 4x off; queued jobs >= 0.63x the one-job throughput; generate (16)
 >= 3x; lone-job latency with batching <= 1.1x without; overhead <= 1.3x a no-op round trip.
 """
 

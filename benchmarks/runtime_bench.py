@@ -44,7 +44,8 @@ from typing import Any
 
 from runtime_report import render_markdown  # a sibling module: this file runs as a script
 
-from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.shapes import Shape
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -137,7 +138,8 @@ def child_first_forward(spec: dict[str, Any]) -> dict[str, Any]:
 
     configure_allocator()
     from gpufleet.gpu.config import WarmupConfig, WarmupSize
-    from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+    from gpufleet.gpu.runtime.inference import embed, generate
+    from gpufleet.gpu.runtime.model import ModelKind
     from gpufleet.gpu.runtime.options import GenerateOptions
     from gpufleet.gpu.runtime.warmup import GPUWarmupManager
 
@@ -206,9 +208,10 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from gpufleet.gpu.config import GpuConfig, MemoryPoolConfig
-    from gpufleet.gpu.errors import CapacityError
-    from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+    from gpufleet.gpu.errors import BudgetExceededError
+    from gpufleet.gpu.runtime.inference import embed, generate
     from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool
+    from gpufleet.gpu.runtime.model import LoadedModel, ModelKind
     from gpufleet.gpu.runtime.model_cache import ModelCache
     from gpufleet.gpu.runtime.options import GenerateOptions
 
@@ -257,7 +260,7 @@ def child_cycles(spec: dict[str, Any]) -> dict[str, Any]:
                 embed(loaded, ["cycle request", "with two sentences"])
             else:
                 generate(loaded, GenerateOptions(prompt="cycle request", max_new_tokens=4))
-        except (CapacityError, torch.OutOfMemoryError) as exc:
+        except (BudgetExceededError, torch.OutOfMemoryError) as exc:
             errors.append(f"cycle {cycle} {model_id}: {type(exc).__name__}: {exc}")
         synchronize(device)
         samples.append({"cycle": cycle, "model": model_id, "hit": hit, **_allocator_figures(device)})

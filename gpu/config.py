@@ -21,7 +21,7 @@ class Precision(str, Enum):
 
 
 class WarmupOp(str, Enum):
-    """Warm-up operations (names kept from the original design)."""
+    """Warm-up operations (``GPUFLEET_GPU__WARMUP__OPERATIONS``)."""
 
     MATMUL = "matmul"
     CONV2D = "conv2d"

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.gpu.errors import ModelNotFoundError, UnsafeModelIdError
+from gpufleet.gpu.errors import ModelNotInstalledError, UnsafeModelIdError
 
 # One or two path segments of letters, digits, '.', '_' and '-', each starting with a letter or digit:
 # the shape of Hugging Face repo ids. Anything else (absolute paths, '..', backslashes) is refused.
@@ -98,7 +98,7 @@ def resolve_model(model_id: str, model_root: Path | None, hf_cache: Path | None 
 
     Raises:
         UnsafeModelIdError: the id is malformed or resolves outside the root.
-        ModelNotFoundError: no directory with a ``config.json``, safetensors or ``.gguf`` file was found.
+        ModelNotInstalledError: no directory with a ``config.json``, safetensors or ``.gguf`` file was found.
     """
     validate_model_id(model_id)
     searched: list[str] = []
@@ -118,7 +118,7 @@ def resolve_model(model_id: str, model_root: Path | None, hf_cache: Path | None 
         snapshot = _hf_snapshot(model_id, hf_cache)
         if snapshot is not None and is_model_dir(snapshot):
             return ResolvedModel(model_id, snapshot, "hf-cache")
-    raise ModelNotFoundError(
+    raise ModelNotInstalledError(
         f"model {model_id!r} was not found (looked in: {', '.join(searched) or 'nowhere: no model root set'}); "
         "put it under GPUFLEET_MODEL_ROOT as org/name (`gpufleet models make-demo ROOT` creates the demo models) "
         "or pre-download it into the offline Hugging Face cache"

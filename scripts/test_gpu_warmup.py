@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Check warm-up, the memory pool and model loading on whatever device this machine has, and say what it measured.
 
-The original design's script, kept as an operator's smoke check for a new GPU host (not a pass/fail test with
-timing thresholds: ``benchmarks/runtime_bench.py`` measures the targets)::
+An operator's smoke check for a new GPU host (not a pass/fail test with timing thresholds:
+``benchmarks/runtime_bench.py`` measures the targets)::
 
     python scripts/test_gpu_warmup.py --test all                 # CUDA when present, else CPU
     python scripts/test_gpu_warmup.py --test warmup --device cuda --size large
@@ -110,8 +110,9 @@ def build_tiny_llama(directory: Path) -> Path:
 
 def check_model(device: str, model_dir: Path | None) -> None:
     """Load through pool + cache with the reference loader, warm the model up, then time five requests."""
-    from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+    from gpufleet.gpu.runtime.inference import embed, generate
     from gpufleet.gpu.runtime.loader import PretrainedLoader
+    from gpufleet.gpu.runtime.model import ModelKind
     from gpufleet.gpu.runtime.options import GenerateOptions
 
     with tempfile.TemporaryDirectory(prefix="gpufleet-check-") as scratch:

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 
 from gpufleet.tasks.errors import SettingsError
+from gpufleet.tasks.names import CPU_QUEUE
 from gpufleet.tasks.routing import FleetRouter
 from gpufleet.tasks.settings import Settings, get_settings
 
@@ -72,7 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_proc_alive_timeout": settings.worker.proc_alive_timeout_s,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_default_queue": "cpu",
+        "task_default_queue": CPU_QUEUE,
         "task_create_missing_queues": True,
         "task_routes": (FleetRouter(settings),),
         "worker_hijack_root_logger": False,

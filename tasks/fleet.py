@@ -18,6 +18,7 @@ Redis layout (database of the registry URL)::
     gpufleet:fleet:holders          ZSET  held-set key -> until when its holder is alive (Redis broker only)
     gpufleet:fleet:held:<name>:<id> SET   delivery tags one broker channel of a worker holds unacknowledged
     gpufleet:fleet:fenced:<name>:<id>  STRING  when that holder was claimed (its resumed owner must stop)
+    gpufleet:deliveries:<job id>    STRING  times a job was redelivered (result backend's Redis; poison jobs)
 
 The queues hash outlives a dead worker's record on purpose: whoever claims the dead worker
 (:meth:`FleetRegistry.claim_expired`) learns from it which direct queue to move back to the type queue. The
@@ -53,6 +54,7 @@ DEPARTED_KEY = "gpufleet:fleet:departed"
 HOLDERS_KEY = "gpufleet:fleet:holders"
 HELD_KEY_PREFIX = "gpufleet:fleet:held:"
 FENCE_KEY_PREFIX = "gpufleet:fleet:fenced:"
+DELIVERIES_KEY = "gpufleet:deliveries:{job_id}"  # formatted with the job id
 
 Holding = Literal["resident", "parked"]
 

@@ -25,10 +25,20 @@ CPU_QUEUE = "cpu"
 QUEUE_PREFIX = "gpu."
 
 
+def gpu_type_slug(gpu_type: str) -> str:
+    """A GPU type as it appears in queue and worker names: ``A100_80GB`` -> ``a100-80gb``."""
+    return gpu_type.lower().replace("_", "-")
+
+
 def gpu_type_queue(gpu_type: str) -> str:
     """Queue shared by every worker of a GPU type: ``H100`` -> ``gpu.h100``; ``cpu`` -> ``cpu``."""
-    slug = gpu_type.lower().replace("_", "-")
+    slug = gpu_type_slug(gpu_type)
     return CPU_QUEUE if slug == CPU_QUEUE else QUEUE_PREFIX + slug
+
+
+def is_cpu_queue(queue: str) -> bool:
+    """Whether ``queue`` is served by CPU workers: the ``cpu`` type queue or a CPU worker's direct queue."""
+    return queue == CPU_QUEUE or queue.startswith(CPU_QUEUE + ".")
 
 
 def worker_queue(gpu_type: str, worker_name: str) -> str:

@@ -13,11 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from gpufleet.gpu.errors import GpuError, ModelSpecError, UnsafeModelIdError
-from gpufleet.gpu.errors import ModelNotFoundError as GpuModelNotFoundError
+from gpufleet.gpu.errors import GpuError, ModelNotInstalledError, ModelSpecError, UnsafeModelIdError
 from gpufleet.gpu.plan.catalog import get_gpu_type
 from gpufleet.gpu.plan.selection import Placement, Preference, plan
-from gpufleet.gpu.repository import default_hf_cache, resolve_model, validate_model_id
+from gpufleet.gpu.repository import resolve_model, validate_model_id
 from gpufleet.tasks.errors import ModelNotFoundError, RoutingError
 from gpufleet.tasks.names import gpu_type_queue
 from gpufleet.tasks.settings import Settings, get_settings
@@ -60,12 +59,12 @@ def _resolve_target(model: str, settings: Settings) -> str | Path:
     root = settings.model_root
     if root is None or not root.is_dir():
         return model  # a producer without the workers' storage plans from the name
-    hf_cache = settings.hf_cache or default_hf_cache()
+    hf_cache = settings.hf_cache_dir
     try:
         return resolve_model(model, root, hf_cache).path
     except UnsafeModelIdError as exc:
         raise RoutingError(str(exc)) from None
-    except GpuModelNotFoundError:
+    except ModelNotInstalledError:
         raise ModelNotFoundError(
             f"model {model!r} is not installed: {root / model} has no config.json and the Hugging Face cache "
             f"{hf_cache} has no snapshot of it. Copy the model directory to {root / model} "

@@ -24,6 +24,7 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as SourceError
 
 from gpufleet.gpu.config import GpuConfig
+from gpufleet.gpu.repository import default_hf_cache
 from gpufleet.tasks.errors import SettingsError
 
 ENV_PREFIX = "GPUFLEET_"
@@ -251,6 +252,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings
+
+    @property
+    def hf_cache_dir(self) -> Path:
+        """The offline Hugging Face cache models also resolve in: ``GPUFLEET_HF_CACHE``, else the hub's default."""
+        return self.hf_cache or default_hf_cache()
 
     @field_validator("broker_url", "result_backend")
     @classmethod

@@ -16,6 +16,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with what it needs, from where it lives and what it uses, so ``-m`` selects for real.
+
+    ``integration``: under tests/integration (real worker processes); ``gpu``: under tests/gpu; ``redis``: uses
+    the ``redis_server`` fixture (a redis-server binary on this machine), directly or through another fixture.
+    """
+    for item in items:
+        parts = Path(str(item.path)).relative_to(TESTS).parts
+        if parts[0] == "integration":
+            item.add_marker(pytest.mark.integration)
+        if parts[0] == "gpu":
+            item.add_marker(pytest.mark.gpu)
+        if "redis_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests see only the GPUFLEET_* variables they set."""

@@ -56,6 +56,7 @@ def _timeout_message(async_result: Any, timeout_s: float) -> str:
     """Why no result came: still running (wait longer), or waiting on a queue no worker takes it from (and what to
     do about that queue)."""
     from gpufleet.tasks.client import route_of
+    from gpufleet.tasks.names import is_cpu_queue
 
     meta = async_result.backend.get_task_meta(async_result.id)
     route = route_of(async_result)
@@ -70,7 +71,7 @@ def _timeout_message(async_result: Any, timeout_s: float) -> str:
     else:
         where = f"queue {route.queue!r} ({route.reason})"
         on_gpu = f" on a {route.gpu_type} GPU" if route.gpu_type else ""
-        cpu = route.queue.split(".")[0] == "cpu"
+        cpu = is_cpu_queue(route.queue)
         start = "`gpufleet worker --cpu`" if cpu else f"`gpufleet worker --gpu N`{on_gpu}"
     return (
         f"no result for job {async_result.id} within {timeout_s:g} s: it is still waiting on {where} and no worker "

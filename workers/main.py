@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from celery import signals
 
 from gpufleet.gpu.errors import GpuError
-from gpufleet.gpu.repository import default_hf_cache, resolve_model
+from gpufleet.gpu.repository import resolve_model
 from gpufleet.tasks.app import create_app
 from gpufleet.tasks.names import boot_queue
 from gpufleet.tasks.settings import Settings, load_settings
@@ -55,7 +55,7 @@ def build_identity(
 
 def check_priority_models(settings: Settings) -> None:
     """Fail at start-up, in the parent, if a priority model does not resolve (not in a looping child)."""
-    hf_cache = settings.hf_cache or default_hf_cache()
+    hf_cache = settings.hf_cache_dir
     for model_id in settings.priority_models:
         try:
             resolve_model(model_id, settings.model_root, hf_cache)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpufleet.gpu.checkpoint_format import SAFETENSORS_INDEX, weight_files
 from gpufleet.gpu.errors import ModelSpecError
-from gpufleet.gpu.plan.counting import positive_int
 
 __all__ = ["CheckpointLayout", "checkpoint_layout", "read_config"]
 
@@ -78,37 +78,25 @@ class CheckpointLayout:
 
 
 def checkpoint_layout(model_dir: Path) -> CheckpointLayout:
-    """The checkpoint's weight files, from its index or the files themselves, and their bytes on disk.
+    """The checkpoint's weight files (:func:`gpufleet.gpu.checkpoint_format.weight_files`: the loader's rule) and
+    their bytes on disk.
 
     Raises:
         ModelSpecError: an index file is not readable JSON.
     """
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = model_dir / index_name
-        if not index_path.is_file():
-            continue
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelSpecError(
-                f"{index_path} is not a readable JSON index ({exc}): re-download the model's index file"
-            ) from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        names = sorted({str(v) for v in weight_map.values()}) if isinstance(weight_map, dict) else []
-        metadata = index.get("metadata") if isinstance(index, dict) else None
-        total = positive_int(metadata.get("total_size")) if isinstance(metadata, dict) else None
-        present = [model_dir / n for n in names if (model_dir / n).is_file()]
-        if names and len(present) == len(names) and all(n.endswith(".safetensors") for n in names):
-            return CheckpointLayout(len(names), total, tuple(present))
-        note = ""
-        if index_name.startswith("model.safetensors"):
-            note = (
-                f"bytes: {index_name} total_size ({total} bytes); {len(present)} of {len(names)} shard files "
-                "present, so no headers were read: parameters from the config"
-            )
-        return CheckpointLayout(max(len(names), 1), total, (), note)
-    safetensors = sorted(model_dir.glob("*.safetensors"))
-    files = safetensors or sorted(model_dir.glob("pytorch_model*.bin"))
-    if not files:
+    found = weight_files(model_dir)
+    if not found.files:
         return CheckpointLayout(1, None, ())
-    return CheckpointLayout(len(files), sum(f.stat().st_size for f in files), tuple(safetensors))
+    if found.index is None:
+        on_disk = sum(f.stat().st_size for f in found.present)
+        return CheckpointLayout(len(found.files), on_disk, found.safetensors)
+    total = found.index_total_bytes
+    if found.safetensors:
+        return CheckpointLayout(len(found.files), total, found.safetensors)
+    note = ""
+    if found.index.name == SAFETENSORS_INDEX:
+        note = (
+            f"bytes: {found.index.name} total_size ({total} bytes); {len(found.present)} of {len(found.files)} shard "
+            "files present, so no headers were read: parameters from the config"
+        )
+    return CheckpointLayout(len(found.files), total, (), note)

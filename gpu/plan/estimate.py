@@ -1,7 +1,7 @@
 """Memory a model needs to serve: weights, KV cache, activations and runtime overhead, each reported apart.
 
 Pure Python. The numbers feed :mod:`gpufleet.gpu.plan.selection` (which GPU type) and the worker's memory budget (how
-much to reserve before loading, via :func:`estimate_model_bytes`).
+much to reserve before loading, via :func:`estimate_weights_bytes`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from gpufleet.gpu.errors import ConfigError
 from gpufleet.gpu.plan.catalog import GpuType
 from gpufleet.gpu.plan.model_names import QuantMethod
-from gpufleet.gpu.plan.specs import ModelSpec
+from gpufleet.gpu.plan.model_spec import ModelSpec
 from gpufleet.gpu.units import DTYPE_BYTES, GiB, MiB, dtype_bytes
 
 # With chunked prefill an engine runs at most this many tokens through the model in one step, which bounds the
@@ -86,20 +86,6 @@ def estimate_weights_bytes(spec: ModelSpec, *, dtype_bytes: float | None = None)
     quantized = spec.quantizable_params * quant.bytes_per_weight(spec.hidden_size)
     rest = (spec.params - spec.quantizable_params) * unquantized
     return math.ceil(quantized + rest)
-
-
-def estimate_model_bytes(spec: ModelSpec, dtype_bytes: float | None = None) -> int:
-    """Bytes of the weights only: what the worker's memory budget reserves before loading.
-
-    Args:
-        spec: the model (see :func:`gpufleet.gpu.plan.specs.load_spec`).
-        dtype_bytes: bytes per unquantized parameter as the worker will load them (2 for fp16/bf16, 4 for
-            fp32); ``None`` for the checkpoint's dtype.
-
-    Returns:
-        Bytes, rounded up.
-    """
-    return estimate_weights_bytes(spec, dtype_bytes=dtype_bytes)
 
 
 def estimate_kv_cache_bytes(

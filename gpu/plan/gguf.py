@@ -25,13 +25,11 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.model_spec import ModelSpec, SpecSource
 from gpufleet.gpu.units import fmt_bytes
-
-if TYPE_CHECKING:
-    from gpufleet.gpu.plan.specs import ModelSpec
 
 __all__ = [
     "GGUF_ENCODER_ARCHITECTURES",
@@ -257,7 +255,6 @@ def spec_from_gguf_files(files: list[Path], *, notes: tuple[str, ...] = ()) -> M
     Raises:
         ModelSpecError: a file is not a readable GGUF file.
     """
-    from gpufleet.gpu.plan.specs import ModelSpec, SpecSource
 
     headers = [read_gguf_header(f) for f in files]
     first = headers[0]

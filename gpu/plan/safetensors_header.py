@@ -10,44 +10,24 @@ and quantization side tensors (scales, zero points, group indices, absmax, quant
 do count bytes, as stored; so do integer buffers saved beside unquantized weights (``position_ids``), which
 are not parameters of the model transformers builds.
 
-Pure Python: the producer-side router plans from headers without torch or the safetensors package.
+Pure Python: the producer-side router plans from headers without torch or the safetensors package. The headers
+are read by :func:`gpufleet.gpu.checkpoint_format.read_header`, the loader's reader too.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.checkpoint_format import read_header
+from gpufleet.gpu.units import DTYPES, SAFETENSORS_DTYPES
 
-__all__ = ["CheckpointWeights", "read_header", "weights_from_safetensors"]
+__all__ = ["CheckpointWeights", "weights_from_safetensors"]
 
-# Bytes per element of each safetensors dtype (the format's own names). Sub-byte types are stored packed in
-# uint8 or int32 by the quantizers, so they never appear here.
-_ELEMENT_BYTES: Mapping[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "U16": 2,
-    "I16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "U32": 4,
-    "I32": 4,
-    "F32": 4,
-    "U64": 8,
-    "I64": 8,
-    "F64": 8,
-}
-_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # converted to the serving dtype at load time
+# Floating-point tensors are converted to the serving dtype at load time.
+_FLOAT_DTYPES = frozenset(code for code, name in SAFETENSORS_DTYPES.items() if DTYPES[name].floating)
 _PACKED_DTYPES = frozenset({"U8", "I8", "I32", "U32"})  # hold several quantized weights per element when quantized
 
 # Name endings of quantization side tensors: bytes as stored, no parameters.
@@ -72,7 +52,6 @@ _SIDE_TENSOR_SUFFIXES = (
     ".k_scale",
     ".v_scale",
 )
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
 
 @dataclass(frozen=True)
@@ -110,35 +89,6 @@ class CheckpointWeights:
         return math.ceil(self.float_params * float_bytes + self.fixed_bytes)
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of one safetensors file (tensor name -> dtype, shape, data_offsets; plus ``__metadata__``).
-
-    Raises:
-        ModelSpecError: the file cannot be read or is not a safetensors file.
-    """
-    try:
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ModelSpecError(f"{path} is too short for a safetensors file: re-download it")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > _MAX_HEADER_BYTES:
-                raise ModelSpecError(
-                    f"{path} declares a {length}-byte header, over the format's 100 MiB limit: it is not a "
-                    "safetensors file or is corrupt; re-download it"
-                )
-            raw = handle.read(length)
-    except OSError as exc:
-        raise ModelSpecError(f"cannot read {path}: {exc.strerror or exc}; check the path and permissions") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelSpecError(f"{path} has no valid safetensors JSON header: re-download the file") from None
-    if not isinstance(header, dict) or len(raw) < length:
-        raise ModelSpecError(f"{path} has a truncated or malformed safetensors header: re-download the file")
-    return header
-
-
 def weights_from_safetensors(files: Sequence[Path], *, quantized_bits: float | None = None) -> CheckpointWeights:
     """Sum the headers of ``files``.
 
@@ -158,9 +108,7 @@ def weights_from_safetensors(files: Sequence[Path], *, quantized_bits: float | N
     float_elements: dict[str, int] = {}
     for path in files:
         for name, entry in read_header(path).items():
-            if name == "__metadata__":
-                continue
-            dtype, elements, size = _tensor(path, name, entry)
+            dtype, elements, size = entry.dtype, entry.elements, entry.nbytes
             tensor_bytes += size
             side = name.endswith(_SIDE_TENSOR_SUFFIXES)
             if dtype in _FLOAT_DTYPES and not side:
@@ -174,35 +122,21 @@ def weights_from_safetensors(files: Sequence[Path], *, quantized_bits: float | N
             if dtype.startswith("F8"):  # FP8 weights: one parameter per element
                 params += elements
             elif quantized_bits and dtype in _PACKED_DTYPES:
-                params += round(elements * _ELEMENT_BYTES[dtype] * 8 / quantized_bits)
+                params += round(elements * DTYPES[SAFETENSORS_DTYPES[dtype]].bytes * 8 / quantized_bits)
             # Any other integer or boolean tensor is a buffer saved with the weights (BERT's position_ids,
             # attention masks): torch parameters are floating point, so it counts bytes, no parameters.
     dominant = max(float_elements, key=lambda d: float_elements[d]) if float_elements else None
-    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float32"}
     return CheckpointWeights(
         files=len(files),
         tensor_bytes=tensor_bytes,
         params=params,
         float_params=float_params,
         fixed_bytes=fixed_bytes,
-        dtype=names[dominant] if dominant else None,
+        dtype=_served_name(dominant) if dominant else None,
     )
 
 
-def _tensor(path: Path, name: str, entry: object) -> tuple[str, int, int]:
-    """(dtype, elements, bytes) of one header entry, checked against its byte range."""
-    if not isinstance(entry, Mapping):
-        raise ModelSpecError(f"{path}: tensor {name!r} has a malformed header entry; re-download the file")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _ELEMENT_BYTES:
-        raise ModelSpecError(
-            f"{path}: tensor {name!r} has dtype {dtype!r}, which planning does not know; "
-            f"known: {', '.join(_ELEMENT_BYTES)}"
-        )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ModelSpecError(f"{path}: tensor {name!r} has a malformed shape {shape!r}; re-download the file")
-    elements = math.prod(shape)
-    size = elements * _ELEMENT_BYTES[dtype]
-    if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets):
-        size = offsets[1] - offsets[0]  # the stored range is the truth, whatever the shape says
-    return dtype, elements, size
+def _served_name(code: str) -> str:
+    """The served dtype a checkpoint's floating-point code stands for (float64 is served as float32)."""
+    name = SAFETENSORS_DTYPES[code]
+    return name if DTYPES[name].served else "float32"

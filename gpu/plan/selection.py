@@ -2,7 +2,7 @@
 
 :func:`plan` is the rich interface (a :class:`Placement` with the estimate, fallbacks, reasons and engine
 settings); :func:`get_gpu_placement` is ``(gpu_type, gpu_count, memory_utilization)``; :func:`get_gpu_config` is
-the seed interface ``(gpu_type, memory_utilization)``, which cannot say how many GPUs a model needs. All are pure
+the two-value form ``(gpu_type, memory_utilization)``, which cannot say how many GPUs a model needs. All are pure
 functions of the model and the catalog: the router calls them on machines without torch. Which Celery queue serves
 a GPU type is not planning's business: ``gpufleet.tasks.names`` decides that.
 
@@ -31,7 +31,8 @@ from gpufleet.gpu.errors import ConfigError, PlanningError
 from gpufleet.gpu.plan.catalog import CPU, GpuType, all_types, get_gpu_type
 from gpufleet.gpu.plan.estimate import MemoryEstimate, estimate_memory
 from gpufleet.gpu.plan.model_names import QuantMethod
-from gpufleet.gpu.plan.specs import ModelSpec, load_spec
+from gpufleet.gpu.plan.model_spec import ModelSpec
+from gpufleet.gpu.plan.specs import load_spec
 from gpufleet.gpu.units import GiB, fmt_bytes
 
 MAX_MEMORY_UTILIZATION = 0.92
@@ -297,7 +298,7 @@ def get_gpu_placement(model_name: str) -> tuple[str, int, float]:
 
 
 def get_gpu_config(model_name: str) -> tuple[str, float]:
-    """The seed interface: ``(gpu_type, memory_utilization)`` for a model, with :func:`plan`'s defaults.
+    """``(gpu_type, memory_utilization)`` for a model, with :func:`plan`'s defaults (the two-value form).
 
     It has no room for the GPU count: for a model that needs several GPUs (a 405B model: 8 x h200) it returns the
     type and a per-GPU utilization, and warns. Use :func:`get_gpu_placement` (or :func:`plan`) to get the count.

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.gpu.errors import InferenceError
+from gpufleet.gpu.errors import ForwardError
 from gpufleet.gpu.outcomes import FinishReason
-from gpufleet.gpu.runtime.inference import Generation, LoadedModel, ModelKind, Pooling
+from gpufleet.gpu.runtime.model import Generation, LoadedModel, ModelKind, Pooling
 from gpufleet.gpu.runtime.options import GenerateOptions
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def embed_batch(
         max_batch_tokens: padded tokens per forward (rows x longest row); a single longer text runs alone.
 
     Raises:
-        InferenceError: the model is not an embedding model, or tokenizing or a forward failed.
+        ForwardError: the model is not an embedding model, or tokenizing or a forward failed.
         DeviceOutOfMemoryError: the device ran out of memory during a forward.
     """
     import torch
@@ -58,7 +58,7 @@ def embed_batch(
     from gpufleet.gpu.runtime.oom import translate_model_errors
 
     if loaded.kind is not ModelKind.EMBEDDING:
-        raise InferenceError(
+        raise ForwardError(
             f"model {loaded.model_id!r} is a {loaded.kind.value} model; use fleet.generate, or embed with an "
             "encoder such as sentence-transformers/all-MiniLM-L6-v2"
         )
@@ -133,15 +133,15 @@ def encode_prompt(loaded: LoadedModel, job: GenerateOptions) -> EncodedPrompt:
     Done per job before batching, so a job with a bad prompt fails alone and never enters a batch.
 
     Raises:
-        InferenceError: not a causal LM, no chat template for messages, over the context, or tokenizing failed.
+        ForwardError: not a causal LM, no chat template for messages, over the context, or tokenizing failed.
     """
     from gpufleet.gpu.runtime.oom import translate_model_errors
 
     if loaded.kind is not ModelKind.CAUSAL_LM:
-        raise InferenceError(f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it")
+        raise ForwardError(f"model {loaded.model_id!r} is an {loaded.kind.value} model; use fleet.embed for it")
     tokenizer = loaded.tokenizer
     if job.messages is not None and not getattr(tokenizer, "chat_template", None):
-        raise InferenceError(f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'")
+        raise ForwardError(f"model {loaded.model_id!r} has no chat template; send 'prompt' instead of 'messages'")
     with translate_model_errors(loaded.model_id, "tokenizing the prompt", GENERATE_ADVICE):
         if job.messages is not None:
             text = tokenizer.apply_chat_template(list(job.messages), tokenize=False, add_generation_prompt=True)
@@ -153,7 +153,7 @@ def encode_prompt(loaded: LoadedModel, job: GenerateOptions) -> EncodedPrompt:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     max_positions = getattr(text_config, "max_position_embeddings", None)
     if max_positions is not None and len(ids) + job.max_new_tokens > max_positions:
-        raise InferenceError(
+        raise ForwardError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({job.max_new_tokens}) exceeds the model's context of "
             f"{max_positions} tokens; shorten the prompt or lower max_new_tokens"
         )
@@ -168,7 +168,7 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[EncodedPrompt]) -> lis
     batch. Each row stops at its own ``max_new_tokens`` or end-of-sequence token.
 
     Raises:
-        InferenceError: generation or decoding failed.
+        ForwardError: generation or decoding failed.
         DeviceOutOfMemoryError: the device ran out of memory.
     """
     import torch

@@ -5,7 +5,8 @@ A worker that owns several GPUs (``gpufleet worker --gpus 0,1``) loads a model t
 ``infer_auto_device_map`` computes it from the model built on the meta device (no memory, no GPU needed) and
 each GPU's budget, never splitting a block the model lists in ``_no_split_modules`` (a decoder layer with its
 residual connection). What accelerate would offload to the CPU or disk is refused here instead: a serving
-worker keeps every weight on its GPUs, so a model that does not fit raises :class:`~gpufleet.gpu.errors.CapacityError`.
+worker keeps every weight on its GPUs, so a model that does not fit raises
+:class:`~gpufleet.gpu.errors.BudgetExceededError`.
 
 A budget is what the model's weights may take on a GPU (the pool's ``memory_fraction`` already leaves the headroom
 for activations): the room accelerate keeps on the first GPU for bringing offloaded blocks back is handed back
@@ -21,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.gpu.errors import CapacityError, ConfigError, ModelLoadError
-from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.gpu.errors import BudgetExceededError, ConfigError, LoadFailedError
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.gpu.units import fmt_bytes
 
 if TYPE_CHECKING:
@@ -68,8 +69,8 @@ def plan_device_map(
 
     Raises:
         ConfigError: no budget, or a negative one.
-        ModelLoadError: the config cannot be read or the model cannot be built from it.
-        CapacityError: the model does not fit the GPUs' budgets (the message gives its size and the budgets).
+        LoadFailedError: the config cannot be read or the model cannot be built from it.
+        BudgetExceededError: the model does not fit the GPUs' budgets (the message gives its size and the budgets).
     """
     if not budgets_bytes:
         raise ConfigError("plan_device_map needs one budget per GPU; got none")
@@ -100,7 +101,7 @@ def plan_device_map(
             break
     left_over = [name or "(the whole model)" for name, device in planned.items() if not isinstance(device, int)]
     if left_over:
-        raise CapacityError(
+        raise BudgetExceededError(
             _no_fit_message(model_dir, sizes[""], dtype, budgets_bytes, largest_bytes=largest, left=left_over)
         )
     return {name: int(device) for name, device in planned.items()}
@@ -110,7 +111,7 @@ def planned_bytes(model_dir: Path, dtype: str, *, trust_remote_code: bool = Fals
     """Bytes the model's parameters and buffers take in ``dtype``: what its device map spreads over the GPUs.
 
     Raises:
-        ModelLoadError: the config cannot be read or the model cannot be built from it.
+        LoadFailedError: the config cannot be read or the model cannot be built from it.
     """
     from accelerate.utils import compute_module_sizes
 
@@ -157,13 +158,13 @@ def meta_model(model_dir: Path, dtype: str, *, trust_remote_code: bool = False) 
     map's module names are the ones it expects.
 
     Raises:
-        ModelLoadError: the config cannot be read or the model cannot be built from it.
+        LoadFailedError: the config cannot be read or the model cannot be built from it.
     """
     path = Path(model_dir).resolve()
     try:  # part of the cache key: a model re-installed under the same directory is planned afresh
         config_mtime_ns = (path / "config.json").stat().st_mtime_ns
     except OSError as exc:
-        raise ModelLoadError(f"{path} has no readable config.json ({exc}); install the model completely") from exc
+        raise LoadFailedError(f"{path} has no readable config.json ({exc}); install the model completely") from exc
     return _meta_model(str(path), config_mtime_ns, dtype, trust_remote_code)
 
 
@@ -171,8 +172,8 @@ def meta_model(model_dir: Path, dtype: str, *, trust_remote_code: bool = False) 
 def _meta_model(model_dir: str, config_mtime_ns: int, dtype: str, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from gpufleet.gpu.runtime.inference import ModelKind, detect_kind
-    from gpufleet.gpu.runtime.loader import CHECKPOINT_ERRORS
+    from gpufleet.gpu.runtime.checkpoint_io import CHECKPOINT_ERRORS
+    from gpufleet.gpu.runtime.model import ModelKind, detect_kind
     from gpufleet.gpu.runtime.skeleton import parameters_on_meta
 
     path = Path(model_dir)
@@ -184,14 +185,14 @@ def _meta_model(model_dir: str, config_mtime_ns: int, dtype: str, trust_remote_c
                 config, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
             )
     except CHECKPOINT_ERRORS as exc:
-        raise ModelLoadError(
+        raise LoadFailedError(
             f"could not build the model of {path} to plan its device map: {exc}; check its config.json"
         ) from exc
     return module
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    from gpufleet.gpu.runtime.loader import torch_dtype
+    from gpufleet.gpu.runtime.checkpoint_io import torch_dtype
 
     return torch_dtype(name)
 
@@ -271,8 +272,8 @@ class DeviceMapLoader:
         :class:`~gpufleet.gpu.runtime.loader.ModelLoader`.
 
         Raises:
-            CapacityError: the model does not fit the GPUs' free budgets (nothing was allocated).
-            ModelLoadError: the weights could not be read or placed.
+            BudgetExceededError: the model does not fit the GPUs' free budgets (nothing was allocated).
+            LoadFailedError: the weights could not be read or placed.
             DeviceOutOfMemoryError: a GPU ran out of memory while placing them.
         """
         budgets = list(self.budgets_bytes())

@@ -17,54 +17,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
-from gpufleet.gpu.plan.gguf import GGUF_ENCODER_ARCHITECTURES, gguf_files, read_gguf_header
-from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, detect_pooling, module_bytes
+from gpufleet.gpu.errors import LoadFailedError
+from gpufleet.gpu.runtime.model import (
+    LoadedModel,
+    ModelKind,
+    detect_pooling,
+    gguf_model_file,
+    gguf_model_kind,
+    module_bytes,
+)
 
-__all__ = ["gguf_model_file", "gguf_model_kind", "is_gguf_model", "load_gguf"]
+__all__ = ["load_gguf"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def is_gguf_model(path: Path) -> bool:
-    """Whether ``path`` is served from a GGUF file: it has one and no ``config.json`` with weights beside it.
-
-    A directory with both a transformers checkpoint and a GGUF file is served from the checkpoint.
-    """
-    if not gguf_files(path)[0]:
-        return False
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    return not ((path / "config.json").is_file() and has_weights)
-
-
-def gguf_model_file(path: Path) -> Path:
-    """The one GGUF file the model in ``path`` is served from.
-
-    Raises:
-        ModelLoadError: no GGUF file, or a split model (transformers reads one file).
-    """
-    files, _ = gguf_files(path)
-    if not files:
-        raise ModelLoadError(f"{path} holds no .gguf model file; put the model's .gguf file in the directory")
-    if len(files) > 1:
-        raise ModelLoadError(
-            f"{path} holds a GGUF model split in {len(files)} parts ({files[0].name} ...), and transformers loads "
-            "one file: merge the parts with llama.cpp's `llama-gguf-split --merge` and keep only the merged file"
-        )
-    return files[0]
-
-
-def gguf_model_kind(path: Path) -> ModelKind:
-    """Embedding model for encoder architectures (``bert``, ``nomic-bert`` …), else causal LM.
-
-    Raises:
-        ModelLoadError: the GGUF header cannot be read.
-    """
-    try:
-        header = read_gguf_header(gguf_model_file(path))
-    except ModelSpecError as exc:
-        raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
-    return ModelKind.EMBEDDING if header.architecture in GGUF_ENCODER_ARCHITECTURES else ModelKind.CAUSAL_LM
 
 
 def load_gguf(
@@ -81,18 +46,18 @@ def load_gguf(
         trust_remote_code: passed to transformers (GGUF architectures are built in: it is never needed).
 
     Raises:
-        ModelLoadError: the ``gguf`` package is missing, the file is split, unreadable, or of an architecture
+        LoadFailedError: the ``gguf`` package is missing, the file is split, unreadable, or of an architecture
             transformers cannot load from GGUF.
         DeviceOutOfMemoryError: the device ran out of memory while placing the weights.
     """
-    from gpufleet.gpu.runtime.loader import CHECKPOINT_ERRORS, load_tokenizer, torch_dtype
+    from gpufleet.gpu.runtime.checkpoint_io import CHECKPOINT_ERRORS, load_tokenizer, torch_dtype
     from gpufleet.gpu.runtime.oom import translate_oom
 
     started = time.perf_counter()
     file = gguf_model_file(path)
     kind = gguf_model_kind(path)
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(
+        raise LoadFailedError(
             f"{model_id!r} is a GGUF model ({file.name}) and transformers needs the `gguf` package to read it; "
             "install it with `pip install 'gpufleet[worker]'` (or `pip install gguf`)"
         )
@@ -120,7 +85,7 @@ def load_gguf(
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token
     except CHECKPOINT_ERRORS as exc:
-        raise ModelLoadError(
+        raise LoadFailedError(
             f"could not load the GGUF model {model_id!r} from {file}: {exc}; check that the file is complete and "
             "of an architecture transformers reads from GGUF (llama, mistral, qwen2, qwen3, phi3, gemma, gpt2 ...)"
         ) from exc

@@ -1,107 +1,16 @@
-"""Running loaded models: sentence embeddings and text generation (torch, imported lazily).
+"""Running one job on a loaded model: sentence embeddings and text generation (torch, imported lazily).
 
-A :class:`LoadedModel` is what every loader returns and what the model cache holds: the torch module, its
-tokenizer and what the job bodies need to know about it.
+The records (:class:`~gpufleet.gpu.runtime.model.LoadedModel`, :class:`~gpufleet.gpu.runtime.model.Generation`)
+are :mod:`gpufleet.gpu.runtime.model`'s; the batched forms are :mod:`gpufleet.gpu.runtime.batching`'s.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
 from gpufleet.gpu.outcomes import FinishReason
+from gpufleet.gpu.runtime.model import Generation, LoadedModel
 from gpufleet.gpu.runtime.options import GenerateOptions
-
-if TYPE_CHECKING:
-    import torch
-
-
-class ModelKind(str, Enum):
-    """What a model is served for."""
-
-    EMBEDDING = "embedding"
-    CAUSAL_LM = "causal-lm"
-
-
-class Pooling(str, Enum):
-    """How token states become one sentence embedding (sentence-transformers' 1_Pooling/config.json)."""
-
-    MEAN = "mean"
-    CLS = "cls"
-    LAST = "last"
-
-
-@dataclass
-class LoadedModel:
-    """A model resident on a device, ready to answer."""
-
-    model_id: str
-    path: Path
-    kind: ModelKind
-    module: Any  # torch.nn.Module; Any keeps this module importable without torch
-    tokenizer: Any  # a transformers PreTrainedTokenizerBase
-    device: str
-    dtype: str
-    bytes: int  # parameters + buffers on the device
-    loader: str  # which load path produced it ("fast-safetensors", "from_pretrained", ...)
-    load_s: float = 0.0
-    pooling: Pooling = Pooling.MEAN
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-CAUSAL_LM_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-
-
-def detect_kind(model_dir: Path) -> ModelKind:
-    """Whether a model directory holds a causal LM or an encoder to embed with (from its config.json).
-
-    Multimodal checkpoints (``...ForConditionalGeneration``) are causal LMs: their text generation is served.
-    A GGUF model without a config.json is judged from the file's architecture.
-    """
-    from gpufleet.gpu.plan.specs import read_config  # cached: planning and loading parse config.json once between them
-
-    if not (model_dir / "config.json").is_file():
-        from gpufleet.gpu.runtime.gguf_loader import gguf_model_kind, is_gguf_model
-
-        if is_gguf_model(model_dir):
-            return gguf_model_kind(model_dir)
-    try:
-        config = read_config(model_dir / "config.json")
-    except ModelSpecError as exc:
-        raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
-    architectures = config.get("architectures") or []
-    if any(str(arch).endswith(CAUSAL_LM_ARCH_SUFFIXES) for arch in architectures):
-        return ModelKind.CAUSAL_LM
-    return ModelKind.EMBEDDING
-
-
-def detect_pooling(model_dir: Path) -> Pooling:
-    """Pooling mode from sentence-transformers' ``1_Pooling/config.json``; mean pooling when absent."""
-    pooling_config = model_dir / "1_Pooling" / "config.json"
-    if pooling_config.is_file():
-        data = json.loads(pooling_config.read_text())
-        if data.get("pooling_mode_cls_token"):
-            return Pooling.CLS
-        if data.get("pooling_mode_lasttoken"):
-            return Pooling.LAST
-    return Pooling.MEAN
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        key = tensor.data_ptr()
-        if key in seen and key != 0:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
@@ -116,22 +25,12 @@ def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> l
         One vector per text.
 
     Raises:
-        InferenceError: the model is not an embedding model, or tokenizing or its forward failed.
+        ForwardError: the model is not an embedding model, or tokenizing or its forward failed.
         DeviceOutOfMemoryError: the device ran out of memory during the forward.
     """
     from gpufleet.gpu.runtime.batching import EmbedJob, embed_batch
 
     return embed_batch(loaded, [EmbedJob(texts, normalize)])[0]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Output of :func:`generate`."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: FinishReason
 
 
 def generate(loaded: LoadedModel, options: GenerateOptions) -> Generation:
@@ -148,7 +47,7 @@ def generate(loaded: LoadedModel, options: GenerateOptions) -> Generation:
         The generated text and its token accounting.
 
     Raises:
-        InferenceError: the model is not a causal LM, has no chat template for ``messages``, the request exceeds
+        ForwardError: the model is not a causal LM, has no chat template for ``messages``, the request exceeds
             its context, or tokenizing or generation failed.
         DeviceOutOfMemoryError: the device ran out of memory during generation.
     """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,20 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpufleet.gpu.errors import ModelLoadError, ModelSpecError
-from gpufleet.gpu.runtime.gguf_loader import is_gguf_model, load_gguf
-from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, detect_kind, detect_pooling, module_bytes
+from gpufleet.gpu.checkpoint_format import TensorEntry, read_header, weight_files
+from gpufleet.gpu.errors import LoadFailedError, ModelSpecError
+from gpufleet.gpu.runtime.checkpoint_io import CHECKPOINT_ERRORS, load_tokenizer, torch_dtype
+from gpufleet.gpu.runtime.gguf_loader import load_gguf
+from gpufleet.gpu.runtime.model import LoadedModel, ModelKind, detect_kind, detect_pooling, is_gguf_model, module_bytes
 from gpufleet.gpu.runtime.quantization import check_quantized
-from gpufleet.gpu.runtime.safetensors_io import (
-    CHUNK_ALIGN_BYTES,
-    SAFETENSORS_DTYPES,
-    Piece,
-    StagedReader,
-    TensorEntry,
-    interleave_files,
-    read_safetensors_header,
-    safetensors_files,
-)
+from gpufleet.gpu.runtime.safetensors_io import CHUNK_ALIGN_BYTES, Piece, StagedReader, interleave_files
 from gpufleet.gpu.runtime.skeleton import (
     Unsupported,
     build_skeleton,
@@ -42,7 +34,7 @@ from gpufleet.gpu.runtime.skeleton import (
     named_buffer_slots,
     renamed_entries,
 )
-from gpufleet.gpu.units import MiB
+from gpufleet.gpu.units import MiB, torch_name_of_code
 
 if TYPE_CHECKING:
     import torch
@@ -52,16 +44,10 @@ __all__ = [
     "ModelLoader",
     "PretrainedLoader",
     "ProgressFn",
-    "load_tokenizer",
-    "torch_dtype",
 ]
 
 log = logging.getLogger(__name__)
 
-# What reading a checkpoint raises when the files are wrong: missing or unreadable files, bad JSON or shapes, a
-# pickle that torch's weights-only loader refuses (never executed), a size mismatch. A device OOM is translated
-# before these are caught, so it stays an out-of-memory error.
-CHECKPOINT_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
 
 # (bytes done, bytes total). The worker turns it into Celery PROGRESS state.
 ProgressFn = Callable[[int, int], None]
@@ -85,34 +71,10 @@ class ModelLoader(Protocol):
             progress: called with (bytes done, bytes total) while weights are placed; last with (total, total).
 
         Raises:
-            ModelLoadError: the weights could not be read or placed.
+            LoadFailedError: the weights could not be read or placed.
             DeviceOutOfMemoryError: the device ran out of memory while placing them.
         """
         ...
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for ``"float32"``, ``"float16"`` or ``"bfloat16"``.
-
-    Raises:
-        ModelLoadError: the name is not a served dtype.
-    """
-    import torch
-
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ModelLoadError(f"dtype {name!r} is not served; use float32, float16 or bfloat16") from None
-
-
-def load_tokenizer(path: Path) -> object:
-    """The model's tokenizer, from local files only."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _has_accelerate() -> bool:
@@ -121,8 +83,8 @@ def _has_accelerate() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
-def _load_error(model_id: str, path: Path, exc: BaseException) -> ModelLoadError:
-    return ModelLoadError(
+def _load_error(model_id: str, path: Path, exc: BaseException) -> LoadFailedError:
+    return LoadFailedError(
         f"could not load {model_id!r} from {path}: {exc}; check that the directory holds config.json, "
         "safetensors weights and tokenizer files"
     )
@@ -264,13 +226,13 @@ class FastSafetensorsLoader:
             with an ``auto_map`` always take the fallback).
 
         Raises:
-            ModelLoadError: the staging size leaves no room for a 4 KiB chunk per buffer.
+            LoadFailedError: the staging size leaves no room for a 4 KiB chunk per buffer.
         """
         self.read_threads = max(1, read_threads or min(8, os.cpu_count() or 1))
         # Chunks are whole multiples of 4 KiB: aligned to any element size and to pages.
         self.chunk_bytes = staging_bytes // (2 * self.read_threads) // CHUNK_ALIGN_BYTES * CHUNK_ALIGN_BYTES
         if self.chunk_bytes == 0:
-            raise ModelLoadError(
+            raise LoadFailedError(
                 f"staging_bytes={staging_bytes} is too small for {self.read_threads} reader threads; give at "
                 f"least {2 * self.read_threads * CHUNK_ALIGN_BYTES} bytes (64 MiB or more for real models)"
             )
@@ -287,7 +249,7 @@ class FastSafetensorsLoader:
         """Load ``path`` onto ``device`` in ``dtype``; see :class:`ModelLoader`.
 
         Raises:
-            ModelLoadError: the weights could not be read or placed.
+            LoadFailedError: the weights could not be read or placed.
             DeviceOutOfMemoryError: the device ran out of memory while placing them.
         """
         from gpufleet.gpu.runtime.oom import translate_oom
@@ -322,7 +284,7 @@ class FastSafetensorsLoader:
         target = torch.device(device)
         if is_gguf_model(path):
             raise Unsupported("GGUF file (transformers dequantizes it)")
-        files = safetensors_files(path)
+        files = weight_files(path).safetensors
         if not files:
             raise Unsupported("no safetensors weights")
         raw_config = _read_config(path)
@@ -337,7 +299,7 @@ class FastSafetensorsLoader:
         try:
             entries: dict[str, TensorEntry] = {}
             for file in files:
-                entries.update(read_safetensors_header(file))
+                entries.update(read_header(file))
             module: Any = build_skeleton(path, kind, target_dtype)
             tokenizer = load_tokenizer(path)
         except CHECKPOINT_ERRORS as exc:
@@ -350,7 +312,7 @@ class FastSafetensorsLoader:
             try:
                 self._reader.read(plan.pieces, plan.total_bytes, target, progress)
             except OSError as exc:
-                raise ModelLoadError(
+                raise LoadFailedError(
                     f"reading the weights of {model_id!r} from {path} failed: {exc}; check the files are "
                     "complete and readable (re-download if truncated)"
                 ) from exc
@@ -390,7 +352,7 @@ class FastSafetensorsLoader:
         replacements: dict[int, torch.Tensor] = {}
         pieces: list[Piece] = []
         for meta, entry in matches.values():
-            src_dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
+            src_dtype = getattr(torch, torch_name_of_code(entry.dtype))
             dest = torch.empty(tuple(meta.shape), dtype=meta.dtype, device=target)
             if isinstance(meta, torch.nn.Parameter):
                 dest = torch.nn.Parameter(dest, requires_grad=meta.requires_grad)
@@ -414,12 +376,14 @@ class FastSafetensorsLoader:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    from gpufleet.gpu.plan.specs import read_config  # cached: the estimate before the load already parsed this file
+    from gpufleet.gpu.plan.checkpoint_files import (
+        read_config,  # cached: the estimate before the load already parsed this file
+    )
 
     try:
         return read_config(path / "config.json")
     except ModelSpecError as exc:
-        raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
+        raise LoadFailedError(f"{exc}; the model directory is incomplete or corrupt") from exc
 
 
 def _is_multimodal(config: Mapping[str, Any]) -> bool:

@@ -18,8 +18,8 @@ allocator, psutil on the CPU, or a fake in tests).
 
 Fragmentation is handled by the allocator configuration, not by the pool:
 :func:`~gpufleet.gpu.runtime.device_memory.configure_allocator` turns on ``expandable_segments`` before CUDA starts.
-Preallocating common block sizes (the original design's idea) is kept as an option, off by default, until
-``benchmarks/runtime_bench.py`` shows it helps on a GPU.
+Preallocating common block sizes (``GPUFLEET_GPU__MEMORY_POOL__PREALLOCATE_COMMON_SIZES``) is an option, off by
+default: ``benchmarks/runtime_bench.py`` measures whether it helps on a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gpufleet.gpu.config import GpuConfig
-from gpufleet.gpu.errors import CapacityError, ConfigError
+from gpufleet.gpu.errors import BudgetExceededError, ConfigError
 from gpufleet.gpu.runtime.device_memory import (
     ALLOC_CONF_ENV,
     GENERIC_ALLOC_CONF_ENV,
@@ -218,12 +218,12 @@ class GPUMemoryPool:
 
         Raises:
             ConfigError: ``estimate_bytes`` is negative.
-            CapacityError: the reservation does not fit the free budget; nothing is reserved.
+            BudgetExceededError: the reservation does not fit the free budget; nothing is reserved.
         """
         if estimate_bytes < 0:
             raise ConfigError(f"estimate for {model_id!r} must be >= 0 bytes, got {estimate_bytes}")
         if estimate_bytes > self._budget_bytes:
-            raise CapacityError(
+            raise BudgetExceededError(
                 f"model {model_id!r} needs {fmt_bytes(estimate_bytes)}; the whole budget of {self.label} is "
                 f"{fmt_bytes(self._budget_bytes)}; try a quantized variant or route it to a GPU with more memory"
             )
@@ -234,7 +234,7 @@ class GPUMemoryPool:
             others = {k: v for k, v in self._reservations.items() if k != model_id}
             free = self._budget_bytes - resident - sum(others.values())
             if estimate_bytes > free:
-                raise CapacityError(self._refusal(model_id, estimate_bytes, free, resident, others))
+                raise BudgetExceededError(self._refusal(model_id, estimate_bytes, free, resident, others))
             self._reservations[model_id] = estimate_bytes
 
     def _refusal(self, model_id: str, estimate_bytes: int, free: int, resident: int, others: dict[str, int]) -> str:
@@ -302,7 +302,7 @@ class GPUMemoryPool:
 
     def preallocate(self, sizes_mb: Sequence[int]) -> list[int]:
         """Allocate one block of each size together, then free them, so torch's caching allocator keeps the
-        segments for later allocations of those sizes (the original design's "preallocate common sizes").
+        segments for later allocations of those sizes (``preallocate_common_sizes``).
 
         Off by default: ``benchmarks/runtime_bench.py`` compares it with ``expandable_segments``. A no-op on
         the CPU, which has no caching allocator.

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from gpufleet.gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpufleet.gpu.errors import AllPinnedError, BudgetExceededError, ConfigError
 from gpufleet.gpu.runtime.cache_stats import EVICT_REASONS, CacheStats, EvictReason, ModelUsage
 from gpufleet.gpu.units import fmt_bytes
 
@@ -188,7 +188,7 @@ class ModelCache(Generic[V]):
             The evicted keys, in eviction order.
 
         Raises:
-            CapacityError: ``size_bytes`` exceeds the whole budget; no eviction can help.
+            BudgetExceededError: ``size_bytes`` exceeds the whole budget; no eviction can help.
             AllPinnedError: even after evicting every unpinned entry the model would not fit.
         """
         with self._lock:
@@ -222,7 +222,7 @@ class ModelCache(Generic[V]):
 
         Raises:
             ConfigError: ``size_bytes`` is negative or ``ttl_s`` is not positive.
-            CapacityError: ``size_bytes`` exceeds the whole budget.
+            BudgetExceededError: ``size_bytes`` exceeds the whole budget.
             AllPinnedError: the rest of the cache is pinned and too little is free.
         """
         if size_bytes < 0:
@@ -404,7 +404,7 @@ class ModelCache(Generic[V]):
     def _make_room(self, size_bytes: int, *, for_key: str, replacing_bytes: int) -> list[str]:
         """Plan, check, then evict; ``replacing_bytes`` are held by ``for_key``'s old entry, freed by put."""
         if size_bytes > self._capacity_bytes:
-            raise CapacityError(
+            raise BudgetExceededError(
                 f"model {for_key!r} needs {fmt_bytes(size_bytes)}; the whole budget of this cache is "
                 f"{fmt_bytes(self._capacity_bytes)}, so no eviction can make it fit; try a quantized variant "
                 "or route it to a GPU with more memory"
@@ -430,12 +430,12 @@ class ModelCache(Generic[V]):
             self._remove(key, reason)
         return [key for key, _ in plan]
 
-    def _no_room_error(self, size_bytes: int, *, for_key: str, free_after: int) -> CapacityError:
+    def _no_room_error(self, size_bytes: int, *, for_key: str, free_after: int) -> BudgetExceededError:
         pinned = [(k, e.size_bytes) for k, e in self._entries.items() if e.pinned and k != for_key]
         free_now = max(0, self._capacity_bytes - self._used_bytes)
         if not pinned:
             # Only possible when for_key itself (cached, unpinned) holds the rest of the budget.
-            return CapacityError(
+            return BudgetExceededError(
                 f"model {for_key!r} needs {fmt_bytes(size_bytes)}; {fmt_bytes(free_now)} of "
                 f"{fmt_bytes(self._capacity_bytes)} is free and {for_key!r} is already cached; replace it "
                 "with put() instead of making room beside it"

@@ -4,7 +4,7 @@ Every place a model runs (inference, warm-up, loading) wraps the library call in
 :func:`translate_model_errors`, so what leaves :mod:`gpufleet.gpu.runtime` is a :mod:`gpufleet.gpu.errors` class: a
 device out-of-memory becomes :class:`~gpufleet.gpu.errors.DeviceOutOfMemoryError` (the worker evicts and retries, or
 re-routes), and any other failure of torch, transformers or tokenizers inside a forward becomes
-:class:`~gpufleet.gpu.errors.InferenceError`. Our own errors pass through unchanged.
+:class:`~gpufleet.gpu.errors.ForwardError`. Our own errors pass through unchanged.
 
 :func:`inject_oom_on_forward` arms a forward pre-hook on a real module so its next forwards raise a real
 ``torch.OutOfMemoryError``: the tests and the worker's fault injection exercise the same path a full device takes.
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, InferenceError
+from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, ForwardError, GpuError
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +66,7 @@ def translate_oom(what: str) -> Iterator[None]:
     """Turn a device out-of-memory raised inside the block into :class:`DeviceOutOfMemoryError`.
 
     Other exceptions pass unchanged: use this where failures other than a full device have their own
-    translation (the loaders turn file errors into ``ModelLoadError``).
+    translation (the loaders turn file errors into ``LoadFailedError``).
 
     Args:
         what: what was going on, for the message ("loading org/model").
@@ -95,7 +95,7 @@ def translate_model_errors(model_id: str, doing: str, advice: str) -> Iterator[N
 
     Raises:
         DeviceOutOfMemoryError: the device ran out of memory (``__cause__`` is torch's error).
-        InferenceError: torch, transformers or tokenizers raised one of :data:`MODEL_LIBRARY_ERRORS`.
+        ForwardError: torch, transformers or tokenizers raised one of :data:`MODEL_LIBRARY_ERRORS`.
         GpuError: any of ours, raised inside the block, unchanged.
     """
     try:
@@ -106,7 +106,7 @@ def translate_model_errors(model_id: str, doing: str, advice: str) -> Iterator[N
         if is_oom(exc):
             raise _oom_error(f"{doing} with {model_id!r}", exc) from exc
         if isinstance(exc, MODEL_LIBRARY_ERRORS):
-            raise InferenceError(
+            raise ForwardError(
                 f"model {model_id!r} failed while {doing}: {type(exc).__name__}: {exc}; {advice}"
             ) from exc
         raise

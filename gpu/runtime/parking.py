@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.gpu.errors import CapacityError, ConfigError
-from gpufleet.gpu.runtime.inference import LoadedModel
+from gpufleet.gpu.errors import BudgetExceededError, ConfigError
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.gpu.runtime.model_cache import ModelCache
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class ParkedStore:
                 self._cache.pop(loaded.model_id)
             try:
                 self._cache.make_room(nbytes, for_key=loaded.model_id)
-            except CapacityError:
+            except BudgetExceededError:
                 self._refused += 1
                 return False
             from_device = loaded.device

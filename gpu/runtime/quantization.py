@@ -74,7 +74,7 @@ def quant_method(path: Path) -> str | None:
     Raises:
         ModelSpecError: the config.json exists but cannot be read.
     """
-    from gpufleet.gpu.plan.specs import read_config  # cached: planning already parsed it
+    from gpufleet.gpu.plan.checkpoint_files import read_config  # cached: planning already parsed it
 
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -123,14 +123,14 @@ def check_quantized(
     Raises:
         UnsupportedQuantizationError: the device is a CPU, its compute capability is too old, or a kernel
             package is missing; the message names what is missing and how to get it.
-        ModelLoadError: the config.json cannot be read.
+        LoadFailedError: the config.json cannot be read.
     """
     try:
         method = quant_method(path)
     except ModelSpecError as exc:
-        from gpufleet.gpu.errors import ModelLoadError
+        from gpufleet.gpu.errors import LoadFailedError
 
-        raise ModelLoadError(f"{exc}; the model directory is incomplete or corrupt") from exc
+        raise LoadFailedError(f"{exc}; the model directory is incomplete or corrupt") from exc
     if method is None:
         return None
     requirement = QUANT_REQUIREMENTS.get(method) or QUANT_REQUIREMENTS.get(method.replace("_", "-"))

@@ -1,8 +1,9 @@
 """Reading safetensors weights straight into device tensors (torch imported lazily).
 
-:func:`read_safetensors_header` parses a file's header into :class:`TensorEntry` records (dtype, shape, byte
-range); :func:`safetensors_files` lists a model directory's shards. :class:`StagedReader` then fills tensors that
-already live on the target device from those byte ranges, so the model is never held whole in host memory:
+:func:`gpufleet.gpu.checkpoint_format.read_header` parses a file's header into
+:class:`~gpufleet.gpu.checkpoint_format.TensorEntry` records (dtype, shape, byte range), for the planner too.
+:class:`StagedReader` fills tensors that already live on the target device from those byte ranges, so the model is never
+held whole in host memory:
 
 - each tensor's bytes are cut into :class:`Piece` reads of at most ``chunk_bytes``, on element boundaries, and
   the pieces of all shards are interleaved so several files are read at once;
@@ -20,117 +21,21 @@ moves bytes.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import queue
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.gpu.errors import ModelLoadError
-from gpufleet.gpu.units import MiB
+from gpufleet.gpu.checkpoint_format import TensorEntry
 
 if TYPE_CHECKING:
     import torch
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
 CHUNK_ALIGN_BYTES = 4096
 _WORKER_DONE = -1  # what a reader thread puts on the progress queue when it stops
-# Bigger headers than this mean a corrupt or hostile file (the format's own readers cap it the same way).
-MAX_HEADER_BYTES = 100 * MiB
-
-# safetensors dtype names → torch dtype attribute names. Anything else (fp8, fp4, ...) goes to the fallback.
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# safetensors headers
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes live in a safetensors file."""
-
-    file: Path
-    dtype: str  # safetensors name: "BF16", "F32", ...
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-
-def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header: an 8-byte little-endian length, then JSON naming dtype, shape and offsets.
-
-    Args:
-        file: a ``.safetensors`` file.
-
-    Returns:
-        Tensor name → :class:`TensorEntry` (``__metadata__`` left out).
-
-    Raises:
-        ModelLoadError: the file is unreadable, truncated or not a safetensors file.
-    """
-    try:
-        with file.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise ModelLoadError(f"{file} is too short to be a safetensors file; re-download the weights")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise ModelLoadError(
-                    f"{file} declares a {header_len}-byte header; the file is corrupt, re-download the weights"
-                )
-            raw = handle.read(header_len)
-        header = json.loads(raw)
-        file_bytes = file.stat().st_size
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the safetensors header of {file}: {exc}; re-download the weights") from exc
-    data_start = 8 + header_len
-    entries: dict[str, TensorEntry] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = (int(x) for x in meta["data_offsets"])
-        entry = TensorEntry(
-            file=file,
-            dtype=str(meta["dtype"]),
-            shape=tuple(int(d) for d in meta["shape"]),
-            offset=data_start + begin,
-            nbytes=end - begin,
-        )
-        if entry.offset + entry.nbytes > file_bytes or end < begin:
-            raise ModelLoadError(
-                f"{file} is truncated: tensor {name!r} ends past the end of the file; re-download the weights"
-            )
-        entries[name] = entry
-    return entries
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """The safetensors files of a model directory (the index's shards, or ``model.safetensors``); [] if none."""
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return [path / name for name in sorted(set(weight_map.values()))]
-    single = path / SAFETENSORS_SINGLE
-    return [single] if single.is_file() else []
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Reading pieces into device tensors

@@ -15,9 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.gpu.errors import ModelLoadError
-from gpufleet.gpu.runtime.inference import ModelKind
-from gpufleet.gpu.runtime.safetensors_io import SAFETENSORS_DTYPES, TensorEntry
+from gpufleet.gpu.checkpoint_format import TensorEntry
+from gpufleet.gpu.errors import LoadFailedError
+from gpufleet.gpu.runtime.model import ModelKind
+from gpufleet.gpu.units import torch_name_of_code
+
+# The safetensors codes the fast loader reads; anything else (FP8, unsigned wider than a byte) goes to the
+# fallback, from_pretrained.
+FAST_CODES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +87,7 @@ def check_supported(module: torch.nn.Module, entries: dict[str, TensorEntry], dt
     """Raise :class:`Unsupported` for what only ``from_pretrained`` does right."""
     import torch
 
-    odd = sorted({e.dtype for e in entries.values()} - set(SAFETENSORS_DTYPES))
+    odd = sorted({e.dtype for e in entries.values()} - FAST_CODES)
     if odd:
         raise Unsupported(f"checkpoint dtypes {', '.join(odd)} are not handled")
     if getattr(module, "_keep_in_fp32_modules_strict", None) and dtype in (torch.float16, torch.bfloat16):
@@ -124,7 +129,7 @@ def match_keys(module: torch.nn.Module, entries: dict[str, TensorEntry]) -> dict
 
     Raises:
         Unsupported: weights missing from the checkpoint, shapes that differ, or state the fast path cannot set.
-        ModelLoadError: an entry's byte count does not fit its shape and dtype (a corrupt file).
+        LoadFailedError: an entry's byte count does not fit its shape and dtype (a corrupt file).
     """
     import torch
 
@@ -154,9 +159,9 @@ def match_keys(module: torch.nn.Module, entries: dict[str, TensorEntry]) -> dict
             raise Unsupported(
                 f"shape of {source!r} is {list(entry.shape)} in the checkpoint, {list(meta.shape)} in the model"
             )
-        itemsize = getattr(torch, SAFETENSORS_DTYPES[entry.dtype]).itemsize
+        itemsize = getattr(torch, torch_name_of_code(entry.dtype)).itemsize
         if entry.nbytes != meta.numel() * itemsize:
-            raise ModelLoadError(
+            raise LoadFailedError(
                 f"{entry.file}: tensor {source!r} holds {entry.nbytes} bytes, its shape and dtype need "
                 f"{meta.numel() * itemsize}; the file is corrupt, re-download the weights"
             )

@@ -24,17 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from gpufleet.gpu.config import WarmupConfig, WarmupOp, WarmupSize
 from gpufleet.gpu.errors import ConfigError
-from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind
-from gpufleet.gpu.units import MiB
+from gpufleet.gpu.runtime.model import LoadedModel, ModelKind
+from gpufleet.gpu.units import SERVED_DTYPES, MiB
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SERVED_DTYPES", "GPUWarmupManager", "WarmupReport", "WarmupStep"]
+__all__ = ["GPUWarmupManager", "WarmupReport", "WarmupStep"]
 
 logger = logging.getLogger(__name__)
-
-SERVED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -224,7 +222,7 @@ class GPUWarmupManager:
             Seconds the warm-up request took (device synchronised).
 
         Raises:
-            InferenceError: the model failed on the warm-up request (a real job would fail the same way).
+            ForwardError: the model failed on the warm-up request (a real job would fail the same way).
             DeviceOutOfMemoryError: the device ran out of memory during it.
         """
         import torch
@@ -257,14 +255,9 @@ class GPUWarmupManager:
 
 
 def _dtype(name: str) -> torch.dtype:
-    import torch
+    from gpufleet.gpu.runtime.checkpoint_io import torch_dtype
 
-    dtypes: dict[str, torch.dtype] = {
-        "float32": torch.float32,
-        "float16": torch.float16,
-        "bfloat16": torch.bfloat16,
-    }
-    return dtypes[name]
+    return torch_dtype(name)
 
 
 def _synchronize(device: torch.device) -> None:

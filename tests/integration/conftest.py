@@ -16,7 +16,6 @@ from gpufleet.tasks.settings import Settings, load_settings
 from gpufleet.workers.tools.launch import spawn_worker, stop_process, wait_until_ready
 from gpufleet.workers.tools.local_redis import LocalRedis
 
-pytestmark = pytest.mark.integration
 # Broker on an even database from 100 up, results on the next one; tests that use a database of their own pick one
 # below 100, so a worker never consumes another test's queue.
 _db = itertools.count(100, 2)

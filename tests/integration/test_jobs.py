@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,7 +69,7 @@ def test_plain_celery_client_without_gpufleet(worker: RunningWorker) -> None:
         import importlib.abc, json, sys
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {{"gpu", "tasks", "workers", "torch", "transformers", "pydantic"}}:
+                if name.split(".")[0] in {{"gpufleet", "torch", "transformers", "pydantic"}}:
                     raise ImportError(name + " is blocked: this client has only celery")
         sys.meta_path.insert(0, Block())
         from celery import Celery
@@ -185,3 +188,51 @@ def test_load_reports_progress_then_the_result(worker_factory: WorkerFactory) ->
     assert seen, "no PROGRESS state was observed during a 2 s load"
     assert seen[0]["bytes_total"] > 50 * 2**20 and seen[0]["bytes_done"] <= seen[0]["bytes_total"]
     assert result["action"] == "loaded" and result["loader"] == "fast-safetensors"
+
+
+SERVICE_TASKS = """\
+from celery import Celery
+
+app = Celery("tasks", broker="memory://")
+
+
+@app.task
+def add(x, y):
+    return x + y
+"""
+
+SERVICE_PRODUCER = """\
+import json
+
+import gpu
+import tasks  # the service's own modules, as in Celery's tutorial: gpufleet must not collide with them
+import workers
+from gpufleet import FleetClient, InvalidRequestError
+
+assert tasks.add.run(2, 3) == 5 and gpu.NAME == "service gpu" and workers.NAME == "service workers"
+client = FleetClient()
+result = client.embed(EMBED, ["hello from a service"]).get(timeout=TIMEOUT)
+try:
+    client.embed(EMBED, [])
+except InvalidRequestError as exc:
+    refused = str(exc)
+print(json.dumps({"dim": result["dim"], "worker": result["worker"], "refused": refused}))
+"""
+
+
+def test_a_service_with_its_own_tasks_module_enqueues_through_gpufleet(worker: RunningWorker, tmp_path: Path) -> None:
+    """``from gpufleet import FleetClient`` works beside a service's own tasks.py, workers.py and gpu.py."""
+    (tmp_path / "tasks.py").write_text(SERVICE_TASKS)
+    (tmp_path / "gpu.py").write_text('NAME = "service gpu"\n')
+    (tmp_path / "workers.py").write_text('NAME = "service workers"\n')
+    script = SERVICE_PRODUCER.replace("EMBED", repr(EMBED)).replace("TIMEOUT", str(RESULT_TIMEOUT_S))
+    (tmp_path / "producer.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({k: v for k, v in worker.env.items() if k.startswith("GPUFLEET_")})
+    done = subprocess.run(
+        [sys.executable, "producer.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["dim"] == 384 and answer["worker"] == worker.name
+    assert "texts" in answer["refused"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.gpu.plan.estimate import estimate_model_bytes
+from gpufleet.gpu.plan.estimate import estimate_weights_bytes
 from gpufleet.gpu.plan.specs import load_spec
 from gpufleet.tasks.client import FleetClient
 from gpufleet.tasks.errors import ModelLoadError
@@ -60,7 +60,7 @@ def test_gguf_model_is_served_and_planned_dequantized(
     loaded = client.load_model(GGUF).get(timeout=RESULT_TIMEOUT_S)
     assert "gguf" in loaded["loader"].lower()
     # The worker holds the dequantized fp32 weights: what the plan reserved, several times the Q8_0 file.
-    planned = estimate_model_bytes(load_spec(families_root / GGUF), 4)
+    planned = estimate_weights_bytes(load_spec(families_root / GGUF), dtype_bytes=4)
     file_bytes = next((families_root / GGUF).glob("*.gguf")).stat().st_size
     assert planned <= loaded["bytes"] <= planned * 1.01 and loaded["bytes"] > 2 * file_bytes
     result = client.generate(GGUF, prompt="The fleet serves", max_new_tokens=6).get(timeout=RESULT_TIMEOUT_S)

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from gpufleet.tasks.fleet import HELD_KEY_PREFIX, HOLDERS_KEY
-from gpufleet.workers.child.job_accounting import DELIVERIES_KEY
+from gpufleet.tasks.fleet import DELIVERIES_KEY, HELD_KEY_PREFIX, HOLDERS_KEY
 from gpufleet.workers.tools.local_redis import LocalRedis
 from tests.integration.conftest import RunningWorker, WorkerFactory
 from tests.integration.test_brokers import rabbitmq_up

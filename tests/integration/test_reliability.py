@@ -154,8 +154,9 @@ def test_queued_jobs_survive_a_redis_restart(
         time.sleep(1.2)  # appendfsync everysec
         server.restart()
         worker = _worker_on(worker_factory, server)
-        assert [job.get(timeout=180)["dim"] for job in jobs] == [384, 384, 384]
-        assert worker.name
+        answers = [job.get(timeout=180) for job in jobs]
+        assert [answer["dim"] for answer in answers] == [384, 384, 384]
+        assert {answer["worker"] for answer in answers} == {worker.name}, "answered by the worker started after"
     finally:
         server.stop()
 

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from gpufleet.tasks.fleet import DELIVERIES_KEY
 
-DELIVERIES_KEY = "gpufleet:deliveries:{job_id}"
+log = logging.getLogger(__name__)
 
 
 class DeferredCall:

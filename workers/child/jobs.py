@@ -17,7 +17,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from gpufleet.gpu.runtime.batching import EmbedJob, EncodedPrompt, embed_batch, encode_prompt, generate_batch
-from gpufleet.gpu.runtime.inference import Generation, LoadedModel
+from gpufleet.gpu.runtime.model import Generation, LoadedModel
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.tasks import errors
 from gpufleet.tasks.contracts import (
@@ -38,7 +38,7 @@ from gpufleet.workers.child.runtime import WorkerRuntime
 from gpufleet.workers.child.task_base import EngineKind, FleetTask, Served
 
 if TYPE_CHECKING:
-    from gpufleet.workers.child.pipeline import Job, Pipeline
+    from gpufleet.workers.child.job import Job, JobServices
 
 
 class EmbedTask(FleetTask[EmbedRequest]):
@@ -95,7 +95,7 @@ class LoadModelTask(FleetTask[LoadModelRequest]):
     request_model = LoadModelRequest
     result_model = LoadModelResult
 
-    def serve(self, pipeline: Pipeline, job: Job) -> Served | None:
+    def serve(self, pipeline: JobServices, job: Job) -> Served | None:
         request: LoadModelRequest = job.request
         acquired = pipeline.acquire(request.model, [job], pinned=request.priority)
         if acquired is None:
@@ -116,7 +116,7 @@ class UnloadModelTask(FleetTask[UnloadModelRequest]):
     request_model = UnloadModelRequest
     result_model = UnloadModelResult
 
-    def serve(self, pipeline: Pipeline, job: Job) -> Served:
+    def serve(self, pipeline: JobServices, job: Job) -> Served:
         started = time.perf_counter()
         freed = pipeline.runtime.unload(job.request.model)
         fields = {
@@ -135,7 +135,7 @@ class SleepTask(FleetTask[SleepRequest]):
     result_model = SleepResult
     common_fields = False
 
-    def serve(self, pipeline: Pipeline, job: Job) -> Served:
+    def serve(self, pipeline: JobServices, job: Job) -> Served:
         runtime = pipeline.runtime
         request: SleepRequest = job.request
         if not runtime.settings.diagnostics:

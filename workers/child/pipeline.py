@@ -24,7 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from billiard.einfo import ExceptionInfo
@@ -37,6 +36,7 @@ import gpufleet.gpu.errors as gpu_errors
 from gpufleet.tasks.contracts import Timings, dump
 from gpufleet.tasks.names import ENQUEUED_AT_HEADER
 from gpufleet.workers.child import state
+from gpufleet.workers.child.job import Job
 from gpufleet.workers.child.oom_policy import run_with_oom_policy
 from gpufleet.workers.child.result_store import StoredState, store_states
 from gpufleet.workers.child.runtime import Acquired, WorkerRuntime
@@ -67,20 +67,6 @@ class Rerouted(Exception):
     def __init__(self, queue: str) -> None:
         super().__init__(queue)
         self.queue = queue
-
-
-@dataclass
-class Job:
-    """A valid job on its way through the pipeline."""
-
-    index: int
-    payload: JobPayload
-    request: Any  # the task's request model
-    prepared: Any = None
-
-    @property
-    def id(self) -> str:
-        return self.payload.id
 
 
 class Pipeline:
@@ -333,7 +319,7 @@ def _compute(pipeline: Pipeline, acquired: Acquired, model: str, jobs: list[Job]
     except Rerouted as rerouted:  # a lone job the OOM policy sent elsewhere
         pipeline.reroute(jobs[0], rerouted.queue)
         return
-    except (gpu_errors.DeviceOutOfMemoryError, gpu_errors.InferenceError) as exc:
+    except (gpu_errors.DeviceOutOfMemoryError, gpu_errors.ForwardError) as exc:
         if len(jobs) == 1:
             pipeline.fail(jobs[0].index, exc)
             return

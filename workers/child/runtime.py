@@ -22,14 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.gpu.errors import CapacityError, GpuError
-from gpufleet.gpu.plan.specs import read_config
-from gpufleet.gpu.repository import ResolvedModel, default_hf_cache, list_models, resolve_model
+from gpufleet.gpu.errors import BudgetExceededError, GpuError
+from gpufleet.gpu.plan.checkpoint_files import read_config
+from gpufleet.gpu.repository import ResolvedModel, list_models, resolve_model
 from gpufleet.gpu.runtime.device_map import DeviceMapLoader, plan_device_map
 from gpufleet.gpu.runtime.device_memory import configure_allocator
-from gpufleet.gpu.runtime.inference import LoadedModel
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, ModelLoader
 from gpufleet.gpu.runtime.memory_pool import GPUMemoryPool
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.gpu.runtime.model_cache import ModelCache
 from gpufleet.gpu.runtime.parking import ParkedStore
 from gpufleet.gpu.runtime.quantization import check_quantized
@@ -89,8 +89,8 @@ def choose_dtype(identity: WorkerIdentity, settings: Settings) -> str:
 def preimport_model_code(settings: Settings) -> list[str]:
     """Import transformers' modeling code for every architecture under the model root (and llama's).
 
-    The first import of a modeling module costs seconds (measured: 3.8 s for BERT's on this project's CPU VM,
-    then 0.02 s for the next family), which would otherwise land on the first user's job. Returns the model
+    The first import of a modeling module costs seconds (measured: 3.8 s for BERT's on a 2-core CPU VM, then
+    0.02 s for the next family), which would otherwise land on the first user's job. Returns the model
     types imported.
     """
     import importlib
@@ -255,7 +255,7 @@ class WorkerRuntime:
         """Whether the model's device map fits the GPUs (True on one GPU, where the summed budget is the budget).
 
         Raises:
-            CapacityError: ``empty`` and the model does not fit even GPUs holding nothing.
+            BudgetExceededError: ``empty`` and the model does not fit even GPUs holding nothing.
         """
         if self.identity.gpu_count == 1:
             return True
@@ -263,7 +263,7 @@ class WorkerRuntime:
         budgets = list(pool.device_budgets_bytes) if empty else self.gpu_free_budgets()
         try:
             plan_device_map(resolved.path, self.dtype, budgets, trust_remote_code=self.settings.trust_remote_code)
-        except CapacityError:
+        except BudgetExceededError:
             if empty:
                 raise
             return False
@@ -272,8 +272,7 @@ class WorkerRuntime:
     # -- models -------------------------------------------------------------------------------------------
 
     def resolve(self, model_id: str) -> ResolvedModel:
-        hf_cache = self.settings.hf_cache or default_hf_cache()
-        return resolve_model(model_id, self.settings.model_root, hf_cache)
+        return resolve_model(model_id, self.settings.model_root, self.settings.hf_cache_dir)
 
     def _require(self) -> tuple[GPUMemoryPool, ModelCache[LoadedModel], GPUWarmupManager]:
         if self.pool is None or self.cache is None or self.warmup is None:
@@ -282,15 +281,16 @@ class WorkerRuntime:
 
     def estimate_bytes(self, resolved: ResolvedModel) -> int:
         """Bytes the model will take on the device, before loading (the measured size is committed after)."""
-        from gpufleet.gpu.plan.estimate import estimate_model_bytes
+        from gpufleet.gpu.checkpoint_format import weight_files
+        from gpufleet.gpu.plan.estimate import estimate_weights_bytes
         from gpufleet.gpu.plan.specs import load_spec
 
-        bytes_per_param = dtype_bytes(self.dtype)
         try:
-            return int(estimate_model_bytes(load_spec(resolved.path), bytes_per_param))
-        except Exception:  # an unplannable config still loads; size it from the files on disk
-            files = list(resolved.path.glob("*.safetensors")) or list(resolved.path.glob("*.bin"))
-            return sum(f.stat().st_size for f in files)
+            return estimate_weights_bytes(load_spec(resolved.path), dtype_bytes=dtype_bytes(self.dtype))
+        except GpuError as exc:  # an unplannable config may still load: size it from the files on disk
+            size = sum(f.stat().st_size for f in weight_files(resolved.path).present)
+            log.info("cannot plan %s (%s); reserving its %d bytes on disk", resolved.model_id, exc, size)
+            return size
 
     def acquire(
         self, model_id: str, *, pinned: bool = False, progress: ProgressFn | None = None, jobs: int = 1
@@ -301,7 +301,7 @@ class WorkerRuntime:
         of the same jobs.
 
         Raises:
-            gpu errors: ModelNotFoundError, UnsafeModelIdError, CapacityError (incl. AllPinnedError),
+            gpu errors: ModelNotFoundError, UnsafeModelIdError, BudgetExceededError (incl. AllPinnedError),
             DeviceOutOfMemoryError (no retry here: :mod:`gpufleet.workers.child.oom_policy` decides), ModelLoadError.
         """
         with self._serving:

@@ -30,9 +30,9 @@ from gpufleet.tasks import errors
 from gpufleet.tasks.contracts import validate_request
 
 if TYPE_CHECKING:
-    from gpufleet.gpu.runtime.inference import LoadedModel
+    from gpufleet.gpu.runtime.model import LoadedModel
     from gpufleet.tasks.settings import Settings
-    from gpufleet.workers.child.pipeline import Job, Pipeline
+    from gpufleet.workers.child.job import Job, JobServices
     from gpufleet.workers.child.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,10 @@ def parse(model: type[RequestT], args: tuple[Any, ...], kwargs: Any) -> RequestT
 
 _GPU_TO_JOB: tuple[tuple[type[Exception], type[errors.JobError]], ...] = (
     (gpu_errors.UnsafeModelIdError, errors.InvalidRequestError),
-    (gpu_errors.ModelNotFoundError, errors.ModelNotFoundError),
-    (gpu_errors.ModelLoadError, errors.ModelLoadError),
-    (gpu_errors.CapacityError, errors.CapacityError),
-    (gpu_errors.InferenceError, errors.InferenceError),
+    (gpu_errors.ModelNotInstalledError, errors.ModelNotFoundError),
+    (gpu_errors.LoadFailedError, errors.ModelLoadError),
+    (gpu_errors.BudgetExceededError, errors.CapacityError),
+    (gpu_errors.ForwardError, errors.InferenceError),
     (gpu_errors.GpuError, errors.JobError),
 )
 
@@ -182,7 +182,7 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
 
     # -- one-by-one tasks --------------------------------------------------------------------------------
 
-    def serve(self, pipeline: Pipeline, job: Job) -> Served | None:
+    def serve(self, pipeline: JobServices, job: Job) -> Served | None:
         """One job's own work (one-by-one tasks). None when the pipeline already finished the job (re-routed)."""
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gpufleet.tasks.names import CPU_QUEUE, gpu_type_queue, worker_queue
+from gpufleet.tasks.names import CPU_QUEUE, gpu_type_queue, gpu_type_slug, worker_queue
 from gpufleet.workers.errors import WorkerStartError
 
 
@@ -56,7 +56,7 @@ class WorkerIdentity:
 
 def worker_name(gpu_type: str, index: int, host: str | None = None, *, gpu_count: int = 1) -> str:
     """``h100-0@host``: GPU type slug, first device index, host; ``h100x2-0@host`` for a worker of 2 GPUs."""
-    slug = gpu_type.lower().replace("_", "-")
+    slug = gpu_type_slug(gpu_type)
     count = f"x{gpu_count}" if gpu_count > 1 else ""
     return f"{slug}{count}-{index}@{host or socket.gethostname()}"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from gpufleet.gpu.units import GB, MiB
 
-# Targets from issue 5 (GPU, 7B-shaped checkpoint).
+# The loader's targets on a GPU, for a 7B-shaped checkpoint (README, Benchmarks).
 TARGET_FAST_VS_PRETRAINED = 3.0
 TARGET_FRACTION_OF_FLOOR = 0.6
 TARGET_RESTORE_VS_H2D = 0.8

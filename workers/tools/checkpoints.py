@@ -28,41 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.gpu.errors import ConfigError
+from gpufleet.gpu.units import DTYPES as UNIT_DTYPES
 from gpufleet.gpu.units import MiB
 from gpufleet.workers.tools.families import ENCODERS, auto_class, config_options, tokenizer_for
 from gpufleet.workers.tools.guards import needs_worker_libraries, writing
+from gpufleet.workers.tools.shapes import Shape
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi3", "bert", "xlm-roberta", "qwen2_vl")
 # Encoders are saved as the bare encoder (what an embedding model is), multimodal models with their image-text
 # class, the rest as causal LMs; the families' differences live in workers.tools.families.
 DTYPES = ("float32", "float16", "bfloat16")
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _RANDOM_BLOCK_BYTES = 64 * MiB  # write_checkpoint tiles this much random data over every tensor
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Model dimensions, mapped onto each architecture's own config names.
-
-    Attributes:
-        hidden: model width.
-        layers: transformer blocks.
-        heads: attention heads.
-        kv_heads: key/value heads (grouped-query attention where the architecture has it).
-        intermediate: MLP width.
-        max_positions: longest context (encoders cap it at 512).
-        vocab_size: ``None`` takes the tokenizer's size; larger ones pad the vocabulary, as many hub models do.
-        shard_size: :func:`write_checkpoint`'s default shard size (``"64MiB"``).
-    """
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    max_positions: int = 2048
-    vocab_size: int | None = None
-    shard_size: str = "2GiB"
 
 
 SHAPES: dict[str, Shape] = {
@@ -291,7 +267,7 @@ def _write_safetensors(
     for name, dims in tensors:
         nbytes = _numel(dims) * element_bytes
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "dtype": UNIT_DTYPES[dtype].safetensors,
             "shape": list(dims),
             "data_offsets": [offset, offset + nbytes],
         }

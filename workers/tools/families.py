@@ -14,12 +14,10 @@ transformers and tokenizers are imported lazily.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gpufleet.workers.tools.shapes import Shape
 from gpufleet.workers.tools.tokenizer import demo_tokenizer, unigram_tokenizer
-
-if TYPE_CHECKING:
-    from gpufleet.workers.tools.checkpoints import Shape
 
 ENCODERS = frozenset({"bert", "xlm-roberta"})
 MULTIMODAL = frozenset({"qwen2_vl"})

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.gpu.errors import ConfigError
-from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint, publish_atomically
+from gpufleet.workers.tools.checkpoints import make_checkpoint, publish_atomically
 from gpufleet.workers.tools.guards import needs_worker_libraries, writing
+from gpufleet.workers.tools.shapes import Shape
 
 __all__ = ["GGUF_TENSOR_TYPES", "make_gguf_model", "write_gguf"]
 

@@ -24,7 +24,8 @@ from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.tasks.settings import load_settings
 from gpufleet.workers.child.runtime import WorkerRuntime
 from gpufleet.workers.common.identity import WorkerIdentity
-from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.shapes import Shape
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.gpu.errors import ModelNotFoundError, UnsafeModelIdError
+from gpufleet.gpu.errors import ModelNotInstalledError, UnsafeModelIdError
 from gpufleet.gpu.repository import list_models, resolve_model, validate_model_id
 
 
@@ -40,7 +40,7 @@ def test_refuses_symlink_out_of_root(tmp_path: Path) -> None:
 
 
 def test_missing_model_says_where_it_looked(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="make-demo"):
+    with pytest.raises(ModelNotInstalledError, match="make-demo"):
         resolve_model("org/absent", tmp_path)
 
 
@@ -63,6 +63,6 @@ def test_a_directory_with_only_a_gguf_file_is_a_model(tmp_path: Path) -> None:
     (tmp_path / "org" / ".partial" / "half").mkdir(parents=True)
     (tmp_path / "org" / ".partial" / "half" / "x.gguf").write_bytes(b"GGUF")
     assert resolve_model("org/gguf", tmp_path).path == path
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotInstalledError):
         resolve_model("org/empty", tmp_path)
     assert list_models(tmp_path) == ["org/gguf"]

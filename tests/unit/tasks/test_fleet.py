@@ -16,14 +16,7 @@ from gpufleet.tasks.fleet import (
 )
 from gpufleet.tasks.settings import load_settings
 from gpufleet.workers.tools.local_redis import LocalRedis, free_port
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def record(name: str, at: float, **fields: object) -> WorkerRecord:
@@ -43,7 +36,7 @@ def record(name: str, at: float, **fields: object) -> WorkerRecord:
 
 
 def test_publish_read_expire_claim_remove(redis_server: LocalRedis) -> None:
-    clock = Clock()
+    clock = FakeClock()
     registry = FleetRegistry(redis_server.url(14), cache_s=0.5, clock=clock)
     registry._client.flushdb()
     held = (HeldModel(model="org/a", bytes=10),)
@@ -67,7 +60,7 @@ def test_publish_read_expire_claim_remove(redis_server: LocalRedis) -> None:
 
 
 def test_a_fresh_heartbeat_is_not_claimed(redis_server: LocalRedis) -> None:
-    clock = Clock()
+    clock = FakeClock()
     registry = FleetRegistry(redis_server.url(14), clock=clock)
     registry._client.flushdb()
     registry.publish(record("w3", clock.now))
@@ -80,7 +73,7 @@ def test_a_fresh_heartbeat_is_not_claimed(redis_server: LocalRedis) -> None:
 
 
 def test_departed_workers_are_kept_for_their_queues_until_they_return(redis_server: LocalRedis) -> None:
-    clock = Clock()
+    clock = FakeClock()
     registry = FleetRegistry(redis_server.url(14), cache_s=0, clock=clock)
     registry._client.flushdb()
     registry.publish(record("gone", clock.now))

@@ -14,7 +14,6 @@ from gpufleet.gpu.plan.estimate import (
     estimate_activation_bytes,
     estimate_kv_cache_bytes,
     estimate_memory,
-    estimate_model_bytes,
     estimate_weights_bytes,
 )
 from gpufleet.gpu.plan.specs import load_spec, spec_from_config, spec_from_name
@@ -22,16 +21,16 @@ from gpufleet.gpu.units import GB, GiB, dtype_bytes
 
 
 def _quantized(llama_config: dict[str, Any], quantization_config: dict[str, Any]) -> int:
-    return estimate_model_bytes(spec_from_config({**llama_config, "quantization_config": quantization_config}))
+    return estimate_weights_bytes(spec_from_config({**llama_config, "quantization_config": quantization_config}))
 
 
 def test_unquantized_weights_follow_the_dtype(llama_config: dict[str, Any]) -> None:
     spec = spec_from_config(llama_config)
-    assert estimate_model_bytes(spec) == spec.params * 2  # bfloat16 checkpoint
-    assert estimate_model_bytes(spec, dtype_bytes=4) == spec.params * 4
-    assert estimate_weights_bytes(spec, dtype_bytes=2) == estimate_model_bytes(spec, 2)
+    assert estimate_weights_bytes(spec) == spec.params * 2  # bfloat16 checkpoint
+    assert estimate_weights_bytes(spec, dtype_bytes=4) == spec.params * 4
+    assert estimate_weights_bytes(spec, dtype_bytes=2) == spec.params * 2  # served in 16-bit
     fp32 = spec_from_config({**llama_config, "torch_dtype": "float32"})
-    assert estimate_model_bytes(fp32) == spec.params * 4
+    assert estimate_weights_bytes(fp32) == spec.params * 4
 
 
 # Llama-3-8B checkpoints as published: GPTQ 4-bit g128 ~5.7 GB, AWQ ~5.7 GB, FP8 ~9.1 GB, bnb nf4 ~6 GB.
@@ -63,7 +62,7 @@ def test_embeddings_and_lm_head_stay_unquantized(llama_config: dict[str, Any]) -
     unquantized = spec.params - spec.quantizable_params
     # Input embedding and lm_head (untied): 2 x vocab x hidden, at 2 bytes each.
     assert unquantized >= 2 * llama_config["vocab_size"] * llama_config["hidden_size"]
-    assert estimate_model_bytes(spec) > unquantized * 2 + spec.quantizable_params / 2
+    assert estimate_weights_bytes(spec) > unquantized * 2 + spec.quantizable_params / 2
 
 
 def test_gguf_weights_are_sized_dequantized_not_as_the_file(tmp_path: Path) -> None:
@@ -73,10 +72,10 @@ def test_gguf_weights_are_sized_dequantized_not_as_the_file(tmp_path: Path) -> N
     with path.open("wb") as handle:
         handle.truncate(5_131_409_696)
     from_file = load_spec(path)
-    assert estimate_model_bytes(from_file, dtype_bytes=2) == pytest.approx(2 * from_file.params, abs=1)
-    assert estimate_model_bytes(from_file, dtype_bytes=2) > 5_131_409_696 * 2.5
+    assert estimate_weights_bytes(from_file, dtype_bytes=2) == pytest.approx(2 * from_file.params, abs=1)
+    assert estimate_weights_bytes(from_file, dtype_bytes=2) > 5_131_409_696 * 2.5
     by_name = spec_from_name("TheBloke/Mistral-7B-Instruct-v0.2-GGUF/mistral-7b-instruct-v0.2.Q5_K_M.gguf")
-    assert estimate_model_bytes(by_name, dtype_bytes=2) == pytest.approx(14.5e9, rel=0.05)
+    assert estimate_weights_bytes(by_name, dtype_bytes=2) == pytest.approx(14.5e9, rel=0.05)
 
 
 def test_kv_cache_is_layers_heads_dim_two_bytes_tokens(llama_config: dict[str, Any]) -> None:

@@ -9,9 +9,10 @@ import gguf
 import pytest
 
 from gpufleet.gpu.errors import ModelSpecError
-from gpufleet.gpu.plan.estimate import estimate_model_bytes
+from gpufleet.gpu.plan.estimate import estimate_weights_bytes
 from gpufleet.gpu.plan.gguf import gguf_files, is_gguf, read_gguf_header, spec_from_gguf_files
-from gpufleet.gpu.plan.specs import SpecSource, load_spec
+from gpufleet.gpu.plan.model_spec import SpecSource
+from gpufleet.gpu.plan.specs import load_spec
 from gpufleet.workers.tools.checkpoints import make_checkpoint
 from gpufleet.workers.tools.gguf_export import make_gguf_model
 
@@ -49,8 +50,8 @@ def test_spec_counts_every_parameter_and_sizes_them_dequantized(models: tuple[Pa
     file_bytes = next(gguf_dir.glob("*.gguf")).stat().st_size
     assert spec.checkpoint_bytes == file_bytes
     # The plan sizes the weights at the serving dtype, not the file: fp32 and bf16 both exceed the Q8_0 file.
-    assert estimate_model_bytes(spec, 4) == spec.params * 4 > file_bytes
-    assert estimate_model_bytes(spec, 2) == spec.params * 2
+    assert estimate_weights_bytes(spec, dtype_bytes=4) == spec.params * 4 > file_bytes
+    assert estimate_weights_bytes(spec, dtype_bytes=2) == spec.params * 2
     assert any("dequantized" in note for note in spec.notes)
 
 

@@ -9,10 +9,12 @@ from typing import Any, cast
 
 import pytest
 
+from gpufleet.gpu.checkpoint_format import read_header
 from gpufleet.gpu.errors import ModelSpecError
 from gpufleet.gpu.plan.estimate import estimate_weights_bytes
-from gpufleet.gpu.plan.safetensors_header import read_header, weights_from_safetensors
-from gpufleet.gpu.plan.specs import SpecSource, spec_from_path
+from gpufleet.gpu.plan.model_spec import SpecSource
+from gpufleet.gpu.plan.safetensors_header import weights_from_safetensors
+from gpufleet.gpu.plan.specs import spec_from_path
 
 _ELEMENT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "F8_E4M3": 1}
 

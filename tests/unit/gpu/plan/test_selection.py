@@ -13,6 +13,7 @@ import pytest
 from gpufleet.gpu.errors import ConfigError, ModelSpecError, PlanningError
 from gpufleet.gpu.plan.catalog import CATALOG, GpuType, all_types, get_gpu_type
 from gpufleet.gpu.plan.estimate import estimate_memory
+from gpufleet.gpu.plan.model_spec import ModelSpec
 from gpufleet.gpu.plan.report import render_placement
 from gpufleet.gpu.plan.selection import (
     GPU_COUNTS,
@@ -24,7 +25,7 @@ from gpufleet.gpu.plan.selection import (
     get_gpu_placement,
     plan,
 )
-from gpufleet.gpu.plan.specs import ModelSpec, load_spec, spec_from_config
+from gpufleet.gpu.plan.specs import load_spec, spec_from_config
 
 Configs = dict[str, dict[str, Any]]
 
@@ -356,4 +357,4 @@ def test_planning_from_a_config_directory(make_model_dir: Callable[..., Path], l
     from gpufleet.gpu.plan import estimate, specs
 
     directory = make_model_dir(llama_config)
-    assert estimate.estimate_model_bytes(specs.load_spec(directory)) == 16060522496  # Llama-3-8B in bf16
+    assert estimate.estimate_weights_bytes(specs.load_spec(directory)) == 16060522496  # Llama-3-8B in bf16

@@ -10,17 +10,11 @@ from typing import Any
 import pytest
 
 from gpufleet.gpu.errors import ModelSpecError
+from gpufleet.gpu.plan.checkpoint_files import read_config
 from gpufleet.gpu.plan.formulas import SUPPORTED_ARCHITECTURES
 from gpufleet.gpu.plan.model_names import QuantMethod
-from gpufleet.gpu.plan.specs import (
-    ModelSpec,
-    SpecSource,
-    load_spec,
-    read_config,
-    spec_from_config,
-    spec_from_name,
-    spec_from_path,
-)
+from gpufleet.gpu.plan.model_spec import ModelSpec, SpecSource
+from gpufleet.gpu.plan.specs import load_spec, spec_from_config, spec_from_name, spec_from_path
 
 MakeDir = Callable[..., Path]
 Configs = dict[str, dict[str, Any]]

@@ -37,7 +37,8 @@ import pytest
 
 from gpufleet.gpu.errors import ModelSpecError
 from gpufleet.gpu.plan.formulas import FORMULAS
-from gpufleet.gpu.plan.specs import ModelSpec, spec_from_config
+from gpufleet.gpu.plan.model_spec import ModelSpec
+from gpufleet.gpu.plan.specs import spec_from_config
 
 _AUTO_CLASSES = (  # the auto class the server's loader uses, and the mapping that says it knows a type
     ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.gpu.errors import InferenceError
+from gpufleet.gpu.errors import ForwardError
 from gpufleet.gpu.runtime.batching import (
     EmbedJob,
     _length_chunks,
@@ -14,8 +14,9 @@ from gpufleet.gpu.runtime.batching import (
     encode_prompt,
     generate_batch,
 )
-from gpufleet.gpu.runtime.inference import LoadedModel, embed, generate
+from gpufleet.gpu.runtime.inference import embed, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.demo_models import DEMO_EMBEDDING_ID
 
@@ -64,7 +65,7 @@ def test_length_chunks_respect_the_token_budget() -> None:
 
 
 def test_embed_batch_refuses_a_causal_lm(llama: LoadedModel) -> None:
-    with pytest.raises(InferenceError, match=r"fleet\.generate"):
+    with pytest.raises(ForwardError, match=r"fleet\.generate"):
         embed_batch(llama, [EmbedJob(["x"])])
 
 
@@ -89,7 +90,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llama: LoadedModel) -> Non
 
 def test_a_prompt_over_the_context_is_refused_before_batching(llama: LoadedModel) -> None:
     context = llama.module.config.max_position_embeddings
-    with pytest.raises(InferenceError, match="exceeds the model's context"):
+    with pytest.raises(ForwardError, match="exceeds the model's context"):
         encode_prompt(llama, GenerateOptions(prompt="hello", max_new_tokens=context))
 
 
@@ -99,5 +100,5 @@ def test_messages_need_a_chat_template_or_are_refused(llama: LoadedModel) -> Non
         (result,) = generate_batch(llama, [encode_prompt(llama, job)])
         assert result.prompt_tokens > 0
     else:
-        with pytest.raises(InferenceError, match="chat template"):
+        with pytest.raises(ForwardError, match="chat template"):
             encode_prompt(llama, job)

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from gpufleet.gpu.errors import CapacityError, ConfigError, ModelLoadError
+from gpufleet.gpu.errors import BudgetExceededError, ConfigError, LoadFailedError
 from gpufleet.gpu.runtime.device_map import DeviceMapLoader, device_bytes, first_device, plan_device_map, planned_bytes
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
-from gpufleet.workers.tools.checkpoints import Shape, make_checkpoint
+from gpufleet.workers.tools.checkpoints import make_checkpoint
+from gpufleet.workers.tools.shapes import Shape
 
 # Blocks small against the model (8 decoder layers of ~0.8 MB in float32), so a split can be even.
 LAYERED = Shape(hidden=64, layers=8, heads=4, kv_heads=2, intermediate=1024, shard_size="8MiB")
@@ -51,7 +52,7 @@ def test_a_model_that_fits_lands_whole_on_gpu_0(root: Path, arch: str) -> None:
     need = planned_bytes(path, "float32")
     assert plan_device_map(path, "float32", [need, 0]) == {"": 0}, "a budget of exactly the model's size is enough"
     assert plan_device_map(path, "float32", [4 * need, 4 * need, 4 * need]) == {"": 0}
-    with pytest.raises(CapacityError):
+    with pytest.raises(BudgetExceededError):
         plan_device_map(path, "float32", [need - 1, 0])
 
 
@@ -82,7 +83,7 @@ def test_bf16_halves_the_need(root: Path) -> None:
 def test_a_model_too_big_for_all_the_gpus_is_refused_clearly(root: Path) -> None:
     path = root / "org" / "llama"
     need = planned_bytes(path, "float32")
-    with pytest.raises(CapacityError) as refused:
+    with pytest.raises(BudgetExceededError) as refused:
         plan_device_map(path, "float32", [need // 3, need // 3])
     message = str(refused.value)
     assert "'llama' needs 6.9 MiB in float32" in message and "2 GPU(s)" in message and "left over" in message
@@ -94,7 +95,7 @@ def test_bad_budgets_and_directories_are_refused(root: Path, tmp_path: Path) -> 
         plan_device_map(root / "org" / "llama", "float32", [])
     with pytest.raises(ConfigError, match=">= 0"):
         plan_device_map(root / "org" / "llama", "float32", [10**9, -1])
-    with pytest.raises(ModelLoadError, match=r"config\.json"):
+    with pytest.raises(LoadFailedError, match=r"config\.json"):
         plan_device_map(tmp_path, "float32", [10**9])
 
 
@@ -144,7 +145,7 @@ def test_loading_plans_against_what_the_gpus_have_free_now(root: Path) -> None:
     spread = loader.load("llama", path, device="cpu", dtype="float32")
     assert spread.extra["device_bytes"][0] <= need // 4 and spread.extra["device_bytes"][1] > 0
     free[:] = [need // 4, need // 4]
-    with pytest.raises(CapacityError):
+    with pytest.raises(BudgetExceededError):
         loader.load("llama", path, device="cpu", dtype="float32")
 
 
@@ -152,19 +153,13 @@ def test_loading_plans_against_what_the_gpus_have_free_now(root: Path) -> None:
 
 
 def two_gpu_runtime(root: Path, tmp_path: Path, per_gpu_budget_bytes: int) -> Any:
-    from gpufleet.tasks.settings import load_settings
-    from gpufleet.workers.child.runtime import WorkerRuntime
     from gpufleet.workers.common.identity import WorkerIdentity
+    from tests.support.runtimes import cpu_runtime
 
     identity = WorkerIdentity("cpu-pair@unit", "cpu", "cpu", None, "cpu", 2**34, gpu_indices=(0, 1))
-    settings = load_settings(
-        model_root=root,
-        worker={"state_dir": tmp_path},
-        gpu={"memory_pool": {"budget_bytes": per_gpu_budget_bytes}, "warmup": {"size": "small"}},
+    return cpu_runtime(
+        tmp_path, model_root=root, identity=identity, gpu={"memory_pool": {"budget_bytes": per_gpu_budget_bytes}}
     )
-    runtime = WorkerRuntime(identity, settings)
-    runtime.start()
-    return runtime
 
 
 def test_runtime_budget_spans_the_gpus_and_splits_what_one_cannot_hold(root: Path, tmp_path: Path) -> None:
@@ -189,7 +184,7 @@ def test_runtime_refuses_what_never_fits_before_evicting_anything(root: Path, tm
     big = planned_bytes(root / "org" / "llama", "float32")
     runtime = two_gpu_runtime(root, tmp_path, big * 2 // 5)
     runtime.acquire("org/short")
-    with pytest.raises(CapacityError, match="do not fit the free budgets of 2 GPU"):
+    with pytest.raises(BudgetExceededError, match="do not fit the free budgets of 2 GPU"):
         runtime.acquire("org/llama")
     assert "org/short" in runtime.cache, "nothing is evicted for a model that cannot fit anyway"
 
@@ -202,7 +197,7 @@ def test_runtime_evicts_when_the_sum_fits_but_the_blocks_do_not(root: Path, tmp_
     free = runtime.gpu_free_budgets()
     # The preconditions that make this the per-GPU case: the summed budget has room, the GPUs one by one do not.
     assert runtime.estimate_bytes(runtime.resolve("org/coarse")) <= sum(free)
-    with pytest.raises(CapacityError):
+    with pytest.raises(BudgetExceededError):
         plan_device_map(coarse, "float32", free)
     acquired = runtime.acquire("org/coarse")
     assert acquired.evicted == ("org/mid",) and "org/mid" not in runtime.cache

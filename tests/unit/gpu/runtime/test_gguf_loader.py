@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpufleet.gpu.errors import ModelLoadError
-from gpufleet.gpu.plan.estimate import estimate_model_bytes
+from gpufleet.gpu.errors import LoadFailedError
+from gpufleet.gpu.plan.estimate import estimate_weights_bytes
 from gpufleet.gpu.plan.specs import load_spec
 from gpufleet.gpu.repository import resolve_model
-from gpufleet.gpu.runtime.gguf_loader import gguf_model_file, is_gguf_model
-from gpufleet.gpu.runtime.inference import ModelKind, detect_kind, generate
+from gpufleet.gpu.runtime.inference import generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.model import ModelKind, detect_kind, gguf_model_file, is_gguf_model
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
 from gpufleet.workers.tools.gguf_export import make_gguf_model
@@ -53,7 +53,7 @@ def test_q8_gguf_is_dequantized_to_the_serving_dtype_and_planned_so(root: Path) 
     )
     assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16}
     assert progress == [(loaded.bytes, loaded.bytes)]
-    planned = estimate_model_bytes(load_spec(root / "org" / "q8"), 2)
+    planned = estimate_weights_bytes(load_spec(root / "org" / "q8"), dtype_bytes=2)
     # Measured = parameters + the rotary buffer; the plan counts parameters (a few hundred bytes short).
     assert planned <= loaded.bytes <= planned * 1.01
     q8 = outputs(loaded.module, sample_inputs()).float()
@@ -75,12 +75,12 @@ def test_split_gguf_is_refused_with_what_to_do(tmp_path: Path, root: Path) -> No
     source = gguf_model_file(root / "org" / "q8").read_bytes()
     for part in (1, 2):
         (tmp_path / f"m-{part:05d}-of-00002.gguf").write_bytes(source)
-    with pytest.raises(ModelLoadError, match=r"split in 2 parts.*--merge"):
+    with pytest.raises(LoadFailedError, match=r"split in 2 parts.*--merge"):
         FastSafetensorsLoader().load("org/split", tmp_path, device="cpu", dtype="float32")
 
 
 def test_missing_gguf_package_is_named(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(ModelLoadError, match=r"needs the `gguf` package.*gpufleet\[worker\]"):
+    with pytest.raises(LoadFailedError, match=r"needs the `gguf` package.*gpufleet\[worker\]"):
         PretrainedLoader().load("org/q8", root / "org" / "q8", device="cpu", dtype="float32")

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from gpufleet.gpu.errors import ModelLoadError
-from gpufleet.gpu.runtime.inference import LoadedModel, embed
+from gpufleet.gpu.checkpoint_format import read_header, weight_files
+from gpufleet.gpu.errors import LoadFailedError
+from gpufleet.gpu.runtime.inference import embed
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader, ProgressFn
-from gpufleet.gpu.runtime.safetensors_io import read_safetensors_header, safetensors_files
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
 from gpufleet.workers.tools.demo_models import DEMO_CHAT_ID, DEMO_EMBEDDING_ID
 from gpufleet.workers.tools.tokenizer import save_tokenizer
@@ -64,7 +65,7 @@ def test_fast_load_is_identical_to_from_pretrained(case: str, tmp_path: Path) ->
     if options.get("tie") or options["arch"] == "gpt2":
         assert fast.module.get_output_embeddings().weight is fast.module.get_input_embeddings().weight
     if options.get("max_shard_size"):
-        assert len(safetensors_files(path)) > 1
+        assert len(weight_files(path).safetensors) > 1
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "phi3"])
@@ -118,7 +119,7 @@ def test_progress_reports_increasing_bytes_up_to_the_total(tmp_path: Path) -> No
     FastSafetensorsLoader(**SMALL_CHUNKS).load(
         "m", path, device="cpu", dtype="float32", progress=lambda done, total: calls.append((done, total))
     )
-    total = sum(e.nbytes for f in safetensors_files(path) for e in read_safetensors_header(f).values())
+    total = sum(e.nbytes for f in weight_files(path).safetensors for e in read_header(f).values())
     assert len(calls) > 3
     assert all(t == total for _, t in calls)
     done = [d for d, _ in calls]
@@ -145,7 +146,7 @@ class RecordingLoader:
     def load(
         self, model_id: str, path: Path, *, device: str, dtype: str, progress: ProgressFn | None = None
     ) -> LoadedModel:
-        from gpufleet.gpu.runtime.inference import ModelKind
+        from gpufleet.gpu.runtime.model import ModelKind
 
         self.calls.append(model_id)
         return LoadedModel(model_id, path, ModelKind.CAUSAL_LM, None, None, device, dtype, 0, self.name)
@@ -186,7 +187,7 @@ def test_a_pickle_that_runs_code_is_refused_as_a_load_error(tmp_path: Path, caps
     (path / "model.safetensors").unlink()
     (path / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _RunsCode()}))
     for loader in (PretrainedLoader(), FastSafetensorsLoader()):
-        with pytest.raises(ModelLoadError, match=r"could not load 'evil'"):
+        with pytest.raises(LoadFailedError, match=r"could not load 'evil'"):
             loader.load("evil", path, device="cpu", dtype="float32")
     assert "pickle code ran" not in capsys.readouterr().out
 
@@ -231,7 +232,7 @@ def test_truncated_file_is_a_load_error(tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "m", "llama")
     file = path / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-1000])
-    with pytest.raises(ModelLoadError, match="truncated"):
+    with pytest.raises(LoadFailedError, match="truncated"):
         FastSafetensorsLoader().load("m", path, device="cpu", dtype="float32")
 
 
@@ -239,7 +240,7 @@ def test_header_parser_agrees_with_safetensors(tmp_path: Path) -> None:
     from safetensors import safe_open
 
     path = make_checkpoint(tmp_path / "m", "llama", dtype="bfloat16")
-    entries = read_safetensors_header(path / "model.safetensors")
+    entries = read_header(path / "model.safetensors")
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         assert set(handle.keys()) == set(entries)
         for key in entries:
@@ -251,5 +252,5 @@ def test_header_parser_agrees_with_safetensors(tmp_path: Path) -> None:
 
 
 def test_too_small_staging_is_refused() -> None:
-    with pytest.raises(ModelLoadError, match="too small"):
+    with pytest.raises(LoadFailedError, match="too small"):
         FastSafetensorsLoader(staging_bytes=1024, read_threads=4)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from gpufleet.gpu.config import GpuConfig, MemoryPoolConfig
-from gpufleet.gpu.errors import CapacityError, ConfigError
+from gpufleet.gpu.errors import BudgetExceededError, ConfigError
 from gpufleet.gpu.runtime import device_memory
 from gpufleet.gpu.runtime.device_memory import (
     ALLOC_CONF_ENV,
@@ -141,7 +141,7 @@ def test_reserve_commit_release(pool: GPUMemoryPool, cache: ModelCache[str]) -> 
 
 def test_resident_models_count_against_reservations(pool: GPUMemoryPool, cache: ModelCache[str]) -> None:
     cache.put("resident", "R", 600)
-    with pytest.raises(CapacityError, match=r"400 B free of its 1000 B budget \(600 B held by resident models\)"):
+    with pytest.raises(BudgetExceededError, match=r"400 B free of its 1000 B budget \(600 B held by resident models\)"):
         pool.reserve("next", 500)
     pool.reserve("next", 400)
     cache.pop("resident")  # evicted: its bytes are free again without telling the pool
@@ -173,7 +173,7 @@ def test_reserve_again_replaces(pool: GPUMemoryPool) -> None:
 def test_reserve_refused_names_holders_and_changes_nothing(pool: GPUMemoryPool) -> None:
     pool.reserve("org/small", 300)
     pool.reserve("org/medium", 500)
-    with pytest.raises(CapacityError) as info:
+    with pytest.raises(BudgetExceededError) as info:
         pool.reserve("org/big", 300)
     message = str(info.value)
     assert "'org/big' needs 300 B" in message
@@ -185,7 +185,7 @@ def test_reserve_refused_names_holders_and_changes_nothing(pool: GPUMemoryPool) 
 
 
 def test_reserve_larger_than_budget(pool: GPUMemoryPool) -> None:
-    with pytest.raises(CapacityError, match=r"whole budget.*quantized"):
+    with pytest.raises(BudgetExceededError, match=r"whole budget.*quantized"):
         pool.reserve("huge", 1001)
     assert pool.reservations() == {}
 

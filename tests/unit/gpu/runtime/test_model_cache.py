@@ -7,20 +7,10 @@ import threading
 
 import pytest
 
-from gpufleet.gpu.errors import AllPinnedError, CapacityError, ConfigError
+from gpufleet.gpu.errors import AllPinnedError, BudgetExceededError, ConfigError
 from gpufleet.gpu.runtime.model_cache import ModelCache
 from gpufleet.gpu.units import GiB
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock
 
 
 class Recorder:
@@ -121,7 +111,7 @@ def test_all_pinned_error_has_no_side_effects(cache: ModelCache[str], hook: Reco
 
 def test_capacity_error_when_bigger_than_whole_budget(cache: ModelCache[str], hook: Recorder) -> None:
     cache.put("a", "A", 10)
-    with pytest.raises(CapacityError) as info:
+    with pytest.raises(BudgetExceededError) as info:
         cache.put("huge", "H", 101)
     assert not isinstance(info.value, AllPinnedError)
     assert "whole budget" in str(info.value) and "quantized" in str(info.value)
@@ -130,7 +120,7 @@ def test_capacity_error_when_bigger_than_whole_budget(cache: ModelCache[str], ho
 
 def test_capacity_error_message_in_gib() -> None:
     cache: ModelCache[str] = ModelCache(80 * GiB)
-    with pytest.raises(CapacityError, match=r"needs 140\.0 GiB.*80\.0 GiB"):
+    with pytest.raises(BudgetExceededError, match=r"needs 140\.0 GiB.*80\.0 GiB"):
         cache.make_room(140 * GiB, for_key="org/big")
 
 
@@ -244,7 +234,7 @@ def test_make_room_never_evicts_for_key(cache: ModelCache[str]) -> None:
     cache.put("a", "A", 60)
     cache.put("b", "B", 30)
     assert cache.make_room(40, for_key="a") == ["b"]
-    with pytest.raises(CapacityError, match="put"):
+    with pytest.raises(BudgetExceededError, match="put"):
         cache.make_room(50, for_key="a")
     assert lru_order(cache) == ["a"]
 

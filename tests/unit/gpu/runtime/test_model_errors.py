@@ -2,7 +2,7 @@
 
 Real tiny models on the CPU (the demo MiniLM embedder, a random-weight Llama); a hook on the real module raises
 what torch raises when the device is full (``torch.OutOfMemoryError``) or when a forward fails. embed, generate
-and warm_model must turn the first into DeviceOutOfMemoryError and the rest into InferenceError, pass our own
+and warm_model must turn the first into DeviceOutOfMemoryError and the rest into ForwardError, pass our own
 errors through, and answer normally once the hook is gone.
 """
 
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from gpufleet.gpu.config import WarmupConfig
-from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, GpuError, InferenceError, ModelLoadError
-from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+from gpufleet.gpu.errors import ConfigError, DeviceOutOfMemoryError, ForwardError, GpuError, LoadFailedError
+from gpufleet.gpu.runtime.inference import embed, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.gpu.runtime.model import LoadedModel, ModelKind
 from gpufleet.gpu.runtime.oom import inject_forward_error, inject_oom_on_forward, is_oom
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.gpu.runtime.warmup import GPUWarmupManager
@@ -123,7 +124,7 @@ def test_library_errors_in_the_forward_are_inference_errors(
     loaded: LoadedModel = request.getfixturevalue(model)
     handle = loaded.module.register_forward_pre_hook(raising_pre_hook(error))
     try:
-        with pytest.raises(InferenceError) as info:
+        with pytest.raises(ForwardError) as info:
             run(loaded)
     finally:
         handle.remove()
@@ -135,7 +136,7 @@ def test_library_errors_in_the_forward_are_inference_errors(
     check_answers(run, loaded)
 
 
-@pytest.mark.parametrize("error", [InferenceError("ours"), ModelLoadError("ours too")], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("error", [ForwardError("ours"), LoadFailedError("ours too")], ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize(("run", "model"), CASES)
 def test_our_own_errors_pass_through_unchanged(
     run: Callable[[LoadedModel], object], model: str, error: GpuError, request: pytest.FixtureRequest
@@ -195,7 +196,7 @@ def test_removing_the_handle_disarms_early(minilm: LoadedModel) -> None:
 
 def test_inject_any_error(minilm: LoadedModel) -> None:
     inject_forward_error(minilm.module, lambda: RuntimeError("boom"), calls=1)
-    with pytest.raises(InferenceError, match="RuntimeError: boom"):
+    with pytest.raises(ForwardError, match="RuntimeError: boom"):
         run_embed(minilm)
     check_answers(run_embed, minilm)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.gpu.errors import InferenceError
-from gpufleet.gpu.runtime.inference import ModelKind, embed, generate
+from gpufleet.gpu.errors import ForwardError
+from gpufleet.gpu.runtime.inference import embed, generate
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
+from gpufleet.gpu.runtime.model import ModelKind
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.checkpoints import make_checkpoint
 
@@ -47,5 +48,5 @@ def test_multimodal_checkpoint_serves_text_generation(root: Path) -> None:
     chat = generate(loaded, GenerateOptions(messages=[{"role": "user", "content": "Hi!"}], max_new_tokens=3))
     assert chat.prompt_tokens > first.prompt_tokens
     # The context limit comes from the text config (the top-level multimodal config has none).
-    with pytest.raises(InferenceError, match="exceeds the model's context of 2048"):
+    with pytest.raises(ForwardError, match="exceeds the model's context of 2048"):
         generate(loaded, GenerateOptions(prompt="The weather", max_new_tokens=2048))

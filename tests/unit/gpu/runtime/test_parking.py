@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gpufleet.gpu.errors import ConfigError
-from gpufleet.gpu.runtime.inference import LoadedModel
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.gpu.runtime.parking import ParkedStore
 from gpufleet.workers.tools.checkpoints import make_checkpoint, outputs, sample_inputs
 

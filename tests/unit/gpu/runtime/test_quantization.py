@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.gpu.errors import ModelLoadError, UnsupportedQuantizationError
+from gpufleet.gpu.errors import LoadFailedError, UnsupportedQuantizationError
 from gpufleet.gpu.runtime.loader import FastSafetensorsLoader, PretrainedLoader
 from gpufleet.gpu.runtime.quantization import QUANT_REQUIREMENTS, check_quantized, quant_method
 
@@ -69,7 +69,7 @@ def test_cpu_refuses_every_quantized_checkpoint_before_reading_weights(
     opened.clear()  # writing the garbage weights opened the file: count from the load on
     with pytest.raises(UnsupportedQuantizationError, match=rf"{method}-quantized.*need CUDA kernels.*cpu") as info:
         loader().load("org/q", path, device="cpu", dtype="float32")
-    assert isinstance(info.value, ModelLoadError)  # the task layer maps it to the job's ModelLoadError
+    assert isinstance(info.value, LoadFailedError)  # the task layer maps it to the job's LoadFailedError
     assert opened == [], "no weight file may be opened before the refusal"
 
 

@@ -7,14 +7,16 @@ import json
 import pytest
 
 from gpufleet.gpu.config import WarmupConfig, WarmupOp, WarmupSize
-from gpufleet.gpu.errors import ConfigError, InferenceError
-from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind
+from gpufleet.gpu.errors import ConfigError, ForwardError
 from gpufleet.gpu.runtime.loader import PretrainedLoader
+from gpufleet.gpu.runtime.model import LoadedModel, ModelKind
 from gpufleet.gpu.runtime.warmup import GPUWarmupManager, WarmupReport
 from gpufleet.workers.tools.checkpoints import make_checkpoint
 
 
-def test_cpu_warm_up_runs_every_op_for_every_dtype() -> None:
+def test_cpu_warm_up_runs_every_configured_op() -> None:
+    """Every configured operation runs: the matrix kernels once per served dtype, one convolution (the library
+    loads once; float32 on the CPU), then the memory step, in that order, none skipped and each timed."""
     manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32", "bfloat16"))
     assert not manager.is_warm
     report = manager.warm_up()
@@ -26,8 +28,11 @@ def test_cpu_warm_up_runs_every_op_for_every_dtype() -> None:
     for dtype in ("float32", "bfloat16"):
         for op in ("matmul", "linear", "attention"):
             assert (op, dtype) in ops
-    assert ("conv2d", "float32") in ops
-    assert ops[-1][0] == "memory"
+    assert [op for op in ops if op[0] == "conv2d"] == [("conv2d", "float32")]
+    assert ops[-1][0] == "memory" and [op for op, _ in ops].count("memory") == 1
+    expected = 1 + 3 * 2 + 1 + 1  # context, three matrix kernels per dtype, conv2d, memory
+    assert len(report.steps) == expected
+    assert all(step.skipped is None and step.seconds >= 0 for step in report.steps)
     assert all(step.seconds >= 0 and step.skipped is None for step in report.steps)
     assert report.total_s >= sum(step.seconds for step in report.steps)
     data = report.to_dict()
@@ -111,7 +116,7 @@ def test_warm_model_failure_is_an_inference_error(tiny_bert: LoadedModel) -> Non
         loader="test",
     )
     manager = GPUWarmupManager("cpu", WarmupConfig(), dtypes=("float32",))
-    with pytest.raises(InferenceError, match=r"test/broken.*shape mismatch"):
+    with pytest.raises(ForwardError, match=r"test/broken.*shape mismatch"):
         manager.warm_model(broken)
 
 

@@ -11,8 +11,9 @@ import redis
 
 from gpufleet.tasks import errors
 from gpufleet.tasks.app import create_app
+from gpufleet.tasks.fleet import DELIVERIES_KEY
 from gpufleet.tasks.settings import load_settings
-from gpufleet.workers.child.job_accounting import DELIVERIES_KEY, DeferredCall, count_delivery
+from gpufleet.workers.child.job_accounting import DeferredCall, count_delivery
 from gpufleet.workers.child.task_base import check_deliveries
 from gpufleet.workers.tools.local_redis import LocalRedis
 

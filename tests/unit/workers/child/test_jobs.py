@@ -20,10 +20,10 @@ def test_parse_refuses_positional_and_names_fields() -> None:
     ("raised", "expected"),
     [
         (gpu_errors.UnsafeModelIdError("x"), errors.InvalidRequestError),
-        (gpu_errors.ModelNotFoundError("x"), errors.ModelNotFoundError),
-        (gpu_errors.ModelLoadError("x"), errors.ModelLoadError),
+        (gpu_errors.ModelNotInstalledError("x"), errors.ModelNotFoundError),
+        (gpu_errors.LoadFailedError("x"), errors.ModelLoadError),
         (gpu_errors.AllPinnedError("x"), errors.CapacityError),
-        (gpu_errors.InferenceError("x"), errors.InferenceError),
+        (gpu_errors.ForwardError("x"), errors.InferenceError),
         (gpu_errors.PlanningError("x"), errors.JobError),
     ],
 )

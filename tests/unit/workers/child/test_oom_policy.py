@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 
 from gpufleet.gpu.errors import DeviceOutOfMemoryError
-from gpufleet.gpu.runtime.inference import LoadedModel, generate
+from gpufleet.gpu.runtime.inference import generate
 from gpufleet.gpu.runtime.loader import ModelLoader
+from gpufleet.gpu.runtime.model import LoadedModel
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.tasks.errors import CapacityError
-from gpufleet.tasks.settings import load_settings
 from gpufleet.workers.child.faults import Faults
 from gpufleet.workers.child.oom_policy import MAX_OOM_HOPS, run_with_oom_policy
 from gpufleet.workers.child.runtime import WorkerRuntime, default_loader
-from gpufleet.workers.common.identity import cpu_identity
+from tests.support.runtimes import cpu_runtime, cpu_settings
 
 
 class CountingLoader:
@@ -40,10 +40,8 @@ class Rerouted(Exception):
 
 
 def runtime_with(root: Path, tmp_path: Path, faults: str) -> tuple[WorkerRuntime, CountingLoader]:
-    settings = load_settings(model_root=root, worker={"state_dir": tmp_path}, diagnostics=True)
-    loader = CountingLoader(default_loader(settings))
-    runtime = WorkerRuntime(cpu_identity(name="cpu-0@unit"), settings, loader=loader, faults=Faults.parse(faults))
-    runtime.start()
+    loader = CountingLoader(default_loader(cpu_settings(tmp_path, model_root=root)))
+    runtime = cpu_runtime(tmp_path, model_root=root, diagnostics=True, loader=loader, faults=Faults.parse(faults))
     return runtime, loader
 
 
@@ -109,11 +107,7 @@ def test_no_larger_gpu_left_gives_a_capacity_error(tiny_model_root: Path, tmp_pa
 
 
 def test_idle_models_expire_but_never_under_a_running_job(tiny_model_root: Path, tmp_path: Path) -> None:
-    settings = load_settings(
-        model_root=tiny_model_root, worker={"state_dir": tmp_path}, gpu={"memory_pool": {"idle_ttl_s": 0.05}}
-    )
-    runtime = WorkerRuntime(cpu_identity(name="cpu-0@unit"), settings)
-    runtime.start()
+    runtime = cpu_runtime(tmp_path, model_root=tiny_model_root, gpu={"memory_pool": {"idle_ttl_s": 0.05}})
     assert runtime.cache is not None
 
     def expire_from_another_thread() -> list[str]:  # as the expiry thread does

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.gpu.errors import AllPinnedError, ModelNotFoundError
-from gpufleet.tasks.settings import Settings, load_settings
+from gpufleet.gpu.errors import AllPinnedError, ModelNotInstalledError
 from gpufleet.workers.child import state
 from gpufleet.workers.child.runtime import WorkerRuntime
-from gpufleet.workers.common.identity import cpu_identity
+from tests.support.runtimes import cpu_runtime
 
 MiB = 2**20
 
@@ -25,11 +24,7 @@ def model_bytes(root: Path, name: str) -> int:
 
 
 def runtime_for(root: Path, tmp_path: Path, **overrides: object) -> WorkerRuntime:
-    base: dict[str, object] = {"model_root": root, "worker": {"state_dir": tmp_path}}
-    settings: Settings = load_settings(**{**base, **overrides})
-    runtime = WorkerRuntime(cpu_identity(name="cpu-0@unit"), settings)
-    runtime.start()
-    return runtime
+    return cpu_runtime(tmp_path, model_root=root, **overrides)
 
 
 def two_model_budget(root: Path) -> int:
@@ -91,7 +86,7 @@ def test_priority_models_preload_pinned(tiny_root: Path, tmp_path: Path) -> None
 
 def test_unknown_model_and_unload_of_absent(tiny_root: Path, tmp_path: Path) -> None:
     runtime = runtime_for(tiny_root, tmp_path)
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotInstalledError):
         runtime.acquire("org/absent")
     assert runtime.unload("org/a") is None
     assert runtime.pool is not None and runtime.pool.reservations() == {}

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from gpufleet.tasks.settings import load_settings
 from gpufleet.workers.child import state
 from gpufleet.workers.child.runtime import (
     JOB_STATE_MAX_DELAY_S,
@@ -21,8 +20,8 @@ from gpufleet.workers.child.runtime import (
     WorkerRuntime,
     bound_openmp_spin,
 )
-from gpufleet.workers.common.identity import cpu_identity
 from gpufleet.workers.common.snapshot import state_path
+from tests.support.runtimes import cpu_runtime, cpu_settings
 
 
 class Published:
@@ -40,9 +39,8 @@ class Published:
 
 
 def runtime_with(tmp_path: Path, **overrides: object) -> tuple[WorkerRuntime, Published]:
-    settings = load_settings(worker={"state_dir": tmp_path}, **overrides)  # type: ignore[arg-type]
-    published = Published(state_path(settings, "cpu-0@unit"))
-    return WorkerRuntime(cpu_identity(name="cpu-0@unit"), settings, on_change=published), published
+    published = Published(state_path(cpu_settings(tmp_path), "cpu-0@unit"))
+    return cpu_runtime(tmp_path, start=False, on_change=published, **overrides), published
 
 
 def wait_for(predicate: Any, timeout_s: float = 2.0) -> bool:

@@ -15,6 +15,7 @@ from celery.worker import state as worker_state
 
 from gpufleet.tasks.settings import BatchingOptions
 from gpufleet.workers.parent.batching import Batcher, BatchRun, model_of
+from tests.support.clock import FakeClock
 
 
 class FakeRequest:
@@ -74,14 +75,6 @@ def dispatched(monkeypatch: pytest.MonkeyPatch) -> list[BatchRun]:
     return runs
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
 def make(max_batch_size: int = 4, max_wait_s: float = 0.002, *, in_burst: bool = True) -> tuple[Batcher, FakeConsumer]:
     """A batcher whose clock stands still, so every job arrives within max_wait_s of the one before.
 
@@ -89,7 +82,7 @@ def make(max_batch_size: int = 4, max_wait_s: float = 0.002, *, in_burst: bool =
     """
     consumer = FakeConsumer()
     options = BatchingOptions(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
-    batcher = Batcher(consumer, options, clock=FakeClock())
+    batcher = Batcher(consumer, options, clock=FakeClock(100.0))
     if in_burst:
         batcher._last_arrival_s = batcher.clock()  # a job of the same burst arrived just now
     setattr(consumer, Batcher.ATTRIBUTE, batcher)
@@ -105,7 +98,7 @@ def test_a_lone_job_after_a_quiet_spell_runs_at_once(dispatched: list[BatchRun])
     batcher.add(FakeRequest("a"))
     assert [ids(run) for run in dispatched] == [["a"]]
     dispatched[0].on_return([(False, "ok", 0.0)])
-    batcher.clock.now_s += 1.0  # type: ignore[attr-defined]
+    batcher.clock.now += 1.0  # type: ignore[attr-defined]
     batcher.add(FakeRequest("b"))
     assert [ids(run) for run in dispatched] == [["a"], ["b"]]
     assert not consumer.timer.pending

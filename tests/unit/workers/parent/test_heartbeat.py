@@ -22,6 +22,8 @@ from gpufleet.workers.common.snapshot import WorkerSnapshot, read_snapshot
 from gpufleet.workers.parent.broker_queues import BrokerQueues, KombuRedisLayout
 from gpufleet.workers.parent.heartbeat import Heartbeat, build_record, package_versions
 from gpufleet.workers.tools.local_redis import LocalRedis, free_port
+from tests.support.clock import FakeClock
+from tests.support.runtimes import cpu_runtime
 
 MiB = 2**20
 DB = 52
@@ -40,16 +42,11 @@ def as_written(snapshot: WorkerSnapshot) -> WorkerSnapshot:
 def busy_runtime(tiny_model_root: Path, tmp_path_factory: pytest.TempPathFactory) -> WorkerRuntime:
     """A started CPU runtime holding org/b (pinned) and org/c, with org/a evicted to the parked tier."""
     sizes = sorted(model_bytes(tiny_model_root, n) for n in "abc")
-    settings = load_settings(
+    runtime = cpu_runtime(
+        tmp_path_factory.mktemp("state"),
         model_root=tiny_model_root,
-        worker={"state_dir": tmp_path_factory.mktemp("state")},
-        gpu={
-            "warmup": {"size": "small"},
-            "memory_pool": {"budget_bytes": sizes[1] + sizes[2] + sizes[0] // 2, "host_budget_bytes": 64 * MiB},
-        },
+        gpu={"memory_pool": {"budget_bytes": sizes[1] + sizes[2] + sizes[0] // 2, "host_budget_bytes": 64 * MiB}},
     )
-    runtime = WorkerRuntime(cpu_identity(name="cpu-0@unit"), settings)
-    runtime.start()
     runtime.acquire("org/a")
     runtime.acquire("org/b", pinned=True)
     runtime.acquire("org/c")  # evicts org/a, the least recently used unpinned model, into the parked tier
@@ -146,14 +143,6 @@ def test_drain_keeps_order_and_priorities(broker: redis.Redis) -> None:
     assert queues.drain("cpu.dead@box", "cpu") == 0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def heartbeat_for(
     name: str, url: str, settings: Settings, snapshot: dict[str, Any], clock: Callable[[], float] = time.time
 ) -> Heartbeat:
@@ -166,7 +155,7 @@ def heartbeat_for(
 def test_a_dead_workers_queue_is_moved_by_one_live_worker(broker: redis.Redis, redis_server: LocalRedis) -> None:
     url = redis_server.url(DB)
     settings = load_settings(broker_url=url, fleet={"heartbeat_interval_s": 1, "heartbeat_ttl_s": 2})
-    clock = Clock()
+    clock = FakeClock(time.time())
     dead = heartbeat_for("dead@box", url, settings, {"ready": True}, clock)
     live = [heartbeat_for(f"live{i}@box", url, settings, {"ready": True}, clock) for i in range(2)]
     dead.beat()

@@ -20,17 +20,10 @@ from gpufleet.workers.parent.heartbeat import Heartbeat
 from gpufleet.workers.parent.held_transport import TTL_OPTION, WORKER_OPTION, HeldQoS, Transport, install
 from gpufleet.workers.parent.recovery import Recovery
 from gpufleet.workers.tools.local_redis import LocalRedis
+from tests.support.clock import FakeClock
 
 DB = 70  # broker database of these tests
 TTL_S = 10.0
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 _connections: list[Connection] = []
@@ -72,7 +65,7 @@ def take(conn: Connection, queue: str, job_id: str) -> Any:
 def recovery_for(
     redis_server: LocalRedis,
     broker: redis.Redis,
-    clock: Clock,
+    clock: FakeClock,
     *,
     final: frozenset[str] = frozenset(),
     ours: tuple[str, ...] = (),
@@ -114,7 +107,7 @@ def test_a_peer_claims_a_dead_holder_once_and_restores_its_jobs_marked_redeliver
     running = take(dead, "q-dead", "job-running")
     finished = take(dead, "q-dead", "job-finished")
     [key] = held_keys(broker)  # the process "dies" here: nothing is acknowledged or restored
-    clock = Clock(float(broker.zscore(HOLDERS_KEY, key) or 0) - 1)
+    clock = FakeClock(float(broker.zscore(HOLDERS_KEY, key) or 0) - 1)
     first = recovery_for(redis_server, broker, clock, final=frozenset({"job-finished"}))
     second = recovery_for(redis_server, broker, clock)
 
@@ -144,7 +137,7 @@ def test_a_thawed_holder_neither_acknowledges_nor_gives_back_what_a_peer_restore
     frozen = worker_connection(redis_server, "frozen@unit")
     stale = take(frozen, "q-fence", "job-3")
     [key] = held_keys(broker)
-    clock = Clock(float(broker.zscore(HOLDERS_KEY, key) or 0) + 5)
+    clock = FakeClock(float(broker.zscore(HOLDERS_KEY, key) or 0) + 5)
     claimer = recovery_for(redis_server, broker, clock)
     assert claimer.claim(key, grace_s=1.5) and not broker.exists(key), "the claim takes the tags from their owner"
     assert claimer.restore(key).requeued == 1
@@ -180,7 +173,7 @@ def test_after_a_lost_connection_a_late_ack_is_left_to_the_claim(redis_server: L
     message.ack()  # the job finished while Redis was away: its result may not be stored
     [key] = held_keys(broker)
     assert broker.sismember(key, message.delivery_tag) and broker.hexists("unacked", message.delivery_tag)
-    clock = Clock(float(broker.zscore(HOLDERS_KEY, key) or 0) + 5)
+    clock = FakeClock(float(broker.zscore(HOLDERS_KEY, key) or 0) + 5)
     assert recovery_for(redis_server, broker, clock).sweep(grace_s=1.5).requeued == 1, "no result: it runs again"
 
 
@@ -190,7 +183,7 @@ def test_sweep_skips_our_own_holders_and_tags_already_acknowledged(
     conn = worker_connection(redis_server, "w2@unit")
     message = take(conn, "q-sweep", "job-2")
     [key] = held_keys(broker)
-    clock = Clock(float(broker.zscore(HOLDERS_KEY, key) or 0) + 60)
+    clock = FakeClock(float(broker.zscore(HOLDERS_KEY, key) or 0) + 60)
     assert recovery_for(redis_server, broker, clock, ours=(key,)).sweep(grace_s=1.5).requeued == 0
     assert broker.zscore(HOLDERS_KEY, key) is not None, "a worker never claims its own open channel"
     broker.sadd(key, "a-tag-nobody-holds")
@@ -203,7 +196,7 @@ def test_sweep_skips_our_own_holders_and_tags_already_acknowledged(
 def test_the_owner_sees_the_fence_and_a_refresh_keeps_its_holders_alive(
     redis_server: LocalRedis, broker: redis.Redis
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     key = HELD_KEY_PREFIX + "w3@unit:abc"
     owner = recovery_for(redis_server, broker, clock, ours=(key,))
     assert owner.refresh() == 1 and broker.zscore(HOLDERS_KEY, key) == clock.now + TTL_S
@@ -261,7 +254,7 @@ class FakeRecovery:
         return Restored()
 
 
-def heartbeat(clock: Clock, registry: FakeRegistry, recovery: FakeRecovery, fenced: list[list[str]]) -> Heartbeat:
+def heartbeat(clock: FakeClock, registry: FakeRegistry, recovery: FakeRecovery, fenced: list[list[str]]) -> Heartbeat:
     settings = load_settings(fleet={"heartbeat_ttl_s": TTL_S, "heartbeat_interval_s": 2.0})
     return Heartbeat(
         cpu_identity(name="hb@unit"),
@@ -276,7 +269,7 @@ def heartbeat(clock: Clock, registry: FakeRegistry, recovery: FakeRecovery, fenc
 
 
 def test_a_claimer_must_have_beaten_for_a_whole_ttl_and_a_thawed_fenced_worker_stops() -> None:
-    clock, registry, fenced = Clock(), FakeRegistry(), []
+    clock, registry, fenced = FakeClock(), FakeRegistry(), []
     recovery = FakeRecovery(["held:x"])
     beat = heartbeat(clock, registry, recovery, fenced)
     beat.beat()

@@ -15,13 +15,13 @@ from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.checkpoints import (
     ARCHITECTURES,
     ENCODERS,
-    Shape,
     make_checkpoint,
     outputs,
     sample_inputs,
     write_checkpoint,
 )
 from gpufleet.workers.tools.families import MULTIMODAL
+from gpufleet.workers.tools.shapes import Shape
 from gpufleet.workers.tools.tokenizer import demo_tokenizer
 
 CAUSAL = [arch for arch in ARCHITECTURES if arch not in ENCODERS | MULTIMODAL]

