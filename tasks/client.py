@@ -7,6 +7,7 @@ Producers never import task bodies or torch. Other languages (or a plain Celery 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
@@ -24,13 +25,16 @@ from gpufleet.tasks.contracts import (
     UnloadModelRequest,
     validate_request,
 )
-from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError
+from gpufleet.tasks.errors import BrokerAuthenticationError, BrokerUnavailableError, JobError
 from gpufleet.tasks.live_routing import RouteDecision
 from gpufleet.tasks.names import ENQUEUED_AT_HEADER, TaskName
 from gpufleet.tasks.routing import LiveRouter, app_router
 from gpufleet.tasks.settings import Settings, get_settings, redact_url
+from gpufleet.tasks.streams import StreamDelta, read_stream
 
 ROUTE_ATTRIBUTE = "fleet_route"
+# Request fields added after the first release of their task (see FleetClient.submit).
+_NEWER_FIELDS: dict[TaskName, tuple[str, ...]] = {TaskName.GENERATE: ("stop", "stream")}
 
 
 def route_of(result: Any) -> RouteDecision | None:
@@ -92,7 +96,13 @@ class FleetClient:
             options["queue"] = route.queue if route is not None else queue
         action = f"could not enqueue {name.value} (nothing was sent)"
         try:
-            result = self.app.send_task(name.value, kwargs=request.model_dump(mode="json"), **options)
+            body = request.model_dump(mode="json")
+            # Fields a job leaves at their defaults stay out of the message, so workers of the release before
+            # them (their contract forbids unknown fields) still serve it during a rolling upgrade.
+            for field in _NEWER_FIELDS.get(name, ()):
+                if body.get(field) == type(request).model_fields[field].get_default(call_default_factory=True):
+                    body.pop(field, None)
+            result = self.app.send_task(name.value, kwargs=body, **options)
             setattr(result, ROUTE_ATTRIBUTE, route)
             return result
         except OperationalError as exc:
@@ -111,6 +121,46 @@ class FleetClient:
     def generate(self, model: str, *, queue: str | None = None, **kwargs: Any) -> AsyncResult:
         """Enqueue ``fleet.generate`` (``prompt=`` or ``messages=``, plus ``max_new_tokens`` etc.)."""
         return self.submit(TaskName.GENERATE, queue=queue, model=model, **kwargs)
+
+    def generate_stream(
+        self,
+        model: str,
+        *,
+        queue: str | None = None,
+        timeout_s: float = 600.0,
+        cancel_on_close: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[StreamDelta | dict[str, Any]]:
+        """Enqueue ``fleet.generate`` with ``stream=True``; yield its text deltas as they come, then its result.
+
+        The deltas (:class:`~gpufleet.tasks.streams.StreamDelta`) concatenate to the result's ``text``. Closing
+        the iterator before the end (``break``, an exception, garbage collection) revokes the job when
+        ``cancel_on_close`` is set, so its generation stops within a few decode steps.
+
+        Raises:
+            what :meth:`submit` raises; the job's contract error if it fails; TimeoutError after ``timeout_s``.
+            ConfigError-like RuntimeError: the result backend is not Redis (the stream lives there).
+        """
+        client = getattr(self.app.backend, "client", None)
+        if client is None or not hasattr(client, "xread"):
+            raise RuntimeError(
+                f"streaming needs a Redis result backend (the token stream lives there); this app's backend is "
+                f"{type(self.app.backend).__name__}: set GPUFLEET_RESULT_BACKEND=redis://..."
+            )
+        result = self.submit(TaskName.GENERATE, queue=queue, model=model, stream=True, **kwargs)
+        finished = False
+        try:
+            for item in read_stream(client, result.id, timeout_s=timeout_s):
+                if not isinstance(item, StreamDelta):
+                    finished = True
+                yield item
+            finished = True
+        except JobError:
+            finished = True
+            raise
+        finally:
+            if not finished and cancel_on_close:
+                result.revoke()
 
     def load_model(self, model: str, *, priority: bool = False, queue: str | None = None) -> AsyncResult:
         """Enqueue ``fleet.load_model``."""

@@ -29,6 +29,8 @@ from gpufleet.tasks.errors import InvalidRequestError
 MAX_TEXTS = 1024
 MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
@@ -83,6 +85,10 @@ class GenerateRequest(_Request):
     temperature: StrictFloat | StrictInt = Field(default=0.0, ge=0.0, le=5.0)
     top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0.0, le=1.0)
     seed: StrictInt | None = None
+    # Generation ends before the first of these strings (not included in the text), as OpenAI's ``stop``.
+    stop: list[StrictStr] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    # Publish the text as it grows to the job's token stream (gpufleet.tasks.streams); the result is unchanged.
+    stream: StrictBool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -90,6 +96,9 @@ class GenerateRequest(_Request):
             raise ValueError("pass exactly one of 'prompt' (a string) or 'messages' (a list of {role, content})")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt is empty")
+        for index, stop in enumerate(self.stop):
+            if not stop or len(stop) > MAX_STOP_CHARS:
+                raise ValueError(f"stop[{index}] must have 1 to {MAX_STOP_CHARS} characters; got {len(stop)}")
         return self
 
 

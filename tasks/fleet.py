@@ -19,6 +19,8 @@ Redis layout (database of the registry URL)::
     gpufleet:fleet:held:<name>:<id> SET   delivery tags one broker channel of a worker holds unacknowledged
     gpufleet:fleet:fenced:<name>:<id>  STRING  when that holder was claimed (its resumed owner must stop)
     gpufleet:deliveries:<job id>    STRING  times a job was redelivered (result backend's Redis; poison jobs)
+    gpufleet:stream:<job id>        STREAM  a streamed job's text deltas, then its end (result backend's Redis,
+                                    bounded length, expires with the job's result: gpufleet.tasks.streams)
 
 The queues hash outlives a dead worker's record on purpose: whoever claims the dead worker
 (:meth:`FleetRegistry.claim_expired`) learns from it which direct queue to move back to the type queue. The
@@ -55,6 +57,7 @@ HOLDERS_KEY = "gpufleet:fleet:holders"
 HELD_KEY_PREFIX = "gpufleet:fleet:held:"
 FENCE_KEY_PREFIX = "gpufleet:fleet:fenced:"
 DELIVERIES_KEY = "gpufleet:deliveries:{job_id}"  # formatted with the job id
+STREAM_KEY = "gpufleet:stream:{job_id}"  # formatted with the job id
 
 Holding = Literal["resident", "parked"]
 
@@ -85,6 +88,34 @@ class HeldModel(_Record):
     model: str
     bytes: int = Field(ge=0)
     pinned: bool = False
+
+
+# Upper bounds (seconds) of the generation engine's latency histograms: time to first token, between tokens.
+TOKEN_LATENCY_S_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class GenerationMetrics(_Record):
+    """One model's continuous-batching engine on one worker: counters since the pool child started, and now.
+
+    Histograms are Prometheus-style cumulative counts by upper bound (seconds as text, ``"+Inf"`` included) with
+    their sum; ``"+Inf"`` is the count.
+    """
+
+    prompt_tokens: int = Field(default=0, ge=0)  # prompt tokens of the sequences served
+    prefill_tokens: int = Field(default=0, ge=0)  # of those, computed (a shared prefix is computed once)
+    generated_tokens: int = Field(default=0, ge=0)
+    sequences_running: int = Field(default=0, ge=0)
+    sequences_waiting: int = Field(default=0, ge=0)
+    kv_used_bytes: int = Field(default=0, ge=0)  # what the running batch's KV cache holds now
+    kv_reserved_bytes: int = Field(default=0, ge=0)  # the engine's KV reservation in the worker's memory budget
+    ttft_s_buckets: dict[str, int] = Field(default_factory=dict)
+    ttft_s_sum: float = 0.0
+    itl_s_buckets: dict[str, int] = Field(default_factory=dict)
+    itl_s_sum: float = 0.0
+
+    @property
+    def kv_free_bytes(self) -> int:
+        return max(0, self.kv_reserved_bytes - self.kv_used_bytes)
 
 
 class RunningJob(_Record):
@@ -127,6 +158,7 @@ class WorkerRecord(_Record):
     cache_hits: int = 0
     cache_misses: int = 0
     cache_evictions: int = 0
+    generation: dict[str, GenerationMetrics] = Field(default_factory=dict)  # by model
     versions: dict[str, str] = Field(default_factory=dict)
     heartbeat_at: float
     ttl_s: float = Field(gt=0)

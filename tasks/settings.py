@@ -11,7 +11,7 @@ import functools
 import json
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -128,6 +128,26 @@ class BatchingOptions(_Section):
     max_batch_tokens: int = Field(default=16384, ge=64)
 
 
+class GenerationOptions(_Section):
+    """``GPUFLEET_GENERATION__*``: how a worker runs ``fleet.generate`` jobs."""
+
+    # "continuous": each model's jobs share one decode loop that they join and leave between steps (answered
+    # each at its own end, streamable, cancellable); "static": jobs batched as for embeddings, each batch run as
+    # one left-padded generate() (every job of a batch waits for its longest). Models the loop cannot run
+    # (sliding-window or state-space layers, multimodal checkpoints) use the static path either way.
+    engine: Literal["continuous", "static"] = "continuous"
+    # Sequences one decode loop runs at once; further jobs wait for a place (the worker reserves up to twice
+    # GPUFLEET_BATCHING__MAX_BATCH_SIZE messages, so that also bounds what waits on one worker).
+    max_running: int = Field(default=64, ge=1, le=1024)
+    # Share of the memory budget left free by the models that a loop's KV cache may reserve (shown as
+    # "kv:<model>" among the pool's reservations); admission keeps every running sequence's longest cache in it.
+    kv_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    # Padded prompt tokens one prefill forward takes at most (more waiting prompts join at the next step).
+    max_prefill_tokens: int = Field(default=4096, ge=64)
+    # Entries one job's token stream keeps (a reader that falls further behind loses the oldest deltas).
+    stream_max_entries: int = Field(default=10_000, ge=16)
+
+
 class ApiOptions(_Section):
     """``GPUFLEET_API__*``: the fleet HTTP API and dashboard (``gpufleet api``)."""
 
@@ -240,6 +260,7 @@ class Settings(BaseSettings):
     worker: WorkerOptions = WorkerOptions()
     fleet: FleetOptions = FleetOptions()
     batching: BatchingOptions = BatchingOptions()
+    generation: GenerationOptions = GenerationOptions()
     api: ApiOptions = ApiOptions()
 
     @classmethod

@@ -126,6 +126,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             options["messages"] = [_message(m) for m in args.message]
         else:
             options["prompt"] = args.prompt
+        if args.stop:
+            options["stop"] = list(args.stop)
+        if args.stream:
+            return _stream(client, args, options)
         result = client.generate(args.model, queue=args.queue, **options)
     if args.no_wait:
         print(result.id)
@@ -133,6 +137,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # A job whose model is not resident reports its load as PROGRESS: shown as a bar unless --json.
     value = _wait(result, args.timeout, progress=not args.json)
     _print_json(value if args.json else _summarise(value))
+    return 0
+
+
+def _stream(client: Any, args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """Print a generate job's text as it comes (Ctrl-C cancels the job), then the result's summary on stderr."""
+    from gpufleet.tasks.streams import StreamDelta
+
+    final: dict[str, Any] = {}
+    for item in client.generate_stream(args.model, queue=args.queue, timeout_s=args.timeout, **options):
+        if isinstance(item, StreamDelta):
+            if not args.json:
+                sys.stdout.write(item.text)
+                sys.stdout.flush()
+        else:
+            final = item
+    if args.json:
+        _print_json(final)
+    else:
+        sys.stdout.write("\n")
+        summary = {k: final.get(k) for k in ("completion_tokens", "finish_reason", "worker")}
+        print(" ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
     return 0
 
 
@@ -402,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", metavar="TEXT", help="end before this text; repeatable")
+    generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
     for sub in (embed, generate):
         add_wait_options(sub)
         sub.add_argument("--no-wait", action="store_true", help="print the job id and return")

@@ -210,15 +210,40 @@ def generate_batch(loaded: LoadedModel, prompts: Sequence[EncodedPrompt]) -> lis
     with translate_model_errors(loaded.model_id, "decoding the generated tokens", GENERATE_ADVICE):
         for prompt, row in zip(prompts, new_tokens, strict=True):
             tokens, finish = _trim(row[: prompt.job.max_new_tokens], eos_set, prompt.job.max_new_tokens)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if prompt.job.stop and first_stop(text, prompt.job.stop) is not None:
+                tokens, text = _cut_at_stop(tokenizer, tokens, prompt.job.stop)
+                finish = "stop"
             results.append(
                 Generation(
-                    text=tokenizer.decode(tokens, skip_special_tokens=True),
+                    text=text,
                     prompt_tokens=len(prompt.input_ids),
                     completion_tokens=len(tokens),
                     finish_reason=finish,
                 )
             )
     return results
+
+
+def first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Where the first of the ``stop`` strings starts in ``text`` (searching from ``start``), or None."""
+    found = [i for stop in stops if stop and (i := text.find(stop, start)) != -1]
+    return min(found) if found else None
+
+
+def _cut_at_stop(tokenizer: Any, tokens: list[int], stops: Sequence[str]) -> tuple[list[int], str]:
+    """The fewest tokens whose text holds a stop string, and that text cut before it: what a decode loop that
+    checks after every token would have produced (found by bisection: holding a stop only grows with length)."""
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        if first_stop(tokenizer.decode(tokens[:middle], skip_special_tokens=True), stops) is None:
+            low = middle + 1
+        else:
+            high = middle
+    text = tokenizer.decode(tokens[:low], skip_special_tokens=True)
+    cut = first_stop(text, stops)
+    return tokens[:low], text[:cut] if cut is not None else text
 
 
 def _trim(tokens: list[int], eos_set: set[int], max_new_tokens: int) -> tuple[list[int], FinishReason]:

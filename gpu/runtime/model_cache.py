@@ -298,11 +298,12 @@ class ModelCache(Generic[V]):
                 raise KeyError(f"{key!r} is not cached; put it before pinning it")
             entry.pinned = True
 
-    def evict_unpinned(self, reason: str = "oom") -> list[str]:
+    def evict_unpinned(self, reason: str = "oom", *, keep: str | None = None) -> list[str]:
         """Evict every unpinned entry, e.g. after the device ran out of memory mid-job.
 
         Args:
             reason: passed to ``on_evict``; one of :data:`~gpufleet.gpu.runtime.cache_stats.EVICT_REASONS`.
+            keep: an entry to leave in place (the model a running decode loop is using).
 
         Returns:
             The evicted keys, least recently used first.
@@ -313,7 +314,7 @@ class ModelCache(Generic[V]):
         if reason not in EVICT_REASONS:
             raise ConfigError(f"eviction reason {reason!r} is not one of {', '.join(EVICT_REASONS)}")
         with self._lock:
-            keys = [key for key, entry in self._entries.items() if not entry.pinned]
+            keys = [key for key, entry in self._entries.items() if not entry.pinned and key != keep]
             for key in keys:
                 self._remove(key, cast(EvictReason, reason))
             return keys

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from gpufleet.tasks.streams import StreamDelta
 from gpufleet.workers.tools.local_redis import LocalRedis
 from tests.integration.conftest import WorkerFactory
 
@@ -31,5 +32,9 @@ def test_embed_and_generate_over_rabbitmq(worker_factory: WorkerFactory, redis_s
     assert result["dim"] == 384 and result["worker"] == worker.name
     text = worker.client.generate("gpufleet/tiny-chat", prompt="amqp", max_new_tokens=3).get(timeout=120)
     assert 1 <= text["completion_tokens"] <= 3
+    # Streaming: the broker carries the job, the result backend's Redis its token stream.
+    *deltas, final = worker.client.generate_stream("gpufleet/tiny-chat", prompt="amqp", max_new_tokens=12)
+    assert isinstance(final, dict) and final["completion_tokens"] == 12
+    assert "".join(d.text for d in deltas if isinstance(d, StreamDelta)) == final["text"]
     status = worker.client.status("gpu_status")
     assert status[worker.name]["ready"] is True

@@ -87,6 +87,7 @@ def generate_options(request: GenerateRequest) -> GenerateOptions:
         temperature=float(request.temperature),
         top_p=float(request.top_p),
         seed=request.seed,
+        stop=tuple(request.stop),
     )
 
 
@@ -188,4 +189,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         # The parent's batcher gathers up to this many queued jobs for one model into one batch (1: each alone).
         if task.engine is EngineKind.BATCHED and settings.batching.enabled:
             task.fleet_batch_size = settings.batching.max_batch_size
+        # The parent runs these jobs in generation sessions (workers/parent/sessions.py): a decode loop they join.
+        if task_class is GenerateTask and settings.generation.engine == "continuous":
+            task.fleet_continuous = True
         app.register_task(task)

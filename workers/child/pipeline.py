@@ -40,9 +40,11 @@ from gpufleet.workers.child.job import Job
 from gpufleet.workers.child.oom_policy import run_with_oom_policy
 from gpufleet.workers.child.result_store import StoredState, store_states
 from gpufleet.workers.child.runtime import Acquired, WorkerRuntime
+from gpufleet.workers.child.streams import StreamWriter, stream_end, wants_stream
 from gpufleet.workers.child.task_base import EngineKind, FleetTask, as_job_error, check_deliveries, parse
 from gpufleet.workers.common.context import context as worker_context
 from gpufleet.workers.common.jobs import JobPayload, Outcome
+from gpufleet.workers.common.session_wire import Answer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,9 @@ class Pipeline:
         self.payloads = payloads
         self.runtime = runtime
         self.outcomes: list[Outcome | None] = [None] * len(payloads)
+        # The same ends as the parent of a generation session reads them (plain data, no exception objects).
+        self.answers: list[Answer | None] = [None] * len(payloads)
+        self.results: list[Any] = [None] * len(payloads)  # each successful job's result, as stored
         self.started = time.time()
         self._to_store: list[StoredState] = []
 
@@ -86,14 +91,7 @@ class Pipeline:
         task, runtime = self.task, self.runtime
         model = next((p.model for p in self.payloads if p.model is not None), None)
         runtime.begin_job(self.payloads[0].id, task.name, model)
-        self._mark_started()
-        jobs: list[Job] = []
-        for index, payload in enumerate(self.payloads):
-            try:
-                check_deliveries(task.app, payload.id, payload.request_dict.get("delivery_info"), runtime.settings)
-                jobs.append(Job(index, payload, parse(task.request_model, tuple(payload.args), payload.kwargs)))
-            except Exception as exc:
-                self.fail(index, exc)
+        jobs = self.admit()
         if jobs:
             with runtime.serving():
                 try:
@@ -105,6 +103,7 @@ class Pipeline:
                             self.fail(job.index, exc)
         # Every job's result is stored before the child returns: the parent acknowledges each job after that.
         self.flush()
+        self._end_streams()
         outcomes = [outcome for outcome in self.outcomes if outcome is not None]
         if len(outcomes) != len(self.payloads):  # every path above records one outcome per job
             raise RuntimeError(f"{task.name}: {len(self.payloads) - len(outcomes)} job(s) of the batch got no outcome")
@@ -118,11 +117,37 @@ class Pipeline:
             )
         return outcomes
 
+    def admit(self) -> list[Job]:
+        """Store ``STARTED``, count each delivery and validate each job; the valid ones (the others are failed)."""
+        task = self.task
+        self._mark_started()
+        jobs: list[Job] = []
+        for index, payload in enumerate(self.payloads):
+            try:
+                check_deliveries(task.app, payload.id, payload.request_dict.get("delivery_info"), self.runtime.settings)
+                jobs.append(Job(index, payload, parse(task.request_model, tuple(payload.args), payload.kwargs)))
+            except Exception as exc:
+                self.fail(index, exc)
+        return jobs
+
     def flush(self) -> None:
         """Store the results recorded so far (one round trip on a Redis backend)."""
         pending, self._to_store = self._to_store, []
         if pending:
             store_states(self.task.backend, pending)
+
+    def _end_streams(self) -> None:
+        """Streamed jobs answered here (the static path) get their text and end in their token stream."""
+        streamed = [i for i, payload in enumerate(self.payloads) if wants_stream(payload.kwargs)]
+        if not streamed:
+            return
+        writer = StreamWriter(self.task.backend, max_entries=self.runtime.settings.generation.stream_max_entries)
+        for index in streamed:
+            answer = self.answers[index]
+            if answer is not None:
+                for entry in stream_end(answer, self.results[index], with_text=True):
+                    writer.add(answer.id, entry)
+        writer.flush()
 
     # -- services for the engines --------------------------------------------------------------------------
 
@@ -185,9 +210,13 @@ class Pipeline:
             )
             fields = {**fields, **common_result_fields(self.runtime, str(job.request.model), timings)}
         result = dump(task.result_model(**fields))
+        self.results[job.index] = result
         self._to_store.append(StoredState(job.id, states.SUCCESS, result, self._context(job.payload)))
         self.runtime.end_job(task.name, "ok")
-        self.outcomes[job.index] = (False, saferepr(result, task.resultrepr_maxsize), time.time() - self.started)
+        runtime_s = time.time() - self.started
+        shown = saferepr(result, task.resultrepr_maxsize)
+        self.outcomes[job.index] = (False, shown, runtime_s)
+        self.answers[job.index] = Answer(job.id, "ok", runtime_s, result_repr=shown)
 
     def fail(self, index: int, exc: BaseException) -> None:
         """Record a contract error for one job (anything else is mapped to one first)."""
@@ -197,7 +226,16 @@ class Pipeline:
         einfo = exception_info(exc)
         self._to_store.append(StoredState(payload.id, states.FAILURE, exc, self._context(payload), einfo.traceback))
         self.runtime.end_job(task.name, type(exc).__name__)
-        self.outcomes[index] = (True, einfo, time.time() - self.started)
+        runtime_s = time.time() - self.started
+        self.outcomes[index] = (True, einfo, runtime_s)
+        self.answers[index] = Answer(
+            payload.id,
+            "error",
+            runtime_s,
+            error_type=type(exc).__name__,
+            error_message=str(exc),
+            traceback=einfo.traceback,
+        )
 
     def reroute(self, job: Job, queue: str) -> None:
         """Re-send one job, same id and arguments, to ``queue`` (what Celery's ``Task.replace`` does, per job)."""
@@ -212,7 +250,21 @@ class Pipeline:
             replaced_task_nesting=payload.hops_done + 1,
         )
         self.runtime.end_job(self.task.name, "rerouted")
-        self.outcomes[job.index] = (True, exception_info(Ignore()), time.time() - self.started)
+        runtime_s = time.time() - self.started
+        self.outcomes[job.index] = (True, exception_info(Ignore()), runtime_s)
+        self.answers[job.index] = Answer(job.id, "ignore", runtime_s)
+
+    def revoke(self, index: int, reason: str) -> None:
+        """Record a job cancelled while it ran (revoked, or its reader left): stored as ``REVOKED``."""
+        from celery.exceptions import TaskRevokedError
+
+        payload = self.payloads[index]
+        exc = TaskRevokedError(reason)
+        self._to_store.append(StoredState(payload.id, states.REVOKED, exc, self._context(payload)))
+        self.runtime.end_job(self.task.name, "revoked")
+        runtime_s = time.time() - self.started
+        self.outcomes[index] = (True, exception_info(exc), runtime_s)
+        self.answers[index] = Answer(payload.id, "revoked", runtime_s, error_message=reason)
 
     # -- job state -----------------------------------------------------------------------------------------
 
@@ -298,10 +350,10 @@ def batched(pipeline: Pipeline, jobs: list[Job]) -> None:
             continue
         ready.append(job)
     if ready:
-        _compute(pipeline, acquired, model, ready)
+        compute_prepared(pipeline, acquired, model, ready)
 
 
-def _compute(pipeline: Pipeline, acquired: Acquired, model: str, jobs: list[Job]) -> None:
+def compute_prepared(pipeline: Pipeline, acquired: Acquired, model: str, jobs: list[Job]) -> None:
     """Run ``jobs`` together; on a device or inference error, split them and retry the halves."""
     runtime, task = pipeline.runtime, pipeline.task
 
@@ -325,8 +377,8 @@ def _compute(pipeline: Pipeline, acquired: Acquired, model: str, jobs: list[Job]
             return
         log.warning("batch of %d failed (%s); retrying it in halves", len(jobs), type(exc).__name__)
         half = len(jobs) // 2
-        _compute(pipeline, acquired, model, jobs[:half])
-        _compute(pipeline, acquired, model, jobs[half:])
+        compute_prepared(pipeline, acquired, model, jobs[:half])
+        compute_prepared(pipeline, acquired, model, jobs[half:])
         return
     except Exception as exc:
         for job in jobs:

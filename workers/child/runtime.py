@@ -38,6 +38,7 @@ from gpufleet.gpu.units import dtype_bytes
 from gpufleet.tasks.contracts import LoadAction
 from gpufleet.tasks.settings import Settings
 from gpufleet.workers.child.faults import Faults
+from gpufleet.workers.child.generation_stats import GenerationStats
 from gpufleet.workers.child.job_accounting import DeferredCall
 from gpufleet.workers.common.identity import WorkerIdentity
 
@@ -175,6 +176,7 @@ class WorkerRuntime:
         self.jobs_by_outcome: dict[str, int] = {}
         self.load_s_buckets: dict[str, int] = {str(bound): 0 for bound in (*LOAD_S_BUCKETS, "+Inf")}
         self.load_s_sum = 0.0
+        self.generation = GenerationStats()  # the continuous-batching engine's figures, by model
         # Held while a job uses the device (and by acquire itself), so idle expiry never evicts a model that is
         # being loaded, checked or run. Re-entrant: a job holds it around its own acquire.
         self._serving = threading.RLock()
@@ -406,10 +408,10 @@ class WorkerRuntime:
         self.load_s_buckets["+Inf"] += 1
         self.load_s_sum += load_s
 
-    def relieve_memory(self) -> list[str]:
-        """After an out-of-memory during a job: evict every unpinned model and return cached blocks."""
+    def relieve_memory(self, *, keep: str | None = None) -> list[str]:
+        """After an out-of-memory during a job: evict every unpinned model (but ``keep``) and return cached blocks."""
         _, cache, _ = self._require()
-        evicted = cache.evict_unpinned(reason="oom")
+        evicted = cache.evict_unpinned(reason="oom", keep=keep)
         _empty_device_cache(self.device)
         self.changed()
         return evicted

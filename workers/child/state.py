@@ -72,6 +72,7 @@ def snapshot(runtime: WorkerRuntime) -> WorkerSnapshot:
             jobs_by_outcome=dict(runtime.jobs_by_outcome),
             load_s_buckets=dict(runtime.load_s_buckets),
             load_s_sum=runtime.load_s_sum,
+            generation=runtime.generation.report(),
         ),
     )
     if runtime.pool is None or runtime.cache is None or runtime.warmup is None:

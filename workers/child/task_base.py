@@ -172,6 +172,8 @@ class FleetTask(Task, Generic[RequestT]):  # type: ignore[misc]
     common_fields: ClassVar[bool] = True
     # Read by the parent's batcher (duck-typed: it never imports this module): jobs per batch, set at registration.
     fleet_batch_size: int = 1
+    # Read by the parent's batcher too: the jobs run in a generation session (a decode loop they join and leave).
+    fleet_continuous: bool = False
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Not a path: a fleet job runs in the worker's pipeline, reached through its consumer."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gpufleet.tasks.fleet import RunningJob
+from gpufleet.tasks.fleet import GenerationMetrics, RunningJob
 
 if TYPE_CHECKING:
     from gpufleet.tasks.settings import Settings
@@ -130,6 +130,7 @@ class Metrics(_Wire):
     jobs_by_outcome: dict[str, int] = Field(default_factory=dict)  # "task|outcome" -> jobs
     load_s_buckets: dict[str, int] = Field(default_factory=dict)  # cumulative, Prometheus-style, "+Inf" included
     load_s_sum: float = 0.0
+    generation: dict[str, GenerationMetrics] = Field(default_factory=dict)  # by model: the decode loop's figures
 
 
 class WorkerSnapshot(_Wire):

@@ -34,6 +34,7 @@ from celery.worker import state as worker_state
 
 from gpufleet.tasks.settings import BatchingOptions
 from gpufleet.workers.common.jobs import PIPELINE_ENTRY, Outcome, payload_of, run_in_child
+from gpufleet.workers.parent.sessions import SessionHub, continuous
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,14 @@ class Batcher:
     def add(self, request: Any) -> None:
         """A ready request of a fleet task (the consumer calls this instead of sending it to the pool)."""
         key = (request.name, model_of(request))
+        sessions = self._sessions(request)
+        if sessions is not None:
+            session = sessions.current(*key)
+            if session is not None:  # its model's decode loop runs: the job joins it between two steps
+                if not request.revoked():
+                    session.feed([request])
+                return
+        self.yield_child(key)
         buffer = self.buffers.setdefault(key, [])
         buffer.append(request)
         limit = self._limit(request)
@@ -106,6 +115,18 @@ class Batcher:
             self.dispatch(key)
         else:
             self._arm_timer(self.options.max_wait_s if in_burst else 0.0)
+
+    def _sessions(self, request: Any) -> SessionHub | None:
+        """The generation sessions, for a request whose task runs in them on a worker with an event loop."""
+        if not continuous(request):
+            return None
+        return SessionHub.for_consumer(self.consumer)
+
+    def yield_child(self, key: tuple[str, str | None] | None = None) -> None:
+        """Other work waits for the child: a running session (for another key) admits nothing more and ends."""
+        hub: SessionHub | None = getattr(self.consumer, SessionHub.ATTRIBUTE, None)
+        if hub is not None and hub.session is not None and hub.session.key != key:
+            hub.session.close()
 
     def _limit(self, request: Any) -> int:
         """Jobs per batch for this request's task: its own batch size, within ``max_batch_size``."""
@@ -154,6 +175,11 @@ class Batcher:
             return
         self.in_flight += 1
         self.jobs_batched += len(requests)
+        sessions = self._sessions(requests[0])
+        if sessions is not None:
+            more = [request for request in self.buffers.pop(key, []) if not request.revoked()]
+            sessions.start(requests + more, self._on_batch_done)  # every buffered job of the model: one loop
+            return
         BatchRun(requests, self._on_batch_done).submit(self.consumer.pool)
 
     def _on_batch_done(self) -> None:

@@ -112,6 +112,9 @@ class ContractConsumer(Consumer):  # type: ignore[misc]  # Celery's classes are 
 
     def _route_request(self, request: Any) -> None:
         if batch_size_of(request) is None:
+            batcher: Batcher | None = getattr(self, Batcher.ATTRIBUTE, None)
+            if batcher is not None:
+                batcher.yield_child()  # a bare task waits behind a generation session: let it end
             self._to_pool(request)
             return
         context = worker_context()

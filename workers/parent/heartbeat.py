@@ -132,6 +132,7 @@ def build_record(
         jobs_by_outcome=dict(snapshot.metrics.jobs_by_outcome),
         load_s_buckets=dict(snapshot.metrics.load_s_buckets),
         load_s_sum=snapshot.metrics.load_s_sum,
+        generation=dict(snapshot.metrics.generation),
         cache_hits=cache.stats.hits if cache else 0,
         cache_misses=cache.stats.misses if cache else 0,
         cache_evictions=cache.stats.evictions if cache else 0,
