@@ -6,6 +6,7 @@ The app is built from :class:`gpufleet.tasks.settings.Settings` so producers, wo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -14,6 +15,8 @@ from gpufleet.tasks.errors import SettingsError
 from gpufleet.tasks.names import CPU_QUEUE
 from gpufleet.tasks.routing import FleetRouter
 from gpufleet.tasks.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 JSON_ONLY = ["json"]
 
@@ -109,14 +112,47 @@ def create_app(settings: Settings | None = None, *, main: str = "gpufleet") -> C
     return app
 
 
+class RefusalsAsResults(Celery):  # type: ignore[misc]  # Celery is untyped
+    """A Celery app whose ``send_task`` answers a job the fleet refuses with a stored failure instead of raising.
+
+    This is the app the celery CLI, and so Flower, runs (``gpufleet.tasks.app:app``). Flower's send-task turns an
+    exception from ``send_task`` into an HTTP 500 with an empty body (its API writes only its own HTTP errors'
+    messages), so the caller never learns why. Here a refusal (no live worker can run the model, the model is not
+    installed, the arguments are wrong) is stored as the FAILURE result of a fresh task id, which Flower returns:
+    ``/api/task/result/<id>`` then carries the refusal's type and message. Producers use :func:`create_app`, whose
+    ``send_task`` raises as Celery's does.
+    """
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        from celery.utils import uuid
+
+        from gpufleet.tasks.errors import FleetError
+
+        try:
+            return super().send_task(name, args, kwargs, **options)
+        except FleetError as exc:
+            if type(exc).__name__ in _NOT_REFUSALS:
+                raise  # the broker or backend is down: there is nowhere to store an answer either
+            task_id = options.get("task_id") or uuid()
+            log.warning("refused %s (%s): %s; stored as the failure of %s", name, type(exc).__name__, exc, task_id)
+            self.backend.mark_as_failure(task_id, exc)
+            return self.AsyncResult(task_id)
+
+
+# Failures of the plumbing itself, raised as they are (Flower shows its own 500 / 503 for those).
+_NOT_REFUSALS = frozenset({"BrokerUnavailableError", "BrokerAuthenticationError"})
+
 app: Celery  # ``gpufleet.tasks.app:app``: declared here, built on first access by __getattr__ below
 
 
 def __getattr__(name: str) -> Any:
     """``gpufleet.tasks.app:app`` for the celery CLI (Flower): built from the environment on first use, not at
-    import."""
+    import; refusals come back as failed results (:class:`RefusalsAsResults`)."""
     if name == "app":
         global app
-        app = create_app()
+        settings = get_settings()
+        app = RefusalsAsResults("gpufleet")
+        app.conf.update(celery_config(settings))
+        check_json_only(app)
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

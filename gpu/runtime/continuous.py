@@ -615,8 +615,13 @@ class DecodeLoop:
             if row.dead:
                 continue
             row.token_times.append(now)
-            delta = row.text.push(token)
             options = row.request.options
+            # Only a streamed row or one with stop strings needs its text as it grows (two short decodes a token).
+            if row.request.stream or options.stop:
+                delta = row.text.push(token)
+            else:
+                row.text.tokens.append(token)
+                delta = ""
             if token in row.eos:
                 row.finish = "stop"
             elif options.stop and delta:

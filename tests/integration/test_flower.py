@@ -106,3 +106,15 @@ def test_flower_refuses_without_credentials(flower: str) -> None:
         call(f"{flower}/api/workers", auth=False)
     assert refused.value.code == 401
     refused.value.close()  # an HTTPError holds the response's socket open
+
+
+def test_a_job_the_fleet_refuses_comes_back_with_its_reason(flower: str) -> None:
+    # Before, Flower answered a refused job with HTTP 500 and an empty body; the reason was only in its log.
+    sent = call(
+        f"{flower}/api/task/send-task/fleet.embed",
+        body={"kwargs": {"model": "org/not-installed-anywhere", "texts": ["x"]}},
+    )
+    assert sent["state"] == "FAILURE"
+    reply = call(f"{flower}/api/task/result/{sent['task-id']}")
+    assert reply["state"] == "FAILURE"
+    assert "not-installed-anywhere" in str(reply["result"])

@@ -158,3 +158,26 @@ def test_the_cli_prints_a_streamed_job_as_it_comes(worker: RunningWorker) -> Non
     )
     assert done.stdout == expected + "\n"
     assert "completion_tokens=20" in done.stderr
+
+
+def test_the_static_engine_still_answers_a_streamed_job(worker_factory: WorkerFactory) -> None:
+    static = worker_factory({"GPUFLEET_GENERATION__ENGINE": "static"})
+    *deltas, final = static.client.generate_stream(CHAT, prompt="once upon a time", max_new_tokens=10)
+    assert isinstance(final, dict) and final["completion_tokens"] == 10
+    assert "".join(d.text for d in deltas if isinstance(d, StreamDelta)) == final["text"]
+
+
+def test_a_warm_shutdown_finishes_running_sequences_and_requeues_waiting_ones(worker_factory: WorkerFactory) -> None:
+    # One sequence at a time, so the second and third job wait in the loop when the worker is told to stop.
+    first = worker_factory({"GPUFLEET_GENERATION__MAX_RUNNING": "1"})
+    first.client.generate(CHAT, prompt="warm", max_new_tokens=2).get(timeout=120)
+    jobs = [first.client.generate(CHAT, prompt=f"story {i}", max_new_tokens=600) for i in range(3)]
+    wait_for(lambda: started(jobs[0]), what="the first job to start")
+    time.sleep(0.3)
+    first.process.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+    assert jobs[0].get(timeout=120)["completion_tokens"] == 600, "the running sequence finished"
+    first.process.wait(timeout=60)
+    db = int(first.env["GPUFLEET_BROKER_URL"].rsplit("/", 1)[1])
+    second = worker_factory(db=db, name=f"cpu-{db}-second@test")
+    results = [job.get(timeout=180) for job in jobs[1:]]
+    assert [r["worker"] for r in results] == [second.name] * 2, "the waiting jobs were given back, not lost"

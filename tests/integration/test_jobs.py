@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -163,6 +164,19 @@ def test_status_cli(worker: RunningWorker) -> None:
     report = status("--control")  # the workers' own answers to the control commands
     assert isinstance(report, dict) and set(report) == {"gpu_status", "models_status", "cache_status"}
     assert report["gpu_status"][worker.name]["ready"] is True
+    # One broadcast that stops at the live workers' count (it took three sequential ones, 6.6 s, before), and a
+    # rounded hit ratio.
+    started = time.monotonic()
+    done = subprocess.run(
+        [*gpufleet_command(), "status", "--control"],
+        env={**os.environ, **worker.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 5.0
+    assert re.search(r"hit_ratio=\d\.\d\d \(per job\)", done.stdout), done.stdout
 
 
 def test_no_result_is_lost_waiting(worker: RunningWorker) -> None:
