@@ -331,8 +331,10 @@ class DecodeLoop:
             self._compact(force=self.running == 0 or self.waiting != [])
             admitted = self._admit()
             if admitted:
+                # A step that prefills ends there: the new sequences' first tokens (and streamed deltas) go out
+                # now rather than after one more forward; the running ones decode at the next step.
                 events += self._prefill(admitted)
-            if self.running:
+            elif self.running:
                 try:
                     with translate_model_errors(self.loaded.model_id, f"decoding {self.running} sequences", ADVICE):
                         events += self._decode()

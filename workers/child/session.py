@@ -56,6 +56,8 @@ from gpufleet.workers.common.session_wire import Answer, LineReader, encode, pay
 
 log = logging.getLogger(__name__)
 
+# The last session's loop, kept for the next session of the same model (see GenerationSession._end).
+_IDLE_LOOPS: dict[str, DecodeLoop] = {}
 IDLE_WAIT_S = 0.5  # how long one wait for the parent's next message lasts while the loop is empty
 CONNECT_TIMEOUT_S = 5.0
 GAUGES_EVERY_S = 1.0  # the snapshot's running/waiting/KV gauges are refreshed at most this often while running
@@ -225,10 +227,15 @@ class GenerationSession:
             self.runtime.pool.release(self.kv_key)
         if self.model is not None:
             self.runtime.generation.gauges(self.model, running=0, waiting=0, kv_used_bytes=0, kv_reserved_bytes=0)
+            if self.loop is not None and self.loop.idle:
+                # The next session for this model (often the next lone job) starts without building a loop again;
+                # one idle loop per model at most, holding no cache rows (only the last prompt's prefix).
+                _IDLE_LOOPS.clear()
+                _IDLE_LOOPS[self.model] = self.loop
         self.loop = None
         if self.channel is not None:
             self.channel.close()
-        self.runtime.changed()
+        self.runtime.job_state.request()  # published in the background: the next job need not wait for it
 
     # -- jobs in --------------------------------------------------------------------------------------------
 
@@ -284,14 +291,17 @@ class GenerationSession:
             raise RuntimeError(f"{model} changed under its running decode loop")
         self.model = model
         self.kv_reserved_bytes = self._reserve_kv(acquired, model)
-        self.loop = DecodeLoop(
-            acquired.loaded,
-            max_running=self.options.max_running,
-            kv_budget_bytes=self.kv_reserved_bytes,
-            max_prefill_tokens=self.options.max_prefill_tokens,
-            relieve_memory=lambda: self.runtime.relieve_memory(keep=model),
-        )
-        return self.loop
+        loop = _IDLE_LOOPS.pop(model, None)
+        if loop is None or loop.loaded is not acquired.loaded or not loop.idle:
+            loop = DecodeLoop(
+                acquired.loaded,
+                max_running=self.options.max_running,
+                max_prefill_tokens=self.options.max_prefill_tokens,
+                relieve_memory=lambda: self.runtime.relieve_memory(keep=model),
+            )
+        loop.kv_budget_bytes = self.kv_reserved_bytes
+        self.loop = loop
+        return loop
 
     def _reserve_kv(self, acquired: Acquired, model: str) -> int:
         """Reserve the loop's KV share of the free budget (``kv:<model>``); the bytes the loop may use."""
@@ -313,7 +323,7 @@ class GenerationSession:
             except BudgetExceededError:
                 continue
             self.kv_key = key
-            self.runtime.changed()  # the reservation shows in the snapshot and /gpu/status
+            self.runtime.job_state.request()  # the reservation shows in the snapshot and /gpu/status (deferred)
             return amount
         log.warning("no free budget for %s's KV cache: its sequences run one at a time", model)
         return 0

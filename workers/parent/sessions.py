@@ -52,6 +52,7 @@ from gpufleet.workers.common.session_wire import (
 log = logging.getLogger(__name__)
 
 REVOKE_POLL_S = 0.05  # how often the revoked ids are checked against the session's jobs
+LINGER_S = 0.05  # how long an empty session stays open for its model's next job (when nothing else waits)
 
 
 def continuous(request: Any) -> bool:
@@ -174,6 +175,7 @@ class Session:
         self._hard_timers: dict[str, Any] = {}
         self._cancelled: set[str] = set()
         self._revoke_poll: Any = None
+        self._linger: Any = None
         self._ended = False
 
     # -- the pool job ---------------------------------------------------------------------------------------
@@ -227,7 +229,10 @@ class Session:
         if kind == "done":
             self._finish(Answer.from_wire(message))
         elif kind == "idle" and int(message.get("fed", -1)) == self.feeds_sent and not self.pending:
-            self.close()
+            # Kept open a moment: the next job for this model (a caller's next request) joins the open session
+            # instead of waiting for this one to end and another to start. Other work closes it at once.
+            self._cancel_linger()
+            self._linger = self.hub.consumer.timer.call_after(LINGER_S, self._close_if_idle, (self.feeds_sent,))
 
     def _send(self, message: dict[str, Any]) -> None:
         data = encode(message)
@@ -260,11 +265,23 @@ class Session:
             self.pending[request.id] = request
             if self.pid is not None:
                 self._accepted(request, time.monotonic())
+        self._cancel_linger()
         self.feeds_sent += 1
         self._send({"t": "feed", "seq": self.feeds_sent, "jobs": [payload_to_wire(payload_of(r)) for r in requests]})
 
+    def _close_if_idle(self, feeds_sent: int) -> None:
+        self._linger = None
+        if feeds_sent == self.feeds_sent and not self.pending:
+            self.close()
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+
     def close(self) -> None:
         """Admit nothing more: the child finishes what runs and ends the session."""
+        self._cancel_linger()
         if self.accepting:
             self.accepting = False
             self._send({"t": "close"})
@@ -325,6 +342,7 @@ class Session:
             return
         self._ended = True
         self.accepting = False
+        self._cancel_linger()
         if self._revoke_poll is not None:
             self._revoke_poll.cancel()
         self.hub.ended(self)
