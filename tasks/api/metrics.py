@@ -2,7 +2,8 @@
 
 Names follow Prometheus' conventions: a ``gpufleet_`` prefix, base units in the name (``_bytes``, ``_seconds``),
 ``_total`` on counters. Every per-worker series carries ``worker`` and ``gpu_type`` labels; per-model series add
-``model``, job counts add ``task`` and ``outcome``, the backlog adds ``queue``. The counters are the workers' own
+``model`` (the generation engine's series are per worker and model), job counts add ``task`` and ``outcome``, the
+backlog adds ``queue``. The counters are the workers' own
 cumulative counts (since each pool child started), so a restarted worker resets them: Prometheus' ``rate()``
 handles that as a counter reset.
 
@@ -29,6 +30,7 @@ from gpufleet.tasks.fleet import FleetSnapshot, WorkerRecord
 __all__ = ["CONTENT_TYPE_LATEST", "FleetCollector", "render_metrics"]
 
 WORKER_LABELS = ["worker", "gpu_type"]
+MODEL_LABELS = [*WORKER_LABELS, "model"]
 
 
 class FleetCollector(Collector):
@@ -48,6 +50,7 @@ class FleetCollector(Collector):
         yield from _model_gauges(workers)
         yield from _counters(workers)
         yield _load_histogram(workers)
+        yield from _generation(workers)
 
 
 def render_metrics(snapshot: FleetSnapshot) -> bytes:
@@ -114,9 +117,7 @@ def _worker_gauges(workers: tuple[WorkerRecord, ...], read_at: float) -> Iterato
 def _model_gauges(workers: tuple[WorkerRecord, ...]) -> Iterator[Metric]:
     for tier, what in (("resident", "on the device"), ("parked", "parked in pinned host memory")):
         count = GaugeMetricFamily(f"gpufleet_{tier}_models", f"Models {what}", labels=WORKER_LABELS)
-        size = GaugeMetricFamily(
-            f"gpufleet_{tier}_model_bytes", f"Bytes of each model {what}", labels=[*WORKER_LABELS, "model"]
-        )
+        size = GaugeMetricFamily(f"gpufleet_{tier}_model_bytes", f"Bytes of each model {what}", labels=MODEL_LABELS)
         for worker in workers:
             held = worker.resident if tier == "resident" else worker.parked
             count.add_metric(_labels(worker), float(len(held)))
@@ -157,6 +158,43 @@ def _load_histogram(workers: tuple[WorkerRecord, ...]) -> Metric:
         if buckets:
             family.add_metric(_labels(worker), buckets, sum_value=worker.load_s_sum)
     return family
+
+
+def _generation(workers: tuple[WorkerRecord, ...]) -> Iterator[Metric]:
+    """The continuous-batching engines' series, one sample per worker and model it generated with.
+
+    Tokens and latencies count finished sequences (a sequence's figures are recorded when it ends); the sequence
+    and KV gauges are what the decode loop held at its last step, zeros once its session ended.
+    """
+    engines = [(worker, model, figures) for worker in workers for model, figures in sorted(worker.generation.items())]
+    for name, field, what in (
+        ("time_to_first_token", "ttft_s", "Seconds from a sequence joining the engine to its first token"),
+        ("inter_token_latency", "itl_s", "Seconds between a sequence's consecutive generated tokens"),
+    ):
+        histogram = HistogramMetricFamily(f"gpufleet_generation_{name}_seconds", what, labels=MODEL_LABELS)
+        for worker, model, figures in engines:
+            buckets = _buckets(getattr(figures, f"{field}_buckets"))
+            if buckets:
+                histogram.add_metric([*_labels(worker), model], buckets, sum_value=getattr(figures, f"{field}_sum"))
+        yield histogram
+    for name, field, what in (
+        ("prompt_tokens", "prompt_tokens", "Prompt tokens of the sequences the engine served"),
+        ("generated_tokens", "generated_tokens", "Tokens the engine generated"),
+    ):
+        counter = CounterMetricFamily(f"gpufleet_generation_{name}", what, labels=MODEL_LABELS)
+        for worker, model, figures in engines:
+            counter.add_metric([*_labels(worker), model], float(getattr(figures, field)))
+        yield counter
+    for name, field, what in (
+        ("sequences_running", "sequences_running", "Sequences in the engine's running batch"),
+        ("sequences_waiting", "sequences_waiting", "Sequences waiting to join the running batch"),
+        ("kv_cache_used_bytes", "kv_used_bytes", "Bytes the running batch's KV cache holds"),
+        ("kv_cache_free_bytes", "kv_free_bytes", "Bytes of the engine's KV reservation the running batch leaves free"),
+    ):
+        gauge = GaugeMetricFamily(f"gpufleet_generation_{name}", what, labels=MODEL_LABELS)
+        for worker, model, figures in engines:
+            gauge.add_metric([*_labels(worker), model], float(getattr(figures, field)))
+        yield gauge
 
 
 def _buckets(raw: dict[str, int]) -> list[tuple[str, float]]:

@@ -299,6 +299,10 @@ class WorkerView(WorkerRecord):
     cache_hit_rate: float | None = None
     heartbeat_age_s: float = 0.0
     budget_free_bytes: int = Field(default=0, description="budget no resident model holds")
+    generation_kv_free_bytes: dict[str, int] = Field(
+        default_factory=dict,
+        description="by model: bytes of the generation engine's KV reservation its running batch leaves free",
+    )
 
 
 class WorkersList(_View):
@@ -309,7 +313,7 @@ class WorkersList(_View):
 
 
 def workers_list(snapshot: FleetSnapshot) -> WorkersList:
-    """The live workers' records, each with its cache hit rate, heartbeat age and free budget."""
+    """The live workers' records, each with its cache hit rate, heartbeat age, free budget and free KV cache."""
     return WorkersList(
         read_at=snapshot.read_at,
         workers=[
@@ -319,6 +323,7 @@ def workers_list(snapshot: FleetSnapshot) -> WorkersList:
                     "cache_hit_rate": hit_rate(w.cache_hits, w.cache_misses),
                     "heartbeat_age_s": max(0.0, snapshot.read_at - w.heartbeat_at),
                     "budget_free_bytes": w.free_budget_bytes,
+                    "generation_kv_free_bytes": {m: g.kv_free_bytes for m, g in w.generation.items()},
                 }
             )
             for w in snapshot.live()

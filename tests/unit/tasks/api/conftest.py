@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.tasks.fleet import FleetSnapshot, HeldModel, RunningJob, WorkerRecord
+from gpufleet.tasks.fleet import FleetSnapshot, GenerationMetrics, HeldModel, RunningJob, WorkerRecord
 
 NOW = 1_800_000_000.0
 GIB = 2**30
@@ -41,8 +41,8 @@ def record() -> RecordFactory:
 
 @pytest.fixture
 def fleet() -> FleetSnapshot:
-    """An H100 worker holding two models (one pinned) and running a job, a CPU worker with one parked model, and
-    an H100 worker whose heartbeat expired (it must appear nowhere)."""
+    """An H100 worker holding two models (one pinned), generating with one and running a job, a CPU worker with one
+    parked model, and an H100 worker whose heartbeat expired (it must appear nowhere)."""
     h100 = make_record(
         "h100-0@host-a",
         gpu_type="h100",
@@ -64,6 +64,21 @@ def fleet() -> FleetSnapshot:
         cache_hits=36,
         cache_misses=4,
         cache_evictions=1,
+        generation={
+            "org/llama-8b": GenerationMetrics(
+                prompt_tokens=1200,
+                prefill_tokens=700,
+                generated_tokens=3000,
+                sequences_running=3,
+                sequences_waiting=1,
+                kv_used_bytes=2 * GIB,
+                kv_reserved_bytes=8 * GIB,
+                ttft_s_buckets={"0.05": 2, "0.1": 5, "0.25": 6, "+Inf": 6},
+                ttft_s_sum=0.48,
+                itl_s_buckets={"0.01": 100, "0.025": 2900, "+Inf": 2994},
+                itl_s_sum=45.5,
+            )
+        },
         versions={"gpufleet": "0.1.0"},
     )
     cpu = make_record(

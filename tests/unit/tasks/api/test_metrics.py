@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gpufleet.tasks.api.metrics import render_metrics
-from gpufleet.tasks.fleet import FleetSnapshot, HeldModel
+from gpufleet.tasks.fleet import FleetSnapshot, GenerationMetrics, HeldModel
 from tests.unit.tasks.api.conftest import GIB, NOW, RecordFactory
 
 H100 = {"worker": "h100-0@host-a", "gpu_type": "h100"}
@@ -67,6 +67,39 @@ def test_load_seconds_histogram(fleet: FleetSnapshot) -> None:
     assert loads and not [s for s in loads if s.labels["worker"] == CPU["worker"]]
 
 
+def test_generation_engine_series_per_worker_and_model(fleet: FleetSnapshot) -> None:
+    found = samples(fleet)
+    llama = {**H100, "model": "org/llama-8b"}
+    assert value(found, "gpufleet_generation_prompt_tokens_total", **llama) == 1200
+    assert value(found, "gpufleet_generation_generated_tokens_total", **llama) == 3000
+    assert value(found, "gpufleet_generation_sequences_running", **llama) == 3
+    assert value(found, "gpufleet_generation_sequences_waiting", **llama) == 1
+    assert value(found, "gpufleet_generation_kv_cache_used_bytes", **llama) == 2 * GIB
+    assert value(found, "gpufleet_generation_kv_cache_free_bytes", **llama) == 6 * GIB  # reserved 8 GiB - used
+    for name, buckets, total, count in (
+        ("gpufleet_generation_time_to_first_token_seconds", {"0.05": 2, "0.1": 5, "0.25": 6, "+Inf": 6}, 0.48, 6),
+        ("gpufleet_generation_inter_token_latency_seconds", {"0.01": 100, "0.025": 2900, "+Inf": 2994}, 45.5, 2994),
+    ):
+        found_buckets = {s.labels["le"]: s.value for s in found if s.name == f"{name}_bucket"}
+        assert found_buckets == buckets, name
+        assert all(s.labels == {**llama, "le": s.labels["le"]} for s in found if s.name == f"{name}_bucket")
+        assert value(found, f"{name}_sum", **llama) == total
+        assert value(found, f"{name}_count", **llama) == count
+    # The CPU worker's engine generated nothing: it has no generation series at all.
+    generation = [s for s in found if s.name.startswith("gpufleet_generation_")]
+    assert generation and {s.labels["worker"] for s in generation} == {H100["worker"]}
+
+
+def test_a_generation_histogram_without_inf_is_left_out(record: RecordFactory) -> None:
+    figures = GenerationMetrics(generated_tokens=4, ttft_s_buckets={"0.1": 1}, itl_s_buckets={"0.01": 3, "+Inf": 3})
+    worker = record("cpu-1@h", generation={"org/tiny": figures})
+    found = samples(FleetSnapshot(workers=(worker,), read_at=NOW))
+    labels = {"worker": "cpu-1@h", "gpu_type": "cpu", "model": "org/tiny"}
+    assert not [s for s in found if s.name.startswith("gpufleet_generation_time_to_first_token_seconds")]
+    assert value(found, "gpufleet_generation_inter_token_latency_seconds_count", **labels) == 3
+    assert value(found, "gpufleet_generation_generated_tokens_total", **labels) == 4
+
+
 def test_queue_backlog_per_direct_queue(fleet: FleetSnapshot) -> None:
     found = samples(fleet)
     assert value(found, "gpufleet_queue_backlog", **H100, queue="h100.h100-0@host-a") == 2
@@ -100,4 +133,8 @@ def test_metric_names_follow_prometheus_conventions(fleet: FleetSnapshot) -> Non
         assert family.name.startswith("gpufleet_"), family.name
         if family.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
-    assert {f.name for f in families if f.type == "histogram"} == {"gpufleet_model_load_seconds"}
+    assert {f.name for f in families if f.type == "histogram"} == {
+        "gpufleet_model_load_seconds",
+        "gpufleet_generation_time_to_first_token_seconds",
+        "gpufleet_generation_inter_token_latency_seconds",
+    }

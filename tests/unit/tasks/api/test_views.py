@@ -77,6 +77,8 @@ def test_workers_list_keeps_the_record_and_adds_derived_figures(fleet: FleetSnap
     assert h100.cache_hit_rate == pytest.approx(0.9)
     assert h100.budget_free_bytes == 52 * GIB
     assert h100.heartbeat_age_s == pytest.approx(1.0)
+    assert h100.generation_kv_free_bytes == {"org/llama-8b": 6 * GIB}  # the engine's 8 GiB less the 2 GiB used
+    assert answer.workers[1].generation_kv_free_bytes == {}
     # Everything the worker published is passed on unchanged.
     original = fleet.get("h100-0@host-a")
     assert original is not None
