@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpufleet.tasks.fleet import FleetSnapshot, HeldModel, RunningJob, WorkerRecord
+from gpufleet.tasks.names import is_cpu_queue
 
 
 class _View(BaseModel):
@@ -36,16 +37,22 @@ class MemoryFigures(_View):
     budget_bytes: int = 0
     used_bytes: int = 0
     free_budget_bytes: int = 0
+    # Reserved by running decode loops for their KV caches (out of the budget; "kv:<model>" on the worker).
+    kv_reserved_bytes: int = 0
 
     @classmethod
     def of(cls, workers: Iterable[WorkerRecord]) -> MemoryFigures:
-        """The sum over ``workers``."""
+        """The sum over ``workers``; a host's memory once, however many CPU workers share it."""
         listed = list(workers)
+        gpu_total = sum(w.memory_total_bytes for w in listed if not is_cpu_queue(w.type_queue))
+        # CPU workers on one host each report the host's whole memory: summing them would count it twice.
+        host_total = {w.host: w.memory_total_bytes for w in listed if is_cpu_queue(w.type_queue)}
         return cls(
-            total_bytes=sum(w.memory_total_bytes for w in listed),
+            total_bytes=gpu_total + sum(host_total.values()),
             budget_bytes=sum(w.memory_budget_bytes for w in listed),
             used_bytes=sum(w.memory_used_bytes for w in listed),
             free_budget_bytes=sum(w.free_budget_bytes for w in listed),
+            kv_reserved_bytes=sum(g.kv_reserved_bytes for w in listed for g in w.generation.values()),
         )
 
 

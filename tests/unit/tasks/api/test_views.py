@@ -18,12 +18,27 @@ def test_gpu_status_sums_live_workers_fleet_wide_and_per_type(fleet: FleetSnapsh
     assert answer.fleet.ready == 1
     assert answer.fleet.gpus == 1  # the CPU worker owns no GPU
     assert answer.fleet.memory == views.MemoryFigures(
-        total_bytes=96 * GIB, budget_bytes=80 * GIB, used_bytes=21 * GIB, free_budget_bytes=59 * GIB
+        total_bytes=96 * GIB,
+        budget_bytes=80 * GIB,
+        used_bytes=21 * GIB,
+        free_budget_bytes=59 * GIB,
+        kv_reserved_bytes=8 * GIB,  # the H100 worker's decode loop
     )
     assert set(answer.fleet.by_gpu_type) == {"cpu", "h100"}
     h100 = answer.fleet.by_gpu_type["h100"]
     assert (h100.workers, h100.ready, h100.gpus) == (1, 1, 1)
     assert h100.memory.used_bytes == 20 * GIB
+
+
+def test_cpu_workers_on_one_host_count_its_memory_once(fleet: FleetSnapshot) -> None:
+    # Two CPU workers on one 23.5 GiB host reported 50.5 GB before: each counted the host's whole memory.
+    cpu = next(w for w in fleet.workers if w.name == "cpu-0@host-b")
+    twin = cpu.model_copy(update={"name": "cpu-1@host-b", "direct_queue": "cpu.cpu-1@host-b"})
+    other_host = cpu.model_copy(update={"name": "cpu-0@host-c", "host": "host-c"})
+    both = views.gpu_status(fleet.model_copy(update={"workers": (*fleet.workers, twin, other_host)}))
+    alone = views.gpu_status(fleet)
+    assert both.fleet.memory.total_bytes == alone.fleet.memory.total_bytes + cpu.memory_total_bytes
+    assert both.fleet.memory.budget_bytes == alone.fleet.memory.budget_bytes + 2 * cpu.memory_budget_bytes
 
 
 def test_gpu_status_breaks_down_each_worker(fleet: FleetSnapshot) -> None:
