@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 
 from gpufleet.tasks.errors import SettingsError
-from gpufleet.tasks.names import CPU_QUEUE
+from gpufleet.tasks.names import FLEET_QUEUE
 from gpufleet.tasks.routing import FleetRouter
 from gpufleet.tasks.settings import Settings, get_settings
 
@@ -76,7 +76,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_proc_alive_timeout": settings.worker.proc_alive_timeout_s,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_default_queue": CPU_QUEUE,
+        # A job sent without a queue (and without a model the router could place) goes to the entry queue every
+        # worker consumes and forwards as the router would (workers/parent/entry.py); never Celery's own "celery"
+        # queue, which nobody here consumes and other applications on the same broker use.
+        "task_default_queue": FLEET_QUEUE,
         "task_create_missing_queues": True,
         "task_routes": (FleetRouter(settings),),
         "worker_hijack_root_logger": False,

@@ -196,6 +196,36 @@ class NoopResult(BaseModel):
     floats: list[float] = Field(default_factory=list)
 
 
+REROUTED = "REROUTED"
+"""The state of a job a worker re-sent to another queue under the same id, until it runs there.
+
+Not a ready state: ``AsyncResult.get`` keeps waiting, and the re-sent job's own states (``STARTED``, its result)
+overwrite it. Its meta is a :class:`Rerouted`."""
+
+
+class Rerouted(BaseModel):
+    """Where a re-routed job went and why: the meta of state :data:`REROUTED` (replacing any stale progress)."""
+
+    rerouted_to: str  # the queue it was re-sent to
+    reason: str
+    worker: str  # who re-sent it
+    at: float  # seconds since the epoch
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Rerouted | None:
+        """The re-route a result backend's task meta records, or None when the job is in another state."""
+        if not isinstance(meta, dict) or meta.get("status") != REROUTED:
+            return None
+        try:
+            return cls.model_validate(meta.get("result"))
+        except ValidationError:
+            return None
+
+    def describe(self, job_id: str) -> str:
+        """``job 1f2e… was re-sent by cpu-d@x to queue 'cpu.cpu-e@x': out of memory …`` for a person."""
+        return f"job {job_id} was re-sent by {self.worker} to queue {self.rerouted_to!r}: {self.reason}"
+
+
 def validate_request(model: type[RequestT], kwargs: dict[str, Any]) -> RequestT:
     """Validate a job's keyword arguments against its contract.
 

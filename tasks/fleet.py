@@ -146,6 +146,9 @@ class WorkerRecord(_Record):
     parked: tuple[HeldModel, ...] = ()
     ready: bool = False  # warm and consuming its queues
     warm: bool = False
+    # Stopping gracefully: it takes no new jobs (the router skips it at once) but still beats for those it runs,
+    # so no peer takes it for dead and restores them; it leaves the registry when they are done.
+    draining: bool = False
     running_job: RunningJob | None = None
     backlog: int = Field(default=0, ge=0)  # jobs waiting on its direct queue, plus those it reserved, not started
     jobs_done: int = Field(default=0, ge=0)
@@ -200,8 +203,12 @@ class FleetSnapshot(_Record):
         return tuple(sorted(alive, key=lambda w: (not w.ready, w.name)))
 
     def ready(self) -> tuple[WorkerRecord, ...]:
-        """Live workers that are warm and consuming their queues."""
-        return tuple(w for w in self.live() if w.ready)
+        """Live workers that are warm and consuming their queues (a draining one consumes nothing new)."""
+        return tuple(w for w in self.live() if w.ready and not w.draining)
+
+    def routable(self) -> tuple[WorkerRecord, ...]:
+        """Live workers a job may be sent to: all but those draining (stopping), ready ones first."""
+        return tuple(w for w in self.live() if not w.draining)
 
     def get(self, name: str) -> WorkerRecord | None:
         return next((w for w in self.live() if w.name == name), None)
@@ -223,7 +230,7 @@ def describe(record: WorkerRecord, *, now: float) -> str:
         shown = [f"{m.model} ({fmt_bytes(m.bytes)}{', pinned' if m.pinned else ''})" for m in models]
         return ", ".join(shown) or "none"
 
-    readiness = "ready" if record.ready else "NOT READY"
+    readiness = "DRAINING" if record.draining else "ready" if record.ready else "NOT READY"
     memory = (
         f"mem {fmt_bytes(record.memory_used_bytes)} / {fmt_bytes(record.memory_budget_bytes)} / "
         f"{fmt_bytes(record.memory_total_bytes)}"

@@ -21,6 +21,15 @@ class TaskName(str, Enum):
 ENQUEUED_AT_HEADER = "fleet_enqueued_at"
 """Message header: when the producer sent the job (seconds since the epoch); the worker reports the queue wait."""
 
+FORWARDED_HEADER = "fleet_forwarded_by"
+"""Message header: the worker that forwarded the job after taking it from a shared queue whose model it could not
+hold. A job carrying it is never forwarded again (it fails where it lands instead of looping)."""
+
+FLEET_QUEUE = "fleet"
+"""The entry queue every worker consumes: a job sent there (a plain Celery client's, or any job sent without a
+queue through gpufleet's app) is forwarded to where the producer-side router would have sent it. Never Celery's own
+``celery`` queue, which other applications on the same broker use."""
+
 CPU_QUEUE = "cpu"
 QUEUE_PREFIX = "gpu."
 

@@ -68,7 +68,7 @@ def _resolve_target(model: str, settings: Settings) -> str | Path:
         raise ModelNotFoundError(
             f"model {model!r} is not installed: {root / model} has no config.json and the Hugging Face cache "
             f"{hf_cache} has no snapshot of it. Copy the model directory to {root / model} "
-            f"(`gpufleet models make-demo {root}` creates the demo models), then send the job again"
+            f"(`gpufleet models make-demo {root}` creates the demo models)"
         ) from None
 
 

@@ -128,10 +128,16 @@ class FleetRouter:
         return {"queue": self.live.decide(model).queue}
 
 
-def app_router(app: Any) -> LiveRouter | None:
-    """The :class:`LiveRouter` behind a Celery app's ``task_routes``, or None when it has no :class:`FleetRouter`."""
+def fleet_router(app: Any) -> FleetRouter | None:
+    """The :class:`FleetRouter` in a Celery app's ``task_routes``, or None when it has none."""
     routes = app.conf.task_routes or ()
     for route in routes if isinstance(routes, (list, tuple)) else (routes,):
         if isinstance(route, FleetRouter):
-            return route.live
+            return route
     return None
+
+
+def app_router(app: Any) -> LiveRouter | None:
+    """The :class:`LiveRouter` behind a Celery app's ``task_routes``, or None when it has no :class:`FleetRouter`."""
+    router = fleet_router(app)
+    return router.live if router is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,29 @@ ENV_PREFIX = "GPUFLEET_"
 ENV_DELIMITER = "__"
 
 
+_FIELD_REF = re.compile(r"<([a-z0-9_.]+)>")
+
+
+class SettingRuleError(ValueError):
+    """A rule between settings is broken (a soft limit not below its hard one, ...).
+
+    Such a rule fails a whole section, so pydantic locates the error at the section (``GPUFLEET_FLEET``), which is
+    not what anyone sets: the message names each field as ``<field>`` (dotted from the section the validator runs
+    on: ``<jobs.time_limit_s>`` at the top level), and :func:`load_settings` writes each as the variable to change.
+
+    Args:
+        message: what is wrong and what to do, with ``<field>`` for each setting it involves.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.template = message
+        super().__init__(_FIELD_REF.sub(lambda match: match.group(1), message))
+
+    def naming_variables(self, location: tuple[int | str, ...]) -> str:
+        """The message with each field written as its environment variable, for a section at ``location``."""
+        return _FIELD_REF.sub(lambda match: env_name((*location, *match.group(1).split("."))), self.template)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,10 +74,13 @@ class JobLimits(_Section):
 
     @model_validator(mode="after")
     def _soft_below_hard(self) -> JobLimits:
-        if self.soft_time_limit_s >= self.time_limit_s:
-            raise ValueError("jobs.soft_time_limit_s must be below jobs.time_limit_s")
-        if self.load_soft_time_limit_s >= self.load_time_limit_s:
-            raise ValueError("jobs.load_soft_time_limit_s must be below jobs.load_time_limit_s")
+        for soft, hard in (("soft_time_limit_s", "time_limit_s"), ("load_soft_time_limit_s", "load_time_limit_s")):
+            soft_s, hard_s = getattr(self, soft), getattr(self, hard)
+            if soft_s >= hard_s:
+                raise SettingRuleError(
+                    f"<{soft}> ({soft_s:g} s) must be below <{hard}> ({hard_s:g} s): the soft limit lets a job fail "
+                    f"cleanly before the hard one kills its process; lower <{soft}> or raise <{hard}>"
+                )
         return self
 
     @property
@@ -107,9 +134,10 @@ class FleetOptions(_Section):
     @model_validator(mode="after")
     def _ttl_covers_heartbeats(self) -> FleetOptions:
         if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
-            raise ValueError(
-                "fleet.heartbeat_ttl_s must be at least twice fleet.heartbeat_interval_s, or a live worker "
-                "flickers out of the fleet between two heartbeats"
+            raise SettingRuleError(
+                f"<heartbeat_ttl_s> ({self.heartbeat_ttl_s:g} s) must be at least twice <heartbeat_interval_s> "
+                f"({self.heartbeat_interval_s:g} s), or a live worker flickers out of the fleet between two "
+                "heartbeats; raise <heartbeat_ttl_s> or lower <heartbeat_interval_s>"
             )
         return self
 
@@ -289,18 +317,20 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _faults_need_diagnostics(self) -> Settings:
         if self.faults.strip() and not self.diagnostics:
-            raise ValueError(
-                "GPUFLEET_FAULTS is set but diagnostics are off: fault injection is for tests only. Unset "
-                "GPUFLEET_FAULTS, or set GPUFLEET_DIAGNOSTICS=true on a test worker"
+            raise SettingRuleError(
+                "<faults> is set but diagnostics are off: fault injection is for tests only. Unset <faults>, or set "
+                "<diagnostics>=true on a test worker"
             )
         return self
 
     @model_validator(mode="after")
     def _visibility_covers_limits(self) -> Settings:
         if self.broker.visibility_timeout_s <= self.jobs.longest_hard_limit_s:
-            raise ValueError(
-                f"broker.visibility_timeout_s ({self.broker.visibility_timeout_s}) must exceed the longest hard "
-                f"time limit ({self.jobs.longest_hard_limit_s:g} s), or Redis redelivers long jobs while they run"
+            longest = "load_time_limit_s" if self.jobs.load_time_limit_s >= self.jobs.time_limit_s else "time_limit_s"
+            raise SettingRuleError(
+                f"<broker.visibility_timeout_s> ({self.broker.visibility_timeout_s} s) must exceed the longest hard "
+                f"time limit, <jobs.{longest}> ({self.jobs.longest_hard_limit_s:g} s), or Redis redelivers long "
+                f"jobs while they run; raise <broker.visibility_timeout_s> or lower <jobs.{longest}>"
             )
         return self
 
@@ -320,12 +350,19 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(_problem(err["loc"], err["msg"], err.get("ctx", {}).get("error")) for err in exc.errors())
         raise SettingsError(f"invalid gpufleet settings: {problems}") from None
     except SourceError as exc:
         # Raised while reading the environment, before validation: the cause says which value and why.
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
         raise SettingsError(f"invalid gpufleet settings: {exc}{cause}") from None
+
+
+def _problem(location: tuple[int | str, ...], message: str, error: object) -> str:
+    """One validation error for a person: the variable, then what is wrong (a rule names its own variables)."""
+    if isinstance(error, SettingRuleError):
+        return error.naming_variables(location)
+    return f"{env_name(location)}: {message}"
 
 
 @functools.lru_cache(maxsize=1)

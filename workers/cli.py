@@ -18,6 +18,12 @@ from typing import Any
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
+DESCRIPTION = (
+    "Serve many Hugging Face models on a fleet of mixed GPUs through a Celery task queue: run workers, send jobs, "
+    "plan models onto GPU types and watch the fleet."
+)
+"""What ``gpufleet --help`` says first: plain text for a terminal (the module docstring is reStructuredText)."""
+
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
@@ -56,10 +62,17 @@ def _timeout_message(async_result: Any, timeout_s: float) -> str:
     """Why no result came: still running (wait longer), or waiting on a queue no worker takes it from (and what to
     do about that queue)."""
     from gpufleet.tasks.client import route_of
+    from gpufleet.tasks.contracts import Rerouted
     from gpufleet.tasks.names import is_cpu_queue
 
     meta = async_result.backend.get_task_meta(async_result.id)
     route = route_of(async_result)
+    moved = Rerouted.from_meta(meta)
+    if moved is not None:  # this attempt's worker gave it away: where it waits now, not a stale "still running"
+        return (
+            f"no result within {timeout_s:g} s: {moved.describe(async_result.id)}; no worker has taken it from there "
+            "yet. Check which workers are live (`gpufleet status`); the job runs once one takes it"
+        )
     if meta.get("status") in ("STARTED", "PROGRESS"):
         on = f" on {meta['worker']}" if meta.get("worker") else ""
         return (
@@ -81,21 +94,58 @@ def _timeout_message(async_result: Any, timeout_s: float) -> str:
     )
 
 
+WAITING_NOTICE_S = 1.0
+"""A job not started after this long gets one line saying where it waits and why (a job on a warm worker has
+started long before: the line is for the one waiting behind a load, a warm-up or a backlog)."""
+
+
+def waiting_notice(async_result: Any, waited_s: float) -> str | None:
+    """Where a job still waits on its queue and why, for a person; None once it has started (or finished)."""
+    from gpufleet.tasks.client import route_of
+
+    meta = async_result.backend.get_task_meta(async_result.id)
+    if meta.get("status") != "PENDING":
+        return None
+    route = route_of(async_result)
+    head = f"job {async_result.id} has not started after {waited_s:g} s"
+    if route is None:
+        return f"{head}: it waits on its queue until a worker takes it"
+    return f"{head}: it waits on queue {route.queue!r}, where the router sent it: {route.reason}"
+
+
 def _wait(async_result: Any, timeout_s: float, *, progress: bool = False) -> dict[str, Any]:
+    from gpufleet.tasks.contracts import Rerouted
     from gpufleet.tasks.errors import FleetError
 
-    deadline = time.monotonic() + timeout_s
+    begun = time.monotonic()
+    deadline = begun + timeout_s
     drawn = False
+    told: Rerouted | None = None
+    shown: tuple[int, int] | None = None  # the bar's last frame
+    noticed = False
     while not async_result.ready():
         if time.monotonic() > deadline:
             raise FleetError(_timeout_message(async_result, timeout_s))
+        if not noticed and time.monotonic() - begun >= WAITING_NOTICE_S:  # said once, if it still waits then
+            noticed = True
+            notice = waiting_notice(async_result, WAITING_NOTICE_S)
+            if notice is not None:
+                sys.stderr.write(("\n" if drawn else "") + notice + "\n")
+                drawn = False
+        moved = Rerouted.from_meta(async_result.backend.get_task_meta(async_result.id))
+        if moved is not None and moved != told:  # said once per re-route, on a line of its own
+            sys.stderr.write(("\n" if drawn else "") + moved.describe(async_result.id) + "\n")
+            told, drawn = moved, False
         loading = load_progress(async_result) if progress else None
         if loading is not None:
             sys.stderr.write(_progress_bar(*loading))
             sys.stderr.flush()
-            drawn = True
+            drawn, shown = True, loading
         time.sleep(0.1)
     if drawn:
+        if shown is not None and async_result.successful():
+            # A load faster than the polling ends between two frames: draw the last one, not "0.0/86.6 MiB".
+            sys.stderr.write(_progress_bar(shown[1], shown[1]))
         sys.stderr.write("\n")  # end the bar's line; nothing to end when no bar was drawn
     value: dict[str, Any] = async_result.get(timeout=1.0, propagate=True)
     return value
@@ -265,6 +315,7 @@ def _live_count() -> int | None:
 
 def _plan_live(model: str, settings: Any, *, as_json: bool) -> int:
     """``gpufleet plan --live``: the router's decision for ``model`` and the live fleet it was made on."""
+    from gpufleet.gpu.units import fmt_bytes
     from gpufleet.tasks.errors import RoutingError
     from gpufleet.tasks.live_routing import RouteDecision
     from gpufleet.tasks.routing import LiveRouter
@@ -288,16 +339,17 @@ def _plan_live(model: str, settings: Any, *, as_json: bool) -> int:
             }
         )
         return EXIT_FAILED if error else 0
+    print(f"plan for {model} on the live fleet")
     if fleet is None:
         print("fleet: not read (routing by GPU type)")
     else:
         print(f"fleet: {len(workers)} live worker(s), {len(fleet.ready())} ready")
     for worker in workers:
-        held = [f"{m.model} ({m.bytes / 2**20:.1f} MiB{', pinned' if m.pinned else ''})" for m in worker.resident]
+        held = [f"{m.model} ({fmt_bytes(m.bytes)}{', pinned' if m.pinned else ''})" for m in worker.resident]
         parked = [m.model for m in worker.parked]
         print(
             f"  {worker.name}: {worker.gpu_count} x {worker.gpu_type}  {'ready' if worker.ready else 'NOT READY'}  "
-            f"budget {worker.memory_budget_bytes / 2**30:.2f} GiB, used {worker.memory_used_bytes / 2**30:.2f} GiB  "
+            f"budget {fmt_bytes(worker.memory_budget_bytes)}, used {fmt_bytes(worker.memory_used_bytes)}  "
             f"backlog {worker.backlog}  queues {worker.type_queue}, {worker.direct_queue}"
         )
         print(f"    resident: {', '.join(held) or 'none'}" + (f"  parked: {', '.join(parked)}" if parked else ""))
@@ -335,7 +387,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             # The router's own function and settings: the plan names the type a job would be routed to.
             placement = placement_for(args.model, settings, all_types=args.all_types, **options)
         except ModelNotFoundError as exc:
-            print(f"gpufleet plan: note: {exc}. Planned from the name instead", file=sys.stderr)
+            print(f"gpufleet plan: note: {exc}. Planned from its name instead", file=sys.stderr)
             placement = plan(args.model, allowed_types=allowed, **options)
     queue = gpu_type_queue(placement.gpu_type)
     if args.json:
@@ -343,7 +395,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         fleet = "every catalog GPU type" if allowed is None else ", ".join(allowed)
         rows = [("queue", queue), ("planned onto", fleet + ("" if allowed is None else " (GPUFLEET_FLEET__GPU_TYPES)"))]
-        print(render_placement(placement, extra_rows=rows))
+        print(render_placement(placement, model=args.model, extra_rows=rows))
     return 0
 
 
@@ -361,8 +413,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     if root is None:
         print("no model root: pass ROOT or set GPUFLEET_MODEL_ROOT", file=sys.stderr)
         return EXIT_USAGE
-    for model_id in list_models(root):
+    if not root.is_dir():
+        print(
+            f"gpufleet models list: {root} is not a directory: pass the model root (GPUFLEET_MODEL_ROOT), or fill "
+            f"one with `gpufleet models make-demo {root}`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    found = list_models(root)
+    for model_id in found:
         print(model_id)
+    if not found:
+        print(
+            f"gpufleet models list: no models under {root} (a model is a directory ORG/NAME holding a config.json "
+            f"or a .gguf file); `gpufleet models make-demo {root}` adds the demo models",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -392,7 +458,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpufleet", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="gpufleet", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run a worker pinned to one GPU, several GPUs or the CPU")

@@ -121,6 +121,9 @@ def run_worker(
     signals.worker_process_shutdown.connect(process.on_process_shutdown, weak=False)
     # The parent heartbeats to the fleet registry (never the child: it may be busy or replaced).
     signals.worker_ready.connect(heartbeat.on_worker_ready, weak=False)
+    signals.worker_shutting_down.connect(heartbeat.on_worker_shutting_down, weak=False)  # draining, at once
     signals.worker_shutdown.connect(heartbeat.on_worker_shutdown, weak=False)
-    log.info("starting %s on %s (queues after warm-up: %s)", identity.name, identity.device_label, identity.queues)
+    log.info(
+        "starting %s on %s (queues after warm-up: %s)", identity.name, identity.device_label, identity.consumed_queues
+    )
     app.worker_main(celery_argv(identity, settings, loglevel))

@@ -166,25 +166,32 @@ def capabilities(compute_capability: tuple[int, int]) -> tuple[bool, bool, bool]
 
 
 def _covers(device_cc: tuple[int, int], gpu: GpuType) -> bool:
-    """Whether a device of ``device_cc`` can do everything planning assumes ``gpu`` can."""
-    has = capabilities(device_cc)
-    needs = capabilities(gpu.compute_capability)
-    return all(have or not need for have, need in zip(has, needs, strict=True))
+    """Whether a device of ``device_cc`` can do everything a job planned for ``gpu`` may ask of it.
+
+    That is more than :func:`capabilities`: quantized checkpoints are accepted or refused by the compute
+    capability of the queue's type (GPTQ, AWQ and MXFP4 kernels need 7.5, bitsandbytes 7.0, compressed-tensors
+    8.0: ``gpu/runtime/quantization.py``), and so may anything added later. Every such requirement is a minimum
+    compute capability, so a device covers a type exactly when its own is at least the type's: a V100 (7.0) is
+    never a ``t4`` (7.5), whose queue gets GPTQ models.
+    """
+    return device_cc >= gpu.compute_capability
 
 
 def stand_in_type(memory_bytes: int, compute_capability: tuple[int, int]) -> GpuType | None:
     """The catalog type a device can stand in for without being credited with anything it lacks.
 
-    Among GPU types with no more memory than the device and no capability (bf16, FP8, FP8 KV cache) it lacks, the
-    largest is taken; types within a few GiB of each other (an 80 GB A100 and H100) count as one size, and then the
-    one closest in capabilities wins. A stand-in is conservative: plans for it always fit and run on the device.
+    Among GPU types with no more memory than the device and no higher compute capability (so no capability it
+    lacks: bf16, FP8, FP8 KV cache, quantization kernels), the largest is taken; types within a few GiB of each
+    other (an 80 GB A100 and H100) count as one size, and then the one closest in capabilities wins. A stand-in is
+    conservative: plans for it always fit and run on the device.
 
     Args:
         memory_bytes: the device's total memory.
         compute_capability: the device's CUDA compute capability ``(major, minor)``.
 
     Returns:
-        The stand-in, or ``None`` when the device is smaller than every type it could stand in for.
+        The stand-in, or ``None`` when the device is smaller than every type it could stand in for, or older
+        (a lower compute capability) than every type.
     """
     candidates = [
         gpu
@@ -220,7 +227,8 @@ def gpu_type_from_device_name(
 
     Raises:
         ConfigError: ``memory_bytes`` is not positive; the board is unknown and ``compute_capability`` was not
-            given; or no catalog type fits in the device's memory.
+            given; or no catalog type fits in the device's memory and compute capability (a V100, 7.0, is older
+            than every type).
     """
     if memory_bytes <= 0:
         raise ConfigError(
@@ -243,9 +251,19 @@ def gpu_type_from_device_name(
     stand_in = stand_in_type(memory_bytes, compute_capability)
     if stand_in is None:
         major, minor = compute_capability
+        device = f"GPU {nvml_name!r} ({memory_bytes / GiB:.1f} GiB, compute capability {major}.{minor})"
+        if not any(_covers(compute_capability, gpu) for gpu in all_types(include_cpu=False)):
+            oldest = min(all_types(include_cpu=False), key=lambda gpu: gpu.compute_capability)
+            o_major, o_minor = oldest.compute_capability
+            raise ConfigError(
+                f"{device} is older than every catalog GPU type (the oldest, {oldest.name}, has {o_major}.{o_minor}): "
+                f"serving as {oldest.name}, it would be sent jobs planned for {o_major}.{o_minor}, such as quantized "
+                "models whose kernels it lacks. Run a CPU worker (--cpu) instead, or add a type for it to "
+                "gpu/plan/catalog.py"
+            )
         raise ConfigError(
-            f"GPU {nvml_name!r} ({memory_bytes / GiB:.1f} GiB, compute capability {major}.{minor}) is smaller than "
-            f"every catalog GPU type it could serve as (the smallest is {all_types(include_cpu=False)[0].name}); "
-            "run a CPU worker (--cpu) instead, or add a type for it to gpu/plan/catalog.py"
+            f"{device} is smaller than every catalog GPU type it could serve as (the smallest is "
+            f"{all_types(include_cpu=False)[0].name}); run a CPU worker (--cpu) instead, or add a type for it to "
+            "gpu/plan/catalog.py"
         )
     return stand_in.name

@@ -6,7 +6,9 @@ router keeps planning the known families on machines without it (the import-lint
 allows this one edge and says why). The meta device allocates no memory and reads no weights; no CUDA is
 touched and ``trust_remote_code`` is never passed, so only architectures transformers ships are built.
 
-The one module of :mod:`gpufleet.gpu.plan` that may import torch and transformers.
+The one module of :mod:`gpufleet.gpu.plan` that may import torch and transformers. Code that must never import
+them though they are installed (a worker's parent routing the jobs of the fleet's entry queue) plans inside
+:func:`without_meta_count`, as a producer without them would.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from __future__ import annotations
 import importlib.util
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from gpufleet.gpu.errors import ModelSpecError
 from gpufleet.gpu.plan.counting import Counts, KvKind, KvLayout, gqa_layout, kv_layout_from_layer_types
 
-__all__ = ["MetaCount", "count_on_meta_device", "transformers_available"]
+__all__ = ["MetaCount", "count_on_meta_device", "transformers_available", "without_meta_count"]
 
 # Auto classes tried, in order, when the config names no architecture transformers has: the generating head
 # (what a fleet serves), then the multimodal and encoder-decoder ones, then the bare model. Each with the mapping
@@ -52,8 +56,27 @@ class MetaCount:
     model_class: str
 
 
+_allowed: ContextVar[bool] = ContextVar("gpufleet_meta_count_allowed", default=True)
+
+
+@contextmanager
+def without_meta_count() -> Iterator[None]:
+    """Plan as if transformers were not installed, within this block (this thread or task only).
+
+    For code that must not import torch in its process (a worker's parent, whose forked pool child owns the
+    device): planning then falls back to a checkpoint's size on disk, as on a producer without transformers.
+    """
+    token = _allowed.set(False)
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
 def transformers_available() -> bool:
-    """Whether transformers and torch can be imported here (without importing them)."""
+    """Whether transformers and torch can be imported here (without importing them), and may be."""
+    if not _allowed.get():
+        return False
     try:
         return all(importlib.util.find_spec(name) is not None for name in ("transformers", "torch"))
     except (ImportError, ValueError):  # a module blocked in sys.modules (set to None) reads as absent

@@ -6,8 +6,9 @@ and answers from :mod:`gpufleet.tasks.api.views` or :mod:`gpufleet.tasks.api.met
 every endpoint answers 503 with the registry's own message (what failed and what to do), ``/healthz`` included: it
 reports the API's ability to show the fleet, which is nothing without Redis.
 
-With ``GPUFLEET_API__TOKEN`` set, every endpoint but ``/healthz`` and the page itself requires
-``Authorization: Bearer <token>``; the page holds no data and asks for the token in the browser (see
+With ``GPUFLEET_API__TOKEN`` set, every endpoint but ``/healthz``, the page itself and the API's description
+(``/openapi.json``, ``/docs``: the contract, which holds no fleet data) requires ``Authorization: Bearer <token>``;
+the page holds no data and asks for the token in the browser (see
 ``static/dashboard.html``).
 """
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,41 +59,75 @@ def _worker_env(redis: LocalRedis, model_root: Path, broker_db: int, extra: dict
 WorkerFactory = Callable[..., RunningWorker]
 
 
-@pytest.fixture(scope="session")
-def worker_factory(
-    redis_server: LocalRedis, model_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WorkerFactory]:
-    """Start CPU workers, each on its own Redis database (so tests never see each other's jobs)."""
-    started: list[RunningWorker] = []
-    logs = tmp_path_factory.mktemp("worker-logs")
+class WorkerLauncher:
+    """Starts CPU workers, each on its own Redis database (so tests never see each other's jobs), and stops
+    them together: a fixture's workers live only as long as the fixture, so idle ones never pile up."""
+
+    def __init__(self, redis_server: LocalRedis, model_root: Path, logs: Path) -> None:
+        self.redis_server, self.model_root, self.logs = redis_server, model_root, logs
+        self.started: list[RunningWorker] = []
 
     def start(
-        env: dict[str, str] | None = None, *, wait: bool = True, db: int | None = None, name: str | None = None
+        self, env: dict[str, str] | None = None, *, wait: bool = True, db: int | None = None, name: str | None = None
     ) -> RunningWorker:
         broker_db = db if db is not None else next(_db)
-        full_env = _worker_env(redis_server, model_root, broker_db, env or {})
+        full_env = _worker_env(self.redis_server, self.model_root, broker_db, env or {})
         name = name or f"cpu-{broker_db}@test"
         settings = load_settings(
             broker_url=full_env["GPUFLEET_BROKER_URL"],
             result_backend=full_env["GPUFLEET_RESULT_BACKEND"],
-            model_root=model_root,
+            model_root=self.model_root,
             fleet={"gpu_types": ("cpu",)},  # the producer routes onto the CPU fleet these tests run
         )
         client = FleetClient(settings=settings)
-        log_path = logs / f"{name}.log"
+        log_path = self.logs / f"{name}.log"
         process = spawn_worker(full_env, log_path, name=name)
         worker = RunningWorker(name, process, log_path, full_env, client, settings)
-        started.append(worker)
+        self.started.append(worker)
         if wait:
             wait_until_ready(client, name, process, log_path)
         return worker
 
-    yield start
-    for worker in started:
-        stop_process(worker.process)
+    def stop_all(self) -> None:
+        # SIGTERM to all first, then wait: their warm shutdowns overlap instead of queueing one after another.
+        for worker in self.started:
+            if worker.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(worker.process.pid, signal.SIGTERM)
+        for worker in self.started:
+            stop_process(worker.process)
+        self.started.clear()
 
 
 @pytest.fixture(scope="session")
-def worker(worker_factory: WorkerFactory) -> RunningWorker:
+def _worker_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture
+def worker_factory(redis_server: LocalRedis, model_root: Path, _worker_logs: Path) -> Iterator[WorkerFactory]:
+    """Start CPU workers for one test; they stop when it ends."""
+    launcher = WorkerLauncher(redis_server, model_root, _worker_logs)
+    yield launcher.start
+    launcher.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_worker_factory(redis_server: LocalRedis, model_root: Path, _worker_logs: Path) -> Iterator[WorkerFactory]:
+    """Start CPU workers for a module's fixtures; they stop when the module's tests are done."""
+    launcher = WorkerLauncher(redis_server, model_root, _worker_logs)
+    yield launcher.start
+    launcher.stop_all()
+
+
+@pytest.fixture(scope="session")
+def _session_worker_factory(redis_server: LocalRedis, model_root: Path, _worker_logs: Path) -> Iterator[WorkerFactory]:
+    launcher = WorkerLauncher(redis_server, model_root, _worker_logs)
+    yield launcher.start
+    launcher.stop_all()
+
+
+@pytest.fixture(scope="session")
+def worker(_session_worker_factory: WorkerFactory) -> RunningWorker:
     """One shared CPU worker for the tests that only send jobs."""
-    return worker_factory()
+    return _session_worker_factory()

@@ -99,10 +99,12 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(worker_factory: WorkerFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(module_worker_factory: WorkerFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """Two CPU workers on one registry, each holding a model it loaded for a real job, and the API over them."""
     logs = tmp_path_factory.mktemp("api")
-    first = worker_factory(env={"GPUFLEET_FLEET__HEARTBEAT_INTERVAL_S": "0.5", "GPUFLEET_FLEET__HEARTBEAT_TTL_S": "5"})
+    first = module_worker_factory(
+        env={"GPUFLEET_FLEET__HEARTBEAT_INTERVAL_S": "0.5", "GPUFLEET_FLEET__HEARTBEAT_TTL_S": "5"}
+    )
     second_name = first.name.replace("@", "-b@")
     second_log = logs / "second-worker.log"
     second_process = spawn_worker(first.env, second_log, name=second_name)

@@ -29,13 +29,13 @@ UNBATCHED = {"GPUFLEET_BATCHING__ENABLED": "false"}
 
 
 @pytest.fixture(scope="module")
-def batched(worker_factory: WorkerFactory) -> RunningWorker:
-    return worker_factory()
+def batched(module_worker_factory: WorkerFactory) -> RunningWorker:
+    return module_worker_factory()
 
 
 @pytest.fixture(scope="module")
-def unbatched(worker_factory: WorkerFactory) -> RunningWorker:
-    return worker_factory(UNBATCHED)
+def unbatched(module_worker_factory: WorkerFactory) -> RunningWorker:
+    return module_worker_factory(UNBATCHED)
 
 
 def warm(worker: RunningWorker) -> None:
@@ -80,7 +80,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(batched: RunningWorker
     warm(batched)
     options = {"temperature": 0.9, "top_p": 0.95, "seed": 11}
     alone = batched.client.generate(CHAT, prompt=PROMPTS[3], max_new_tokens=10, queue="cpu", **options).get(timeout=60)
-    crowd = [batched.client.generate(CHAT, prompt=p, max_new_tokens=10, queue="cpu") for p in PROMPTS]
+    # Longer than the seeded job, so the crowd is still decoding when it joins (company, not a queue of loners).
+    crowd = [batched.client.generate(CHAT, prompt=p, max_new_tokens=64, queue="cpu") for p in PROMPTS]
     in_batch = batched.client.generate(CHAT, prompt=PROMPTS[3], max_new_tokens=10, queue="cpu", **options)
     results = [job.get(timeout=120) for job in crowd] + [in_batch.get(timeout=120)]
     assert results[-1]["text"] == alone["text"]

@@ -106,7 +106,7 @@ def test_a_killed_worker_drops_out_and_a_peer_serves_its_direct_queue(worker_fac
     registry = registry_of(doomed)
     record_where(registry, peer.name, lambda r: r.ready)
 
-    doomed.send("fleet.diag.sleep", queue=doomed.direct_queue, kwargs={"seconds": 60})
+    sleeper = doomed.send("fleet.diag.sleep", queue=doomed.direct_queue, kwargs={"seconds": 60})
     record_where(registry, doomed.name, lambda r: r.running_job is not None)
     waiting = [embed_on(doomed, doomed.direct_queue, f"stranded? {i}") for i in range(3)]
     last = record_where(registry, doomed.name, lambda r: r.backlog == 3)
@@ -114,6 +114,8 @@ def test_a_killed_worker_drops_out_and_a_peer_serves_its_direct_queue(worker_fac
     killed_at = time.time()
     os.killpg(doomed.process.pid, signal.SIGKILL)  # the whole worker: parent and pool child, no goodbye
     doomed.process.wait()
+    # The sleep comes back too (acks_late): revoked, so the peer drops it instead of sleeping a minute first.
+    sleeper.revoke()
     assert last.expires_at <= killed_at + TTL_S, "its last record ran out within the TTL of the kill"
     wait_for(lambda: registry.snapshot().get(doomed.name) is None, f"{doomed.name} to drop out")
 

@@ -22,8 +22,8 @@ CHAT = "gpufleet/tiny-chat"  # random weights: greedy decoding never produces it
 
 
 @pytest.fixture(scope="module")
-def worker(worker_factory: WorkerFactory) -> RunningWorker:
-    worker = worker_factory()
+def worker(module_worker_factory: WorkerFactory) -> RunningWorker:
+    worker = module_worker_factory()
     worker.client.generate(CHAT, prompt="warm", max_new_tokens=2).get(timeout=120)
     return worker
 

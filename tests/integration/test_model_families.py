@@ -41,9 +41,9 @@ def families_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def families(worker_factory: WorkerFactory, families_root: Path) -> tuple[RunningWorker, FleetClient]:
+def families(module_worker_factory: WorkerFactory, families_root: Path) -> tuple[RunningWorker, FleetClient]:
     """A worker serving the families' root, and a producer that plans from the same root."""
-    worker = worker_factory({"GPUFLEET_MODEL_ROOT": str(families_root)})
+    worker = module_worker_factory({"GPUFLEET_MODEL_ROOT": str(families_root)})
     settings = load_settings(
         broker_url=worker.env["GPUFLEET_BROKER_URL"],
         result_backend=worker.env["GPUFLEET_RESULT_BACKEND"],

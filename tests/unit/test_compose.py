@@ -260,6 +260,39 @@ def test_each_gpu_worker_reserves_one_distinct_nvidia_device(services: dict[str,
     assert len(set(device_ids)) == len(device_ids), f"GPU workers share a device: {device_ids}"
 
 
+def _enabled(services: dict[str, dict[str, Any]], profiles: set[str]) -> dict[str, dict[str, Any]]:
+    """The services Compose starts with these profiles active: those without profiles, and those in one of them."""
+    return {name: s for name, s in services.items() if not s.get("profiles") or profiles & set(s["profiles"])}
+
+
+def _gpu_devices(services: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted(
+        str(device_id)
+        for service in _workers(services).values()
+        if "--gpu" in _command(service)
+        for device in service["deploy"]["resources"]["reservations"]["devices"]
+        for device_id in device["device_ids"]
+    )
+
+
+def test_a_plain_up_starts_one_gpu_worker_as_a_one_gpu_host_has(services: dict[str, dict[str, Any]]) -> None:
+    # Two by default asked a one-GPU host for device 1, which is not there.
+    assert _gpu_devices(_enabled(services, set())) == ["0"]
+    assert _gpu_devices(_enabled(services, {"cpu", "setup"})) == ["0"], "other profiles add no GPU worker"
+
+
+@pytest.mark.parametrize("count", range(2, 9))
+def test_the_gpu_worker_count_is_a_profile(services: dict[str, dict[str, Any]], count: int) -> None:
+    # COMPOSE_PROFILES=gpusN (in .env or the environment): one worker per GPU 0 .. N-1.
+    assert _gpu_devices(_enabled(services, {f"gpus{count}"})) == sorted(str(i) for i in range(count))
+    assert _gpu_devices(_enabled(services, {f"gpus{count}", "cpu"})) == sorted(str(i) for i in range(count))
+
+
+def test_env_example_and_readme_say_how_to_set_the_gpu_worker_count() -> None:
+    assert re.search(r"^#?\s*COMPOSE_PROFILES=", ENV_EXAMPLE.read_text(), re.MULTILINE)
+    assert "COMPOSE_PROFILES=gpus" in README.read_text()
+
+
 def test_workers_have_distinct_hostnames(services: dict[str, dict[str, Any]]) -> None:
     hostnames = [s.get("hostname") for s in _workers(services).values()]
     assert all(hostnames), "worker names are <gpu-type>-<index>@<hostname>: every worker needs a hostname"

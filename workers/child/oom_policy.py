@@ -6,9 +6,14 @@ once, for every job that touches the device:
 
 1. evict every unpinned model and hand the allocator's cached blocks back (fragmentation and stale blocks are the
    usual cause), then run the whole step again, once;
-2. still out of memory: re-send the job to the next GPU type of the model's plan with more memory, keeping the
-   caller's task id (at most :data:`MAX_OOM_HOPS` re-sends along the chain);
-3. nothing larger is left: fail with a :class:`gpufleet.tasks.errors.CapacityError` that says what to do.
+2. still out of memory: re-send the job, keeping the caller's task id, to where the live fleet can hold it: a
+   live worker other than this one, with more memory (:func:`gpufleet.workers.child.rerouting.after_oom`, the
+   producers' own routing rule; by the plan's GPU types only without a registry), at most :data:`MAX_OOM_HOPS`
+   times;
+3. nothing larger is live: fail with a :class:`gpufleet.tasks.errors.CapacityError` that says what to do.
+
+The continuous-batching session applies steps 2 and 3 to a sequence its decode loop could not relieve
+(:func:`give_away`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from gpufleet.gpu.errors import DeviceOutOfMemoryError
 from gpufleet.tasks.errors import CapacityError
+from gpufleet.workers.child.rerouting import Onward
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +38,40 @@ class Relievable(Protocol):
     def relieve_memory(self) -> list[str]: ...
 
 
-Reroute = Callable[[str], Any]  # queue -> never returns (Celery's Task.replace raises Ignore)
-NextQueue = Callable[[], "str | None"]
+Reroute = Callable[[Onward], Any]  # re-sends the job -> never returns (it raises to end the step)
+NextQueue = Callable[[], Onward]
+
+
+def give_away(error: BaseException, *, model: str, hops_done: int, next_queue: NextQueue, advice: str) -> Onward:
+    """Where a job still out of memory after the retry goes (steps 2 and 3 of the policy).
+
+    Args:
+        error: the out-of-memory error, for the message.
+        model: the job's model id, for the message.
+        hops_done: how many times this job was already re-sent for lack of memory.
+        next_queue: where the live fleet (or, without a registry, the plan) can hold it, or why nowhere.
+        advice: what the caller may change, ending the message.
+
+    Returns:
+        Where to re-send it (its queue is set).
+
+    Raises:
+        CapacityError: nowhere, or the job already used its :data:`MAX_OOM_HOPS`.
+    """
+    if hops_done >= MAX_OOM_HOPS:
+        why = f"it was re-sent for lack of memory {hops_done} time(s) already, the most a job is"
+    else:
+        onward = next_queue()
+        if onward.queue is not None:
+            log.warning(
+                "out of memory for %s after a retry; re-sending it to %s: %s", model, onward.queue, onward.reason
+            )
+            return onward
+        why = onward.reason
+    raise CapacityError(
+        f"{error}; evicting unpinned models and retrying did not help after {hops_done} re-route(s), and {why}. "
+        f"{advice}"
+    ) from None
 
 
 def run_with_oom_policy(
@@ -52,11 +90,11 @@ def run_with_oom_policy(
         model: the job's model id, for the messages.
         runtime: frees memory between the two tries.
         hops_done: how many times this job was already re-sent for lack of memory.
-        next_queue: the next GPU type's queue of the model's plan, or None when none is larger.
-        reroute: re-sends the job to a queue (does not return).
+        next_queue: where a live worker with more memory can hold the model, or why none can.
+        reroute: re-sends the job there (does not return).
 
     Raises:
-        CapacityError: out of memory after the retry, and no larger GPU type is left to try.
+        CapacityError: out of memory after the retry, and no live worker with more memory can hold the model.
     """
     try:
         return body()
@@ -66,12 +104,9 @@ def run_with_oom_policy(
     try:
         return body()
     except DeviceOutOfMemoryError as exc:
-        queue = next_queue() if hops_done < MAX_OOM_HOPS else None
-        if queue is None:
-            raise CapacityError(
-                f"{exc}; evicting unpinned models and retrying did not help, and no larger GPU type is left to try "
-                f"after {hops_done} re-route(s). Use a quantized variant of {model!r}, a smaller batch or prompt, "
-                "or add a GPU type with more memory to the fleet"
-            ) from None
-        log.warning("out of memory for %s after a retry; re-sending it to %s", model, queue)
-        return reroute(queue)  # type: ignore[no-any-return]
+        advice = (
+            f"Use a quantized variant of {model!r}, a smaller batch or prompt, or start a worker with more memory "
+            "(a larger GPU type) for it"
+        )
+        onward = give_away(exc, model=model, hops_done=hops_done, next_queue=next_queue, advice=advice)
+        return reroute(onward)  # type: ignore[no-any-return]

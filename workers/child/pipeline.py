@@ -7,7 +7,8 @@ one or more jobs of one task for one model (a job alone is a batch of one). For 
 2. stores ``STARTED`` and reports a load's progress as ``PROGRESS``;
 3. hands the valid jobs to their task's engine (:class:`~gpufleet.workers.child.task_base.EngineKind`): the model is
    acquired once for the batch, under the OOM policy (:mod:`gpufleet.workers.child.oom_policy`: evict, retry,
-   re-route, ``CapacityError``);
+   re-route, ``CapacityError``); a job from a shared queue whose model the budget cannot hold is forwarded once
+   to where the live fleet can (:mod:`gpufleet.workers.child.rerouting`); a re-sent job's state says where it went;
 4. maps library errors to contract errors, adds the common result fields (model, worker, device, GPU type,
    timings) and records the job's outcome in the runtime's counters;
 5. stores every result (one round trip for the batch, :mod:`gpufleet.workers.child.result_store`) before it
@@ -33,11 +34,13 @@ from celery.exceptions import Ignore
 from celery.utils.saferepr import saferepr
 
 import gpufleet.gpu.errors as gpu_errors
-from gpufleet.tasks.contracts import Timings, dump
-from gpufleet.tasks.names import ENQUEUED_AT_HEADER
-from gpufleet.workers.child import state
+from gpufleet.tasks.contracts import REROUTED, Rerouted, Timings, dump
+from gpufleet.tasks.errors import CapacityError
+from gpufleet.tasks.names import ENQUEUED_AT_HEADER, FORWARDED_HEADER
+from gpufleet.workers.child import rerouting, state
 from gpufleet.workers.child.job import Job
 from gpufleet.workers.child.oom_policy import run_with_oom_policy
+from gpufleet.workers.child.rerouting import Onward
 from gpufleet.workers.child.result_store import StoredState, store_states
 from gpufleet.workers.child.runtime import Acquired, WorkerRuntime
 from gpufleet.workers.child.streams import StreamWriter, stream_end, wants_stream
@@ -63,12 +66,12 @@ def run_batch(task_name: str, payloads: list[JobPayload]) -> list[Outcome]:
     return Pipeline(task, payloads, state.runtime()).run()
 
 
-class Rerouted(Exception):
+class RerouteStep(Exception):
     """The OOM policy chose another queue for the job(s) of the step that raised it."""
 
-    def __init__(self, queue: str) -> None:
-        super().__init__(queue)
-        self.queue = queue
+    def __init__(self, onward: Onward) -> None:
+        super().__init__(onward.queue)
+        self.onward = onward
 
 
 class Pipeline:
@@ -168,31 +171,56 @@ class Pipeline:
 
         try:
             return self.under_oom_policy(jobs[0], model, step)
-        except Rerouted as rerouted:
+        except RerouteStep as rerouted:
             for job in jobs:
-                self.reroute(job, rerouted.queue)
+                self.reroute(job, rerouted.onward)
+        except gpu_errors.BudgetExceededError as exc:
+            if isinstance(exc, gpu_errors.DeviceOutOfMemoryError):  # never escapes the policy; device work was done
+                for job in jobs:
+                    self.fail(job.index, exc)
+            else:
+                self._forward_or_fail(model, jobs, exc)
         except Exception as exc:
             for job in jobs:
                 self.fail(job.index, exc)
         return None
 
     def under_oom_policy(self, job: Job, model: str, step: Callable[[], T]) -> T:
-        """Run ``step`` under the OOM policy; a re-route raises :class:`Rerouted` for the caller to act on."""
-        from gpufleet.tasks.planning import next_fallback_queue
-
+        """Run ``step`` under the OOM policy; a re-route raises :class:`RerouteStep` for the caller to act on."""
         runtime = self.runtime
 
-        def reroute(queue: str) -> Any:
-            raise Rerouted(queue)
+        def reroute(onward: Onward) -> Any:
+            raise RerouteStep(onward)
 
         return run_with_oom_policy(
             step,
             model=model,
             runtime=runtime,
             hops_done=job.payload.hops_done,
-            next_queue=lambda: next_fallback_queue(model, runtime.identity.gpu_type, runtime.settings),
+            next_queue=lambda: rerouting.after_oom(self.task.app, runtime, model),
             reroute=reroute,
         )
+
+    def _forward_or_fail(self, model: str, jobs: list[Job], exc: gpu_errors.BudgetExceededError) -> None:
+        """The budget cannot hold ``model`` (nothing ran yet): jobs taken from a shared queue go, once, where the
+        router sends them without this worker (:func:`gpufleet.workers.child.rerouting.forward`); the rest fail."""
+        type_queue = self.runtime.identity.queues[0]
+        movable = {job.index for job in jobs if rerouting.may_forward(job.payload, type_queue)}
+        onward = rerouting.forward(self.task.app, self.runtime, model) if movable else None
+        if onward is not None and onward.queue is not None:
+            log.warning("%s; forwarding %d job(s) to %s (%s)", exc, len(movable), onward.queue, onward.reason)
+        for job in jobs:
+            if onward is None or job.index not in movable:
+                self.fail(job.index, exc)
+            elif onward.queue is not None:
+                self.reroute(job, onward, forward=True)
+            else:
+                self.fail(
+                    job.index,
+                    CapacityError(
+                        f"{exc}. No other live worker can take the job from the shared queue either: {onward.reason}"
+                    ),
+                )
 
     def succeed(
         self, job: Job, fields: dict[str, Any], *, load_s: float = 0.0, compute_s: float = 0.0, batch_size: int = 1
@@ -237,17 +265,36 @@ class Pipeline:
             traceback=einfo.traceback,
         )
 
-    def reroute(self, job: Job, queue: str) -> None:
-        """Re-send one job, same id and arguments, to ``queue`` (what Celery's ``Task.replace`` does, per job)."""
+    def reroute(self, job: Job, onward: Onward, *, forward: bool = False) -> None:
+        """Re-send one job, same id and arguments, to ``onward.queue`` (what Celery's ``Task.replace`` does, per
+        job), after storing where it went (state ``REROUTED``), so nobody reads this attempt's progress as current.
+
+        Args:
+            job: the job.
+            onward: where it goes and why.
+            forward: a job this worker's budget cannot hold, forwarded once (marked, so it never loops); else an
+                out-of-memory re-route, counted in the job's hops.
+        """
         payload = job.payload
-        headers = {k: v for k, v in payload.request_dict.items() if k == ENQUEUED_AT_HEADER}
+        if onward.queue is None:
+            raise ValueError(f"job {job.id} has nowhere to go: {onward.reason}")
+        headers = {name: payload.header(name) for name in (ENQUEUED_AT_HEADER, FORWARDED_HEADER)}
+        worker = self.runtime.identity.name
+        if forward:
+            headers[FORWARDED_HEADER] = worker
+        where = Rerouted(rerouted_to=onward.queue, reason=onward.reason, worker=worker, at=time.time())
+        try:
+            # Before the re-send: the job's next state, on the worker that takes it, must come after this one.
+            store_states(self.task.backend, [StoredState(job.id, REROUTED, dump(where), self._context(payload))])
+        except Exception:  # what a watcher is shown; the job itself goes on
+            log.warning("could not store where job %s was re-sent", job.id, exc_info=True)
         self.task.app.send_task(
             self.task.name,
             kwargs=payload.kwargs,
             task_id=payload.id,
-            queue=queue,
-            headers=headers,
-            replaced_task_nesting=payload.hops_done + 1,
+            queue=onward.queue,
+            headers={name: value for name, value in headers.items() if value is not None},
+            replaced_task_nesting=payload.hops_done + (0 if forward else 1),
         )
         self.runtime.end_job(self.task.name, "rerouted")
         runtime_s = time.time() - self.started
@@ -368,8 +415,8 @@ def compute_prepared(pipeline: Pipeline, acquired: Acquired, model: str, jobs: l
     started = time.perf_counter()
     try:
         outputs = pipeline.under_oom_policy(jobs[0], model, forward) if len(jobs) == 1 else forward()
-    except Rerouted as rerouted:  # a lone job the OOM policy sent elsewhere
-        pipeline.reroute(jobs[0], rerouted.queue)
+    except RerouteStep as rerouted:  # a lone job the OOM policy sent elsewhere
+        pipeline.reroute(jobs[0], rerouted.onward)
         return
     except (gpu_errors.DeviceOutOfMemoryError, gpu_errors.ForwardError) as exc:
         if len(jobs) == 1:

@@ -1,8 +1,9 @@
 """Pool-child lifecycle: build the runtime, warm up, and only then ask the worker to consume its queues.
 
 Readiness works through Celery's own control channel: the worker starts consuming a placeholder queue only, and
-the child, once warm, sends ``add_consumer`` for the GPU type's queue and its direct queue to its own worker. So
-no job is reserved by a cold worker (a job reserved while cold would wait there instead of going to a warm peer).
+the child, once warm, sends ``add_consumer`` for the GPU type's queue, its direct queue and the fleet's entry queue
+to its own worker. So no job is reserved by a cold worker (a job reserved while cold would wait there instead of
+going to a warm peer).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 
+from gpufleet.tasks.names import boot_queue
 from gpufleet.workers.child import state
 from gpufleet.workers.child.runtime import WorkerRuntime
 from gpufleet.workers.common.context import context as worker_context
@@ -31,6 +33,13 @@ def on_process_init(**_: Any) -> None:
     if context is None:
         return  # a worker not started through `gpufleet worker`; nothing to do
     started = time.perf_counter()
+    # Celery logs "<name> ready." once its pool is up, while this child may still be warming: say here what
+    # that line does not, so an operator reading the log knows when jobs are really taken.
+    log.info(
+        "%s warming up: it takes no job until it is warm (Celery's 'ready.' means only its placeholder queue %s)",
+        context.identity.name,
+        boot_queue(context.identity.name),
+    )
     path = state_path(context.settings, context.identity.name)
     runtime = WorkerRuntime(context.identity, context.settings, on_change=lambda rt: state.publish(rt, path))
     state.set_runtime(runtime)
@@ -47,7 +56,7 @@ def announce_ready(app: Celery, identity: WorkerIdentity, timeout_s: float = ANN
         RuntimeError: the worker did not answer within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
-    pending = list(identity.queues)
+    pending = list(identity.consumed_queues)
     while pending:
         queue = pending[0]
         replies = app.control.add_consumer(queue, destination=[identity.name], reply=True, timeout=1.0)
@@ -56,7 +65,7 @@ def announce_ready(app: Celery, identity: WorkerIdentity, timeout_s: float = ANN
             continue
         if time.monotonic() > deadline:
             raise RuntimeError(f"{identity.name} did not answer add_consumer({queue}) within {timeout_s:g} s")
-    log.info("%s consuming %s", identity.name, ", ".join(identity.queues))
+    log.info("%s is taking jobs now: consuming %s", identity.name, ", ".join(identity.consumed_queues))
 
 
 def on_process_shutdown(**_: Any) -> None:

@@ -117,6 +117,19 @@ def preimport_model_code(settings: Settings) -> list[str]:
     return imported
 
 
+def quiet_progress_bars() -> None:
+    """Turn off transformers' (and huggingface_hub's) progress bars in this process.
+
+    A load through ``from_pretrained`` draws a "Loading weights" bar on stderr, which Celery redirects to the log
+    at WARNING: a warning per load that warns of nothing. The load's progress is already the job's
+    ``PROGRESS`` state (``gpufleet load`` draws it), and its time is in the result.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    switches: Any = transformers_logging  # its switches are untyped
+    switches.disable_progress_bar()
+
+
 def bound_openmp_spin() -> bool:
     """Bound how long OpenMP threads spin after a parallel region (:data:`OPENMP_SPIN_DEFAULTS`).
 
@@ -210,6 +223,7 @@ class WorkerRuntime:
         if self.settings.gpu.warmup.enabled and self.settings.gpu.warmup.on_startup:
             self.warmup_report = self.warmup.warm_up().to_dict()
         self.preimported = preimport_model_code(self.settings)
+        quiet_progress_bars()  # transformers is imported now; before any load, priority models' included
 
         self.faults.delay("warmup")
         for model_id in self.settings.priority_models:

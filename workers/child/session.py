@@ -43,9 +43,9 @@ from gpufleet.gpu.runtime.continuous import (
 )
 from gpufleet.tasks import streams as wire
 from gpufleet.tasks.errors import CapacityError
-from gpufleet.workers.child import state
+from gpufleet.workers.child import rerouting, state
 from gpufleet.workers.child.job import Job
-from gpufleet.workers.child.oom_policy import MAX_OOM_HOPS
+from gpufleet.workers.child.oom_policy import give_away
 from gpufleet.workers.child.pipeline import Pipeline, compute_prepared
 from gpufleet.workers.child.runtime import Acquired, WorkerRuntime
 from gpufleet.workers.child.streams import StreamWriter, stream_end, wants_stream
@@ -268,6 +268,9 @@ class GenerationSession:
             return
         now = time.monotonic()
         for job in ready:
+            # Injected faults (tests of failure paths) fire on the loop's forward, as on the static path.
+            self.runtime.faults.check("infer", model)
+            self.runtime.faults.arm("infer", model, acquired.loaded.module)
             soft_s = _soft_limit_s(job.payload.request_dict, self.task)
             stream = bool(getattr(job.request, "stream", False))
             self.live[job.id] = _Live(pipeline, job, now, acquired.load_s, now + soft_s if soft_s else None, stream)
@@ -373,26 +376,27 @@ class GenerationSession:
 
     def _failed(self, live: _Live, event: SequenceFailed) -> None:
         """The one OOM policy, for this sequence: the loop already relieved memory and retried; re-route or refuse."""
-        from gpufleet.tasks.planning import next_fallback_queue
-
         pipeline, job = live.pipeline, live.job
         error: BaseException = event.error
         if isinstance(error, DeviceOutOfMemoryError):
             model = str(job.request.model)
-            hops = job.payload.hops_done
-            settings = self.runtime.settings
-            queue = (
-                next_fallback_queue(model, self.runtime.identity.gpu_type, settings) if hops < MAX_OOM_HOPS else None
+            advice = (
+                f"Use a quantized variant of {model!r}, a shorter prompt or fewer max_new_tokens, or start a worker "
+                "with more memory (a larger GPU type) for it"
             )
-            if queue is not None:
-                log.warning("out of memory for a sequence of %s after a retry; re-sending it to %s", model, queue)
-                pipeline.reroute(job, queue)
+            try:
+                onward = give_away(
+                    error,
+                    model=model,
+                    hops_done=job.payload.hops_done,
+                    next_queue=lambda: rerouting.after_oom(self.task.app, self.runtime, model),
+                    advice=advice,
+                )
+            except CapacityError as refused:
+                error = refused
+            else:
+                pipeline.reroute(job, onward)
                 return
-            error = CapacityError(
-                f"{error}; evicting unpinned models and retrying did not help, and no larger GPU type is left to "
-                f"try after {hops} re-route(s). Use a quantized variant of {model!r}, a shorter prompt or fewer "
-                "max_new_tokens, or add a GPU type with more memory to the fleet"
-            )
         pipeline.fail(job.index, error)
 
     def _settle(self) -> None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gpufleet.tasks.names import CPU_QUEUE, gpu_type_queue, gpu_type_slug, worker_queue
+from gpufleet.tasks.names import CPU_QUEUE, FLEET_QUEUE, gpu_type_queue, gpu_type_slug, worker_queue
 from gpufleet.workers.errors import WorkerStartError
 
 
@@ -44,6 +44,12 @@ class WorkerIdentity:
     def queues(self) -> tuple[str, ...]:
         """The GPU type's shared queue and this worker's direct queue."""
         return (gpu_type_queue(self.gpu_type), worker_queue(self.gpu_type, self.name))
+
+    @property
+    def consumed_queues(self) -> tuple[str, ...]:
+        """Every queue the worker consumes once warm: its :attr:`queues` and the fleet's entry queue, whose jobs
+        its parent forwards as the router would (:mod:`gpufleet.workers.parent.entry`)."""
+        return (*self.queues, FLEET_QUEUE)
 
     @property
     def device_label(self) -> str:

@@ -35,11 +35,17 @@ class JobPayload:
         """How many times this job was already re-sent for lack of memory (Celery's ``replaced_task_nesting``)."""
         return int(self.request_dict.get("replaced_task_nesting", 0) or 0)
 
+    def header(self, name: str) -> Any:
+        """A message header the producer set (Celery merges them into the request; older clients nest them)."""
+        value = self.request_dict.get(name)
+        if value is None:
+            nested = self.request_dict.get("headers")
+            value = nested.get(name) if isinstance(nested, dict) else None
+        return value
+
     def enqueued_at(self) -> float | None:
         """When the producer sent the job (the :data:`~gpufleet.tasks.names.ENQUEUED_AT_HEADER` header)."""
-        value = self.request_dict.get(ENQUEUED_AT_HEADER)
-        if value is None:
-            value = (self.request_dict.get("headers") or {}).get(ENQUEUED_AT_HEADER)
+        value = self.header(ENQUEUED_AT_HEADER)
         try:
             return float(value) if value is not None else None
         except (TypeError, ValueError):

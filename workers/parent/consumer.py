@@ -15,7 +15,8 @@ a mapping and a mapping): Celery would otherwise fail inside the pool with a bar
 And it is where every fleet job turns towards the pipeline: Celery's strategies, its ETA timer and its rate-limit
 buckets all hand a ready request to the consumer's ``on_task_request``; for a task of the fleet's pipeline that is
 the batcher (:mod:`gpufleet.workers.parent.batching`), for anything else (the bare ``fleet.diag.noop``) the pool,
-as Celery does.
+as Celery does. A job taken from the fleet's entry queue is first forwarded where the router sends it
+(:mod:`gpufleet.workers.parent.entry`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gpufleet.tasks.errors import InvalidRequestError
 from gpufleet.tasks.settings import BatchingOptions
 from gpufleet.workers.common.context import context as worker_context
 from gpufleet.workers.parent.batching import Batcher, batch_size_of
+from gpufleet.workers.parent.entry import EntryForwarder
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +113,17 @@ class ContractConsumer(Consumer):  # type: ignore[misc]  # Celery's classes are 
         self.on_task_request = self._route_request
 
     def _route_request(self, request: Any) -> None:
+        context = worker_context()
+        settings = context.settings if context is not None else None
+        if settings is not None and EntryForwarder.for_consumer(self, settings).handle(request):
+            return  # taken from the entry queue: forwarded where the router sends it (or refused)
         if batch_size_of(request) is None:
             batcher: Batcher | None = getattr(self, Batcher.ATTRIBUTE, None)
             if batcher is not None:
                 batcher.yield_child()  # a bare task waits behind a generation session: let it end
             self._to_pool(request)
             return
-        context = worker_context()
-        options = context.settings.batching if context is not None else BatchingOptions()
+        options = settings.batching if settings is not None else BatchingOptions()
         Batcher.for_consumer(self, options).add(request)
 
     def update_strategies(self) -> None:

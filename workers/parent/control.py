@@ -59,7 +59,7 @@ def gpu_status_reply(snapshot: WorkerSnapshot) -> GpuStatusReply:
         ready_at=snapshot.ready_at,
         gpu_type=identity.gpu_type if identity else snapshot.gpu_type,
         device=identity.device_label if identity else snapshot.device,
-        queues=list(identity.queues) if identity else [],
+        queues=list(identity.consumed_queues) if identity else [],
         dtype=snapshot.dtype,
         pid=snapshot.pid,
         jobs_done=snapshot.jobs_done,

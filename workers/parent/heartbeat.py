@@ -6,6 +6,10 @@ and the snapshot the pool child keeps writing (:mod:`gpufleet.workers.common.con
 models, memory and running job even while a long job holds the child. It starts on Celery's ``worker_ready`` and stops
 on ``worker_shutdown``; a failed beat (a Redis blip) is logged and retried on the next tick, never fatal.
 
+A graceful stop marks the record ``draining`` at once, on ``worker_shutting_down`` (the router skips the worker from
+then on), and the worker keeps beating while its running jobs finish: stopping the beats then would let a peer take
+it for dead and restore jobs it is still running. It leaves the registry on ``worker_shutdown``, when they are done.
+
 No job may wait on a queue nobody consumes. A worker's direct queue is moved back to its type queue:
 
 - by the worker itself on a graceful stop (after Celery gave back its unacknowledged jobs);
@@ -81,6 +85,7 @@ def build_record(
     ttl_s: float,
     now: float,
     backlog: int = 0,
+    draining: bool = False,
     host: str | None = None,
     pid: int | None = None,
     versions: Mapping[str, str] | None = None,
@@ -94,6 +99,7 @@ def build_record(
         ttl_s: how long the record stays valid without another heartbeat.
         now: seconds since the epoch (the heartbeat's time).
         backlog: jobs waiting on the worker's direct queue.
+        draining: the worker is stopping: it takes no new jobs.
         host: host name (default this host's).
         pid: the parent's process id (default this process's).
         versions: package versions (see :func:`package_versions`).
@@ -126,6 +132,7 @@ def build_record(
         parked=_held(parked),
         ready=snapshot.ready,
         warm=snapshot.gpu is not None and snapshot.gpu.warm,
+        draining=draining,
         running_job=snapshot.running_job,
         backlog=backlog,
         jobs_done=max(0, snapshot.jobs_done),
@@ -185,6 +192,8 @@ class Heartbeat:
         self._clock = clock
         self._versions = package_versions()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # beat now, not at the next tick (set from a signal handler: no I/O there)
+        self.draining = False
         self._thread: threading.Thread | None = None
         self._failing = False
         self.recovery = recovery
@@ -206,6 +215,7 @@ class Heartbeat:
             ttl_s=self.settings.fleet.heartbeat_ttl_s,
             now=self._clock(),
             backlog=backlog,
+            draining=self.draining,
             versions=self._versions,
             since=self._since,
         )
@@ -315,13 +325,22 @@ class Heartbeat:
             return
 
         def loop() -> None:
-            while True:
+            while not self._stop.is_set():
                 self.tick()
-                if self._stop.wait(self.interval_s):
-                    return
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
 
         self._thread = threading.Thread(target=loop, name="gpufleet-heartbeat", daemon=True)
         self._thread.start()
+
+    def drain(self) -> None:
+        """The worker is stopping: publish ``draining`` now (from the beat thread) and keep beating until
+        :meth:`stop`, so the router sends nothing new while no peer takes the running jobs for a dead worker's.
+
+        Safe to call from a signal handler: it only sets flags and wakes the beat thread.
+        """
+        self.draining = True
+        self._wake.set()
 
     def stop(self) -> int:
         """Stop beating, leave the fleet at once and move our direct queue to our type queue.
@@ -333,6 +352,7 @@ class Heartbeat:
             How many jobs were moved.
         """
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + self.settings.broker.connect_timeout_s)
         if self.recovery is not None:
@@ -384,6 +404,12 @@ def on_worker_ready(**_: Any) -> None:
         adopt=None if queues is not None else _adopter(context.app, context.identity.name),
     )
     _heartbeat.start()
+
+
+def on_worker_shutting_down(**_: Any) -> None:
+    """``worker_shutting_down`` (parent, in Celery's signal handler): mark this worker draining at once."""
+    if _heartbeat is not None:
+        _heartbeat.drain()
 
 
 def on_worker_shutdown(**_: Any) -> None:

@@ -22,6 +22,13 @@ def test_json_only_and_gpu_serving_settings() -> None:
     assert conf.task_soft_time_limit < conf.task_time_limit
 
 
+def test_a_job_sent_without_a_queue_goes_to_the_fleet_entry_queue_never_celerys() -> None:
+    app = create_app(load_settings(fleet={"live_routing": False}))
+    assert app.conf.task_default_queue == "fleet"
+    # A job the router leaves alone (no model) lands on the entry queue every worker consumes.
+    assert app.amqp.router.route({}, "fleet.diag.sleep", (), {"seconds": 1})["queue"].name == "fleet"
+
+
 def test_visibility_timeout_set_in_all_three_places() -> None:
     settings = load_settings(broker={"visibility_timeout_s": 7200})
     conf = create_app(settings).conf

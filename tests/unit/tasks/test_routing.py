@@ -11,13 +11,14 @@ from gpufleet.gpu.plan.selection import plan
 from gpufleet.tasks.app import create_app
 from gpufleet.tasks.client import FleetClient, route_of
 from gpufleet.tasks.errors import ModelNotFoundError, RoutingError
-from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot, HeldModel, WorkerRecord
-from gpufleet.tasks.live_routing import route_live
+from gpufleet.tasks.fleet import FleetRegistry
+from gpufleet.tasks.live_routing import route_elsewhere, route_live
 from gpufleet.tasks.names import gpu_type_queue
 from gpufleet.tasks.planning import fleet_gpu_types, next_fallback_queue, placement_for, queue_for_model
 from gpufleet.tasks.routing import REGISTRY_RETRY_S, FleetRouter, LiveRouter, app_router
 from gpufleet.tasks.settings import Settings, load_settings
 from gpufleet.workers.tools.local_redis import LocalRedis, free_port
+from tests.support.fleet_records import NOW, GiB, fleet, held, worker
 
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -115,34 +116,6 @@ def test_a_model_in_the_hf_cache_is_found_and_planned_from_its_config(tmp_path: 
 
 SMALL = "Qwen/Qwen2.5-0.5B-Instruct"  # ~2 GiB of fp32 weights on the CPU, one T4 / L4 / H100 on a GPU
 BIG = "meta-llama/Llama-3.1-70B-Instruct"  # 2 x H100
-NOW = 1_000_000.0
-GiB = 2**30
-
-
-def worker(name: str, gpu_type: str = "cpu", **fields: Any) -> WorkerRecord:
-    type_queue = gpu_type_queue(gpu_type)
-    base: dict[str, Any] = {
-        "name": name,
-        "host": "box",
-        "pid": 1,
-        "gpu_type": gpu_type,
-        "device": gpu_type,
-        "type_queue": type_queue,
-        "direct_queue": f"{type_queue}.{name}",
-        "memory_budget_bytes": 8 * GiB,
-        "ready": True,
-        "heartbeat_at": NOW,
-        "ttl_s": 10.0,
-    }
-    return WorkerRecord.model_validate({**base, **fields})
-
-
-def held(model: str, n_bytes: int = GiB, *, pinned: bool = False) -> tuple[HeldModel, ...]:
-    return (HeldModel(model=model, bytes=n_bytes, pinned=pinned),)
-
-
-def fleet(*workers: WorkerRecord, at: float = NOW) -> FleetSnapshot:
-    return FleetSnapshot(workers=workers, read_at=at)
 
 
 def live_settings(**fleet_options: Any) -> Settings:
@@ -250,6 +223,43 @@ def test_the_cheapest_live_type_comes_first_and_cpu_last() -> None:
     assert route_live(SMALL, fleet(cpu, h100), settings).queue == "gpu.h100"
     # Resident on a dearer type beats a load on the cheapest one.
     assert route_live(SMALL, fleet(l4, worker("h", "h100", resident=held(SMALL))), settings).worker == "h"
+
+
+def test_a_draining_worker_is_never_targeted() -> None:
+    settings = live_settings()
+    stopping = worker("a-stopping", resident=held(SMALL), draining=True)
+    decision = route_live(SMALL, fleet(stopping, worker("b")), settings)
+    assert (decision.queue, decision.worker) == ("cpu", None), "the holder is stopping: a load elsewhere instead"
+    with pytest.raises(RoutingError, match=r"a-stopping \(1 x cpu, budget 8\.0 GiB, 0 B used, draining\)"):
+        route_live(SMALL, fleet(stopping), settings)
+    assert fleet(stopping).ready() == () and fleet(stopping).live() == (stopping,), "still live: it beats on"
+
+
+def test_a_job_given_away_after_an_oom_goes_to_a_live_worker_with_more_memory() -> None:
+    settings = live_settings()
+    me = worker("me", memory_budget_bytes=4 * GiB, resident=held(SMALL))
+    same = worker("same", memory_budget_bytes=4 * GiB, resident=held(SMALL))
+    big = worker("big", memory_budget_bytes=16 * GiB)
+    decision = route_elsewhere(SMALL, fleet(me, same, big), settings, leaving="me", more_memory_than=4 * GiB)
+    # The holder "same" has no more memory than "me"; "big" shares the cpu queue with both: sent to it directly.
+    assert (decision.queue, decision.worker) == ("cpu.big", "big")
+    assert "as me shares cpu" in decision.reason
+    with pytest.raises(RoutingError, match=r"no live worker other than me with more memory than its 4\.0 GiB.*same"):
+        route_elsewhere(SMALL, fleet(me, same), settings, leaving="me", more_memory_than=4 * GiB)
+    with pytest.raises(RoutingError, match=r"no other worker is live"):
+        route_elsewhere(SMALL, fleet(me), settings, leaving="me", more_memory_than=4 * GiB)
+
+
+def test_a_job_given_away_keeps_a_shared_queue_only_when_the_leaver_does_not_consume_it() -> None:
+    settings = live_settings()
+    me = worker("me", "l4", memory_budget_bytes=20 * GiB)
+    h100s = [worker(f"h{i}", "h100", memory_budget_bytes=72 * GiB) for i in range(2)]
+    decision = route_elsewhere(SMALL, fleet(me, *h100s), settings, leaving="me", more_memory_than=20 * GiB)
+    assert (decision.queue, decision.worker) == ("gpu.h100", None), "every worker on gpu.h100 is larger"
+    # Its own record missing from the snapshot, the leaver still consumes its type queue: never sent back there.
+    alone = worker("other-cpu")
+    decision = route_elsewhere(SMALL, fleet(alone), settings, leaving="me-cpu", leaving_queue="cpu")
+    assert (decision.queue, decision.worker) == ("cpu.other-cpu", "other-cpu")
 
 
 def test_nothing_live_fails_fast_naming_the_need_and_the_fleet(redis_server: LocalRedis) -> None:

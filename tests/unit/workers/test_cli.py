@@ -12,6 +12,8 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from gpufleet.gpu.plan.selection import plan
+from gpufleet.tasks.contracts import REROUTED, Rerouted
+from gpufleet.tasks.errors import FleetError
 from gpufleet.tasks.planning import placement_for
 from gpufleet.tasks.settings import get_settings, load_settings
 from gpufleet.workers.cli import _wait, build_parser, load_progress, main
@@ -122,6 +124,28 @@ def test_a_finished_job_is_never_drawn_as_load_progress(
     assert load_progress(job) is None
     assert _wait(job, timeout_s=5.0, progress=True) == {"model": "m", "action": "loaded"}
     assert capsys.readouterr().err == ""  # no bar and no stray newline after a job that showed no progress
+    app.close()
+
+
+def test_a_rerouted_job_says_where_it_went_instead_of_a_stale_bar(
+    redis_server: LocalRedis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = Celery("cli-test", backend=redis_server.url(41), broker=redis_server.url(40))
+    app.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    job = AsyncResult(str(uuid.uuid4()), app=app)
+    # The first attempt's load progress, then its worker ran out of memory and re-sent the job.
+    app.backend.store_result(job.id, {"bytes_done": 12 * 2**20, "bytes_total": 12 * 2**20}, "PROGRESS")
+    moved = Rerouted(rerouted_to="cpu.cpu-e@x", reason="out of memory on cpu-d@x", worker="cpu-d@x", at=1.0)
+    app.backend.store_result(job.id, moved.model_dump(), REROUTED)
+    assert load_progress(job) is None, "no stale bar for the attempt that gave the job away"
+    with pytest.raises(FleetError) as raised:
+        _wait(job, timeout_s=0.5, progress=True)
+    message = str(raised.value)
+    assert "re-sent by cpu-d@x to queue 'cpu.cpu-e@x': out of memory on cpu-d@x" in message
+    assert "still running" not in message
+    err = capsys.readouterr().err
+    assert err.count(f"job {job.id} was re-sent by cpu-d@x to queue 'cpu.cpu-e@x'") == 1, "said once"
+    assert "loading [" not in err
     app.close()
 
 

@@ -122,7 +122,7 @@ UNKNOWN_BOARDS = [
     ("NVIDIA RTX A6000", 49140, (8, 6), "a100-40gb"),
     ("NVIDIA GeForce RTX 4090", 24564, (8, 9), "l4"),  # Ada: FP8 like an L4, no FP8 KV cache (Hopper)
     ("NVIDIA GeForce RTX 3090", 24576, (8, 6), "a10g"),  # 24 GB without FP8: not the l4
-    ("Tesla V100-SXM2-32GB", 32768, (7, 0), "t4"),  # no bf16: only the t4 claims as little
+    ("Quadro RTX 6000", 24576, (7, 5), "t4"),  # 24 GB Turing: no bf16, so not the a10g or the l4
     ("Some Future GPU 400GB", 400 * 1024, (10, 0), "b200"),
 ]
 
@@ -135,6 +135,7 @@ def test_unknown_boards_stand_in_for_a_type_they_can_fully_serve(
     chosen = get_gpu_type(expected)
     bf16, fp8 = cc >= (8, 0), cc >= (8, 9)
     assert chosen.memory_bytes <= memory_mib * MiB * 1.02
+    assert chosen.compute_capability <= cc, "every kernel the type's queue may need (GPTQ/AWQ: 7.5) is there"
     assert (chosen.supports_bf16 <= bf16) and (chosen.supports_fp8 <= fp8)
     assert chosen.supports_fp8_kv_cache <= (cc >= (9, 0))
 
@@ -142,6 +143,14 @@ def test_unknown_boards_stand_in_for_a_type_they_can_fully_serve(
 def test_an_rtx_a6000_is_never_credited_with_fp8() -> None:
     a6000 = get_gpu_type(gpu_type_from_device_name("NVIDIA RTX A6000", 49140 * MiB, (8, 6)))
     assert not a6000.supports_fp8
+
+
+def test_a_v100_is_never_typed_as_a_t4() -> None:
+    # 7.0: no GPTQ/AWQ/MXFP4 kernels (7.5), which jobs planned for the t4's queue may need. No catalog type is as
+    # old, so the worker is refused with what to do instead of being credited with kernels it lacks.
+    with pytest.raises(ConfigError, match=r"V100.*7\.0\).*older than every catalog GPU type.*t4, has 7\.5.*--cpu"):
+        gpu_type_from_device_name("Tesla V100-SXM2-32GB", 32768 * MiB, (7, 0))
+    assert stand_in_type(32 * GiB, (7, 0)) is None
 
 
 def test_an_unknown_board_without_its_compute_capability_is_refused() -> None:
@@ -171,8 +180,9 @@ def test_stand_in_never_assumes_more_than_the_device_has() -> None:
         for memory_gib in (8, 16, 20, 24, 32, 40, 45, 48, 64, 80, 96, 141, 192, 256):
             chosen = stand_in_type(memory_gib * GiB, cc)
             if chosen is None:
-                assert memory_gib < 16
+                assert memory_gib < 16 or cc < (7, 5)
                 continue
             assert chosen.memory_bytes <= memory_gib * GiB * 1.02
+            assert chosen.compute_capability <= cc, (cc, chosen.name)
             has, claims = capabilities(cc), capabilities(chosen.compute_capability)
             assert all(have or not claim for have, claim in zip(has, claims, strict=True)), (cc, chosen.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -95,6 +96,12 @@ def test_healthz_stays_open_and_openapi_declares_bearer(fleet: FleetSnapshot) ->
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert "security" in spec["paths"]["/workers"]["get"]
     assert "security" not in spec["paths"]["/healthz"]["get"]
+    # The contract is public, as the README says (it said only /healthz and the page were, while both were open).
+    assert client.get("/docs").status_code == 200
+    readme = (Path(__file__).parents[4] / "README.md").read_text(encoding="utf-8")
+    assert "`/openapi.json`, `/docs`: the contract, no fleet data) needs `Authorization: Bearer <token>`" in " ".join(
+        readme.split()
+    )
 
 
 def test_without_a_token_nothing_asks_for_one(fleet: FleetSnapshot) -> None:

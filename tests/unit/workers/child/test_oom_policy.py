@@ -18,6 +18,7 @@ from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.tasks.errors import CapacityError
 from gpufleet.workers.child.faults import Faults
 from gpufleet.workers.child.oom_policy import MAX_OOM_HOPS, run_with_oom_policy
+from gpufleet.workers.child.rerouting import Onward
 from gpufleet.workers.child.runtime import WorkerRuntime, default_loader
 from tests.support.runtimes import cpu_runtime, cpu_settings
 
@@ -54,8 +55,11 @@ def generate_step(runtime: WorkerRuntime, model: str) -> Any:
     return step
 
 
-def reroute(queue: str) -> Any:
-    raise Rerouted(queue)
+def reroute(onward: Onward) -> Any:
+    raise Rerouted(onward.queue)
+
+
+BIGGER = Onward("gpu.t4", "a live worker with more memory")
 
 
 def test_oom_in_a_jobs_forward_evicts_and_retries_once(tiny_model_root: Path, tmp_path: Path) -> None:
@@ -69,7 +73,7 @@ def test_oom_in_a_jobs_forward_evicts_and_retries_once(tiny_model_root: Path, tm
         model="org/a",
         runtime=runtime,
         hops_done=0,
-        next_queue=lambda: "gpu.t4",
+        next_queue=lambda: BIGGER,
         reroute=reroute,
     )
     assert output.completion_tokens >= 1
@@ -85,7 +89,7 @@ def test_persistent_load_oom_loads_twice_then_reroutes(tiny_model_root: Path, tm
             model="org/a",
             runtime=runtime,
             hops_done=0,
-            next_queue=lambda: "gpu.t4",
+            next_queue=lambda: BIGGER,
             reroute=reroute,
         )
     assert loader.loads == 2, "one load, one retry after eviction: never more"
@@ -100,10 +104,12 @@ def test_no_larger_gpu_left_gives_a_capacity_error(tiny_model_root: Path, tmp_pa
             model="org/a",
             runtime=runtime,
             hops_done=hops_done,
-            next_queue=lambda: None if hops_done == 0 else "gpu.h100",
+            next_queue=lambda: Onward(None, "no live worker is larger") if hops_done == 0 else BIGGER,
             reroute=reroute,
         )
     assert f"after {hops_done} re-route(s)" in str(raised.value)
+    why = "no live worker is larger" if hops_done == 0 else f"re-sent for lack of memory {MAX_OOM_HOPS} time(s)"
+    assert why in str(raised.value), "the refusal says why nothing larger was tried"
 
 
 def test_idle_models_expire_but_never_under_a_running_job(tiny_model_root: Path, tmp_path: Path) -> None:

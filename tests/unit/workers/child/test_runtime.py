@@ -96,3 +96,16 @@ def test_model_code_is_imported_before_the_first_job(tiny_root: Path, tmp_path: 
     runtime = runtime_for(tiny_root, tmp_path)
     assert {"llama", "qwen2", "mistral"} <= set(runtime.preimported)
     assert state.snapshot(runtime).model_dump()["preimported_model_code"] == runtime.preimported
+
+
+def test_a_started_runtime_draws_no_transformers_progress_bars(tiny_root: Path, tmp_path: Path) -> None:
+    # Celery logs the pool child's stderr at WARNING: a "Loading weights" bar per load was a warning per load.
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    try:
+        runtime_for(tiny_root, tmp_path)
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()

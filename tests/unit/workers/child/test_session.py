@@ -72,3 +72,47 @@ def test_each_job_is_answered_counted_once_and_its_stream_ends_with_its_result(
     assert runtime.pool is not None and not any(k.startswith("kv:") for k in runtime.pool.reservations()), (
         "the KV reservation ends with the session"
     )
+
+
+def test_a_sequence_still_out_of_memory_is_rerouted_to_a_live_worker_with_more_memory(
+    app: Celery, runtime: WorkerRuntime, redis_server: LocalRedis
+) -> None:
+    """The session's own OOM path (a sequence its decode loop could not relieve) uses the live fleet too."""
+    import json
+    import time
+
+    from gpufleet.gpu.errors import DeviceOutOfMemoryError
+    from gpufleet.gpu.runtime.continuous import SequenceFailed
+    from gpufleet.tasks.contracts import Rerouted
+    from gpufleet.tasks.fleet import FleetRegistry, WorkerRecord
+    from gpufleet.workers.child.pipeline import Pipeline
+    from gpufleet.workers.child.session import _Live
+
+    assert runtime.pool is not None
+    registry = FleetRegistry(redis_server.url(DB), cache_s=0)
+    registry._client.flushdb()
+    bigger = WorkerRecord(
+        name="big@unit",
+        host="box",
+        pid=1,
+        gpu_type="cpu",
+        device="cpu",
+        type_queue="cpu",
+        direct_queue="cpu.big@unit",
+        memory_budget_bytes=2 * runtime.pool.budget_bytes,
+        ready=True,
+        heartbeat_at=time.time(),
+        ttl_s=60,
+    )
+    registry.publish(bigger)
+    session = GenerationSession(app.tasks["fleet.generate"], runtime, None)
+    pipeline = Pipeline(app.tasks["fleet.generate"], [payload(prompt="long story", max_new_tokens=4)], runtime)
+    (job,) = pipeline.admit()
+    session._failed(_Live(pipeline, job, 0.0, 0.0, None, False), SequenceFailed(job.id, DeviceOutOfMemoryError("oom")))
+    assert pipeline.answers[0] is not None and pipeline.answers[0].kind == "ignore", "re-sent, not failed"
+    broker = redis.Redis.from_url(redis_server.url(DB))
+    (message,) = [json.loads(raw) for raw in broker.lrange("cpu.big@unit", 0, -1)]
+    assert message["headers"]["id"] == job.id
+    where = Rerouted.from_meta(app.backend.get_task_meta(job.id))
+    assert where is not None and where.rerouted_to == "cpu.big@unit"
+    registry._client.flushdb()

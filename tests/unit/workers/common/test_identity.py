@@ -20,6 +20,7 @@ def test_worker_names_and_queues() -> None:
     assert worker_name("A100-80GB", 3, "node7") == "a100-80gb-3@node7"
     identity = cpu_identity(name="cpu-0@test")
     assert identity.queues == ("cpu", "cpu.cpu-0@test")
+    assert identity.consumed_queues == ("cpu", "cpu.cpu-0@test", "fleet"), "the entry queue too, never celery"
     assert identity.device == "cpu" and identity.memory_bytes > 0
 
 

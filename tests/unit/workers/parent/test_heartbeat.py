@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from gpufleet.tasks.fleet import FleetRegistry
+from gpufleet.tasks.fleet import FleetRegistry, WorkerRecord
 from gpufleet.tasks.settings import Settings, load_settings
 from gpufleet.workers.child import state
 from gpufleet.workers.child.runtime import LOAD_S_BUCKETS, WorkerRuntime
@@ -196,6 +196,38 @@ def test_graceful_stop_leaves_at_once_and_hands_the_queue_back(broker: redis.Red
     # Back under the same name: it consumes its direct queue itself, so peers stop moving it.
     heartbeat_for("leaving@box", url, settings, {}).beat()
     assert registry.departed(retention_s=60) == []
+
+
+def test_a_stopping_worker_is_draining_at_once_and_beats_on_until_it_stops(
+    broker: redis.Redis, redis_server: LocalRedis
+) -> None:
+    url = redis_server.url(DB)
+    # Beats far apart: "at once" must not wait for the next one.
+    settings = load_settings(broker_url=url, fleet={"heartbeat_interval_s": 30, "heartbeat_ttl_s": 60})
+    heartbeat = heartbeat_for("stopping@box", url, settings, {"ready": True})
+    registry = FleetRegistry(url, cache_s=0)
+
+    def record_where(check: Callable[[WorkerRecord], bool]) -> WorkerRecord:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            record = registry.snapshot().get("stopping@box")
+            if record is not None and check(record):
+                return record
+            time.sleep(0.02)
+        pytest.fail("the registry never showed the expected record of stopping@box")
+
+    heartbeat.start()
+    try:
+        first = record_where(lambda r: r.ready and not r.draining)
+        started = time.monotonic()
+        heartbeat.drain()  # what worker_shutting_down calls, in Celery's signal handler
+        draining = record_where(lambda r: r.draining)
+        assert time.monotonic() - started < 2, "published at once, not at the next beat"
+        assert draining.heartbeat_at > first.heartbeat_at, "a fresh beat: peers keep it alive"
+        assert registry.snapshot().routable() == () and registry.snapshot().ready() == ()
+    finally:
+        heartbeat.stop()
+    assert registry.snapshot().get("stopping@box") is None, "it leaves on worker_shutdown"
 
 
 def test_a_failing_beat_is_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
