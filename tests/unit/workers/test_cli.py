@@ -110,11 +110,17 @@ def test_a_wrong_password_is_reported_as_authentication(
     assert "check the password in GPUFLEET_" in err and ":wrong@" not in err
 
 
+def _json_app(redis_server: LocalRedis) -> Celery:
+    """A Celery app on the test Redis that stores results as JSON, as the fleet's does."""
+    app = Celery("cli-test", backend=redis_server.url(41), broker=redis_server.url(40))
+    app.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    return app
+
+
 def test_a_finished_job_is_never_drawn_as_load_progress(
     redis_server: LocalRedis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = Celery("cli-test", backend=redis_server.url(41), broker=redis_server.url(40))
-    app.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    app = _json_app(redis_server)
     job = AsyncResult(str(uuid.uuid4()), app=app)
     app.backend.store_result(job.id, {"bytes_done": 3 * 2**20, "bytes_total": 12 * 2**20}, "PROGRESS")
     assert load_progress(job) == (3 * 2**20, 12 * 2**20)
@@ -130,8 +136,7 @@ def test_a_finished_job_is_never_drawn_as_load_progress(
 def test_a_rerouted_job_says_where_it_went_instead_of_a_stale_bar(
     redis_server: LocalRedis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = Celery("cli-test", backend=redis_server.url(41), broker=redis_server.url(40))
-    app.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    app = _json_app(redis_server)
     job = AsyncResult(str(uuid.uuid4()), app=app)
     # The first attempt's load progress, then its worker ran out of memory and re-sent the job.
     app.backend.store_result(job.id, {"bytes_done": 12 * 2**20, "bytes_total": 12 * 2**20}, "PROGRESS")
