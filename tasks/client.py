@@ -66,12 +66,15 @@ class FleetClient:
         # The app's own router when it has one (one registry cache for both), else one for these settings.
         self.router = app_router(self.app) or LiveRouter(settings or get_settings())
 
-    def submit(self, task: TaskName | str, queue: str | None = None, **kwargs: Any) -> AsyncResult:
+    def submit(
+        self, task: TaskName | str, queue: str | None = None, *, task_id: str | None = None, **kwargs: Any
+    ) -> AsyncResult:
         """Validate ``kwargs`` against the task's contract and enqueue it.
 
         Args:
             task: a :class:`TaskName` or its string.
             queue: send to this queue instead of the routed one (e.g. a worker's direct queue).
+            task_id: the job's id; default a new UUID (a caller that watches the result before sending names it).
             **kwargs: the request fields.
 
         Returns:
@@ -94,6 +97,8 @@ class FleetClient:
         route = self.router.decide(model, queue=queue) if isinstance(model, str) and model else None
         if route is not None or queue:
             options["queue"] = route.queue if route is not None else queue
+        if task_id is not None:
+            options["task_id"] = task_id
         action = f"could not enqueue {name.value} (nothing was sent)"
         try:
             body = request.model_dump(mode="json")

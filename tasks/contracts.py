@@ -158,6 +158,8 @@ class EmbedResult(_Result):
     embeddings: list[list[float]]
     dim: int
     normalized: bool
+    # Tokens the model read for all the texts, special tokens included (0 from a worker older than the field).
+    prompt_tokens: int = 0
 
 
 class GenerateResult(_Result):

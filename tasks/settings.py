@@ -176,13 +176,62 @@ class GenerationOptions(_Section):
     stream_max_entries: int = Field(default=10_000, ge=16)
 
 
+class ApiKey(_Section):
+    """One key of the OpenAI-compatible endpoints (``/v1/*``): who it is, what it may use, how fast.
+
+    Give the key as its SHA-256 hex digest (``key_sha256``: nothing secret in the settings) or, for local use, in
+    the clear (``key``); exactly one of the two.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    key: SecretStr | None = None
+    # Model ids the key may use; empty means every model.
+    models: tuple[str, ...] = ()
+    # Requests in any 60 s; None: no limit.
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    # Requests of this key in flight at once (each is one job); None: no limit.
+    max_concurrent: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKey:
+        if (self.key_sha256 is None) == (self.key is None):
+            raise ValueError(
+                f"API key {self.name!r}: give exactly one of key_sha256 (the key's SHA-256 hex digest: "
+                "printf %s KEY | sha256sum) or key (the key itself)"
+            )
+        if self.key is not None and len(self.key.get_secret_value()) < 16:
+            raise ValueError(f"API key {self.name!r}: the key is shorter than 16 characters; use a random one")
+        return self
+
+    def digest(self) -> bytes:
+        """The key's SHA-256 digest (32 bytes): what requests are compared against."""
+        import hashlib
+
+        if self.key is not None:
+            return hashlib.sha256(self.key.get_secret_value().encode()).digest()
+        return bytes.fromhex(self.key_sha256 or "")
+
+
 class ApiOptions(_Section):
-    """``GPUFLEET_API__*``: the fleet HTTP API and dashboard (``gpufleet api``)."""
+    """``GPUFLEET_API__*``: the fleet HTTP API, the dashboard and the OpenAI-compatible ``/v1`` endpoints."""
 
     # Bearer token every endpoint but /healthz requires; unset means no authentication (loopback use only).
+    # On /v1 it is one more key, with no limits.
     token: SecretStr | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # Keys of the /v1 endpoints (a JSON list of ApiKey objects), and a JSON file of more (read at start-up).
+    keys: tuple[ApiKey, ...] = ()
+    keys_file: Path | None = None
+    # A /v1 request body above this is refused with 413 before it is parsed.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # A /v1 request whose job has not finished by then is answered 504 (and its job revoked).
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # /v1 jobs this API may have waiting or running per model; past it, requests are answered 429.
+    max_pending_per_model: int = Field(default=1024, ge=1)
+    # max_tokens of a chat request that sets none (a completion's default is 16, as OpenAI's).
+    default_max_tokens: int = Field(default=256, ge=1, le=4096)
 
     @field_validator("token")
     @classmethod

@@ -66,6 +66,38 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def parse_entry(job_id: str, entry_id: Any, raw: dict[Any, Any]) -> StreamDelta | dict[str, Any] | None:
+    """One stream entry as it reads: a delta, the result (a ``done`` entry), or None for an unknown type.
+
+    The one reading of the entry fields, for the blocking reader below and the API's asyncio one.
+
+    Raises:
+        JobError: an ``error`` entry (its contract error class, with its message) or a ``revoked`` one.
+    """
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    kind = fields.get("type")
+    if kind == "delta":
+        return StreamDelta(fields.get("text", ""), int(fields.get("tokens", "0")), _text(entry_id), job_id)
+    if kind == "done":
+        result: dict[str, Any] = json.loads(fields["result"])
+        return result
+    if kind == "error":
+        error_type = getattr(errors, fields.get("error", ""), None)
+        if not (isinstance(error_type, type) and issubclass(error_type, errors.JobError)):
+            error_type = errors.JobError
+        raise error_type(fields.get("message", "the job failed"))
+    if kind == "revoked":
+        raise errors.JobError(f"job {job_id} was cancelled: {fields.get('message', 'revoked')}")
+    return None  # a newer worker's entry type: skipped, as an older reader should
+
+
+def timed_out(job_id: str, timeout_s: float, last_id: str) -> TimeoutError:
+    return TimeoutError(
+        f"the token stream of job {job_id} did not end within {timeout_s:g} s; read it again after id "
+        f"{last_id!r} to resume, or check the job's state"
+    )
+
+
 def read_stream(
     client: Any, job_id: str, *, after_id: str = "0", timeout_s: float = 600.0, block_ms: int = READ_BLOCK_MS
 ) -> Iterator[StreamDelta | dict[str, Any]]:
@@ -91,26 +123,14 @@ def read_stream(
     while True:
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
-            raise TimeoutError(
-                f"the token stream of job {job_id} did not end within {timeout_s:g} s; read it again after id "
-                f"{last!r} to resume, or check the job's state"
-            )
+            raise timed_out(job_id, timeout_s, last)
         reply = client.xread({key: last}, count=512, block=max(1, min(block_ms, left_ms)))
         for _, entries in reply or []:
             for entry_id, raw in entries:
                 last = _text(entry_id)
-                fields = {_text(k): _text(v) for k, v in raw.items()}
-                kind = fields.get("type")
-                if kind == "delta":
-                    yield StreamDelta(fields.get("text", ""), int(fields.get("tokens", "0")), last, job_id)
-                elif kind == "done":
-                    result: dict[str, Any] = json.loads(fields["result"])
-                    yield result
+                item = parse_entry(job_id, entry_id, raw)
+                if item is None:
+                    continue
+                yield item
+                if not isinstance(item, StreamDelta):
                     return
-                elif kind == "error":
-                    error_type = getattr(errors, fields.get("error", ""), None)
-                    if not (isinstance(error_type, type) and issubclass(error_type, errors.JobError)):
-                        error_type = errors.JobError
-                    raise error_type(fields.get("message", "the job failed"))
-                elif kind == "revoked":
-                    raise errors.JobError(f"job {job_id} was cancelled: {fields.get('message', 'revoked')}")

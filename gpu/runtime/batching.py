@@ -37,10 +37,16 @@ class EmbedJob:
     normalize: bool = True
 
 
-def embed_batch(
-    loaded: LoadedModel, jobs: Sequence[EmbedJob], *, max_batch_tokens: int = 16384
-) -> list[list[list[float]]]:
-    """Embed every job's texts in as few forwards as the token budget allows; one list of vectors per job.
+@dataclass(frozen=True)
+class Embedded:
+    """One job's answer from an embedding batch: a vector per text, and the tokens its texts came to."""
+
+    vectors: list[list[float]]
+    tokens: int  # special tokens included, after truncation: what the model read (OpenAI's prompt_tokens)
+
+
+def embed_batch(loaded: LoadedModel, jobs: Sequence[EmbedJob], *, max_batch_tokens: int = 16384) -> list[Embedded]:
+    """Embed every job's texts in as few forwards as the token budget allows; one answer per job.
 
     Texts are sorted by length before they are cut into forwards, so short texts are not padded to long ones.
 
@@ -76,15 +82,16 @@ def embed_batch(
             pooled = pool_states(loaded.module(**batch).last_hidden_state, batch["attention_mask"], loaded.pooling)
             for row, index in zip(pooled.float().cpu(), chunk, strict=True):
                 rows[index] = row
-    vectors: list[list[list[float]]] = []
+    answers: list[Embedded] = []
     start = 0
     for job in jobs:
-        block = torch.stack(rows[start : start + len(job.texts)])
-        start += len(job.texts)
+        end = start + len(job.texts)
+        block = torch.stack(rows[start:end])
         if job.normalize:
             block = torch.nn.functional.normalize(block, p=2, dim=1)
-        vectors.append(block.tolist())
-    return vectors
+        answers.append(Embedded(block.tolist(), sum(lengths[start:end])))
+        start = end
+    return answers
 
 
 def _length_chunks(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:

@@ -30,7 +30,7 @@ def embed(loaded: LoadedModel, texts: list[str], *, normalize: bool = True) -> l
     """
     from gpufleet.gpu.runtime.batching import EmbedJob, embed_batch
 
-    return embed_batch(loaded, [EmbedJob(texts, normalize)])[0]
+    return embed_batch(loaded, [EmbedJob(texts, normalize)])[0].vectors
 
 
 def generate(loaded: LoadedModel, options: GenerateOptions) -> Generation:

@@ -15,9 +15,10 @@ the page holds no data and asks for the token in the browser (see
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, status
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,6 +28,9 @@ from gpufleet.tasks.api import metrics, views
 from gpufleet.tasks.errors import FleetError
 from gpufleet.tasks.fleet import FleetRegistry, FleetSnapshot
 from gpufleet.tasks.settings import Settings, redact_url
+
+if TYPE_CHECKING:
+    from gpufleet.tasks.api.openai.routes import OpenAIFrontDoor
 
 SnapshotSource = Callable[[], FleetSnapshot]
 """Reads the live fleet; raises a :class:`FleetError` (e.g. ``BrokerUnavailableError``) when it cannot."""
@@ -62,21 +66,38 @@ def _token_check(token: str) -> Callable[[HTTPAuthorizationCredentials | None], 
     return check
 
 
-def create_app(snapshots: SnapshotSource, *, registry: str, token: str | None = None) -> FastAPI:
+def create_app(
+    snapshots: SnapshotSource,
+    *,
+    registry: str,
+    token: str | None = None,
+    front_door: OpenAIFrontDoor | None = None,
+) -> FastAPI:
     """The API over a source of fleet snapshots.
 
     Args:
         snapshots: returns the live fleet; raises a :class:`FleetError` when the registry cannot be read.
         registry: where the snapshots come from, for ``/healthz`` (a URL without its password).
         token: the bearer token every data endpoint requires; None for no authentication.
+        front_door: the OpenAI-compatible ``/v1`` endpoints (their own keys: see
+            :mod:`gpufleet.tasks.api.openai`); None to serve none.
 
     Returns:
         The FastAPI application (serve it with uvicorn, or test it with ``fastapi.testclient.TestClient``).
     """
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if front_door is not None:
+            await front_door.aclose()
+
     app = FastAPI(
         title="gpufleet",
-        summary="The live fleet: workers, GPUs, models, caches and Prometheus metrics, from the fleet registry.",
+        summary="The live fleet: workers, GPUs, models, caches and Prometheus metrics, from the fleet registry; "
+        "OpenAI-compatible /v1 endpoints served by fleet jobs.",
         version="1",
+        lifespan=lifespan,
     )
     protected = [Depends(_token_check(token))] if token else []
     router = APIRouter(dependencies=protected, responses={503: {"description": "the fleet registry is unreachable"}})
@@ -126,9 +147,12 @@ def create_app(snapshots: SnapshotSource, *, registry: str, token: str | None = 
         # period get the same snapshot object, so they share one rendering. A race only renders twice.
         if cached is None or cached[0] is not snapshot:
             cached = rendered["last"] = (snapshot, metrics.render_metrics(snapshot))
-        return Response(cached[1], media_type=metrics.CONTENT_TYPE_LATEST)
+        usage = front_door.usage.render() if front_door is not None else b""
+        return Response(cached[1] + usage, media_type=metrics.CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    if front_door is not None:
+        app.include_router(front_door.router())
 
     @app.get(
         "/healthz",
@@ -170,9 +194,46 @@ def app_from_settings(settings: Settings) -> FastAPI:
     """
     registry = FleetRegistry.from_settings(settings)
     token = settings.api.token.get_secret_value() if settings.api.token is not None else None
-    if registry is None:
-        return create_app(_unconfigured, registry="(none)", token=token)
-    return create_app(registry.snapshot, registry=redact_url(registry.url), token=token)
+    snapshots: SnapshotSource = registry.snapshot if registry is not None else _unconfigured
+    front_door = front_door_from_settings(settings, snapshots)
+    where = redact_url(registry.url) if registry is not None else "(none)"
+    return create_app(snapshots, registry=where, token=token, front_door=front_door)
+
+
+def front_door_from_settings(settings: Settings, snapshots: SnapshotSource) -> OpenAIFrontDoor:
+    """The ``/v1`` endpoints over the fleet of ``settings``: its producer, router, keys and limits.
+
+    Raises:
+        SettingsError: the keys (``GPUFLEET_API__KEYS``, ``GPUFLEET_API__KEYS_FILE``) are invalid.
+    """
+    from gpufleet.tasks.api.openai.gateway import JobGateway
+    from gpufleet.tasks.api.openai.keys import KeyRing
+    from gpufleet.tasks.api.openai.routes import OpenAIFrontDoor
+    from gpufleet.tasks.client import FleetClient
+
+    keys = KeyRing.from_settings(settings)
+    gateway: JobGateway | None = None
+    unavailable = ""
+    if settings.result_backend.startswith(("redis://", "rediss://", "unix://")):
+        gateway = JobGateway(
+            FleetClient(settings=settings),
+            request_timeout_s=settings.api.request_timeout_s,
+            max_pending_per_model=settings.api.max_pending_per_model,
+        )
+    else:
+        unavailable = (
+            f"the /v1 endpoints read results and token streams from a Redis result backend, and "
+            f"GPUFLEET_RESULT_BACKEND is {redact_url(settings.result_backend)}; point it at the fleet's Redis"
+        )
+    return OpenAIFrontDoor(
+        gateway,
+        keys,
+        snapshots=snapshots,
+        model_root=settings.model_root,
+        max_body_bytes=settings.api.max_body_bytes,
+        default_max_tokens=settings.api.default_max_tokens,
+        unavailable=unavailable,
+    )
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:

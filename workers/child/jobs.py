@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from gpufleet.gpu.runtime.batching import EmbedJob, EncodedPrompt, embed_batch, encode_prompt, generate_batch
+from gpufleet.gpu.runtime.batching import Embedded, EmbedJob, EncodedPrompt, embed_batch, encode_prompt, generate_batch
 from gpufleet.gpu.runtime.model import Generation, LoadedModel
 from gpufleet.gpu.runtime.options import GenerateOptions
 from gpufleet.tasks import errors
@@ -53,8 +53,13 @@ class EmbedTask(FleetTask[EmbedRequest]):
     def compute_batch(self, runtime: WorkerRuntime, loaded: LoadedModel, items: Sequence[EmbedJob]) -> list[Any]:
         return embed_batch(loaded, items, max_batch_tokens=runtime.settings.batching.max_batch_tokens)
 
-    def result_fields(self, request: EmbedRequest, output: Any) -> dict[str, Any]:
-        return {"embeddings": output, "dim": len(output[0]), "normalized": request.normalize}
+    def result_fields(self, request: EmbedRequest, output: Embedded) -> dict[str, Any]:
+        return {
+            "embeddings": output.vectors,
+            "dim": len(output.vectors[0]),
+            "normalized": request.normalize,
+            "prompt_tokens": output.tokens,
+        }
 
 
 class GenerateTask(FleetTask[GenerateRequest]):

@@ -50,9 +50,11 @@ def assert_close(a: list[list[float]], b: list[list[float]], tolerance: float = 
 def test_embed_batch_equals_each_job_alone(minilm: LoadedModel, max_batch_tokens: int) -> None:
     jobs = [EmbedJob(SENTENCES[:2]), EmbedJob(SENTENCES[2:3], normalize=False), EmbedJob(SENTENCES[3:])]
     batched = embed_batch(minilm, jobs, max_batch_tokens=max_batch_tokens)
-    assert [len(vectors) for vectors in batched] == [2, 1, 2]
-    for job, vectors in zip(jobs, batched, strict=True):
-        assert_close(vectors, embed(minilm, list(job.texts), normalize=job.normalize))
+    assert [len(answer.vectors) for answer in batched] == [2, 1, 2]
+    for job, answer in zip(jobs, batched, strict=True):
+        assert_close(answer.vectors, embed(minilm, list(job.texts), normalize=job.normalize))
+        # What the job's own texts tokenize to, [CLS] and [SEP] included, whatever it was batched with.
+        assert answer.tokens == sum(len(ids) for ids in minilm.tokenizer(list(job.texts))["input_ids"])
 
 
 def test_length_chunks_respect_the_token_budget() -> None:
