@@ -262,6 +262,20 @@ compose exec -T worker-cpu gpufleet submit generate "$CHAT" --message "user:Hell
   --timeout 120 >"$work/submit.json"
 check "gpufleet submit generate in a container" "$work/submit.json" '1 <= d["completion_tokens"] <= 4'
 
+# The OpenAI-compatible endpoints of the api service, the token as the key: one embedding, one streamed chat.
+v1() {  # PATH JSON-BODY
+  curl -sS --fail --max-time 120 -H "Authorization: Bearer $api_token" -H 'Content-Type: application/json' \
+    "http://127.0.0.1:$SMOKE_API_PORT/v1/$1" -d "$2"
+}
+v1 embeddings "{\"model\": \"$EMBED\", \"input\": \"A man is eating food.\", \"encoding_format\": \"float\"}" \
+  >"$work/v1-embed.json"
+check "POST /v1/embeddings through the api service" "$work/v1-embed.json" \
+  'len(d["data"][0]["embedding"]) == 384 and d["usage"]["prompt_tokens"] > 0'
+v1 chat/completions "{\"model\": \"$CHAT\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 4, \"stream\": true}" \
+  >"$work/v1-chat.txt"
+tail -n 2 "$work/v1-chat.txt" | grep -qx 'data: \[DONE\]' || { cat "$work/v1-chat.txt" >&2; die "the streamed chat did not end with [DONE]"; }
+step "ok: /v1/embeddings and a streamed /v1/chat/completions answer through the api service"
+
 # A pickle message, published raw to the worker's queue: refused with a contract error, never unpickled.
 compose exec -T worker-cpu python - >"$work/pickle.txt" <<'PY'
 import pickle

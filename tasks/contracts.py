@@ -158,8 +158,10 @@ class EmbedResult(_Result):
     embeddings: list[list[float]]
     dim: int
     normalized: bool
-    # Tokens the model read for all the texts, special tokens included (0 from a worker older than the field).
+    # Tokens the model read for all the texts, special tokens included, and for each text (so a caller that
+    # merged several requests' texts into one job can split the count); 0 and [] from a worker older than them.
     prompt_tokens: int = 0
+    text_tokens: list[int] = Field(default_factory=list)
 
 
 class GenerateResult(_Result):

@@ -232,6 +232,9 @@ class ApiOptions(_Section):
     max_pending_per_model: int = Field(default=1024, ge=1)
     # max_tokens of a chat request that sets none (a completion's default is 16, as OpenAI's).
     default_max_tokens: int = Field(default=256, ge=1, le=4096)
+    # Merge concurrent /v1/embeddings requests for one model into shared fleet.embed jobs (tasks/api/openai/
+    # coalescing.py); false sends one job a request.
+    coalesce_embeddings: bool = True
 
     @field_validator("token")
     @classmethod

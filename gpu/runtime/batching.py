@@ -42,7 +42,12 @@ class Embedded:
     """One job's answer from an embedding batch: a vector per text, and the tokens its texts came to."""
 
     vectors: list[list[float]]
-    tokens: int  # special tokens included, after truncation: what the model read (OpenAI's prompt_tokens)
+    # Per text, special tokens included, after truncation: what the model read (OpenAI's prompt_tokens).
+    text_tokens: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.text_tokens)
 
 
 def embed_batch(loaded: LoadedModel, jobs: Sequence[EmbedJob], *, max_batch_tokens: int = 16384) -> list[Embedded]:
@@ -89,7 +94,7 @@ def embed_batch(loaded: LoadedModel, jobs: Sequence[EmbedJob], *, max_batch_toke
         block = torch.stack(rows[start:end])
         if job.normalize:
             block = torch.nn.functional.normalize(block, p=2, dim=1)
-        answers.append(Embedded(block.tolist(), sum(lengths[start:end])))
+        answers.append(Embedded(block.tolist(), lengths[start:end]))
         start = end
     return answers
 

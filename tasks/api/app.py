@@ -206,20 +206,27 @@ def front_door_from_settings(settings: Settings, snapshots: SnapshotSource) -> O
     Raises:
         SettingsError: the keys (``GPUFLEET_API__KEYS``, ``GPUFLEET_API__KEYS_FILE``) are invalid.
     """
+    from gpufleet.tasks.api.openai.coalescing import EmbedCoalescer
     from gpufleet.tasks.api.openai.gateway import JobGateway
     from gpufleet.tasks.api.openai.keys import KeyRing
     from gpufleet.tasks.api.openai.routes import OpenAIFrontDoor
     from gpufleet.tasks.client import FleetClient
+    from gpufleet.tasks.routing import LiveRouter
 
     keys = KeyRing.from_settings(settings)
     gateway: JobGateway | None = None
+    coalescer: EmbedCoalescer | None = None
     unavailable = ""
     if settings.result_backend.startswith(("redis://", "rediss://", "unix://")):
+        client = FleetClient(settings=settings)
         gateway = JobGateway(
-            FleetClient(settings=settings),
+            client,
             request_timeout_s=settings.api.request_timeout_s,
             max_pending_per_model=settings.api.max_pending_per_model,
         )
+        if settings.api.coalesce_embeddings:
+            router = client.router
+            coalescer = EmbedCoalescer(gateway, fleet=router.fleet if isinstance(router, LiveRouter) else None)
     else:
         unavailable = (
             f"the /v1 endpoints read results and token streams from a Redis result backend, and "
@@ -233,6 +240,7 @@ def front_door_from_settings(settings: Settings, snapshots: SnapshotSource) -> O
         max_body_bytes=settings.api.max_body_bytes,
         default_max_tokens=settings.api.default_max_tokens,
         unavailable=unavailable,
+        coalescer=coalescer,
     )
 
 

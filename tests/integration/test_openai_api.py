@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -131,6 +132,24 @@ def test_embeddings_float_and_base64_agree(v1: V1) -> None:
     assert len(vector) == 384 and abs(sum(x * x for x in vector) - 1.0) < 1e-4  # normalized float32
     assert raw.headers["x-gpufleet-worker"] == v1.worker.name
     assert raw.json()["gpufleet"]["job_id"] == raw.headers["x-gpufleet-job-id"]
+
+
+def test_concurrent_embeddings_each_get_their_own_vectors(v1: V1) -> None:
+    """Requests sent at once may share a job (the coalescer): each still gets exactly its own answer."""
+    texts = [f"sentence {i}: {'many ' * i}words" for i in range(12)]
+    alone = [v1.client().embeddings.create(model=EMBED, input=text, encoding_format="float") for text in texts]
+
+    async def together() -> list[Any]:
+        client = v1.async_client()
+        answers = await asyncio.gather(
+            *(client.embeddings.create(model=EMBED, input=t, encoding_format="float") for t in texts)
+        )
+        await client.close()
+        return list(answers)
+
+    for one, other in zip(alone, asyncio.run(together()), strict=True):
+        assert len(other.data) == 1 and other.usage.prompt_tokens == one.usage.prompt_tokens
+        assert max(abs(x - y) for x, y in zip(one.data[0].embedding, other.data[0].embedding, strict=True)) < 1e-5
 
 
 def test_chat_streamed_text_equals_the_whole_answer(v1: V1) -> None:

@@ -215,7 +215,9 @@ def test_api_serves_on_all_container_interfaces_behind_a_token(services: dict[st
     # Token on by default: Compose refuses to start it with an empty or unset API_TOKEN.
     assert re.fullmatch(r"\$\{API_TOKEN:\?[^}]*\}", api["environment"]["GPUFLEET_API__TOKEN"])
     assert "profiles" not in api, "the API starts with a plain `docker compose up`"
-    assert "deploy" not in api, "the API reads the registry only: it needs no GPU"
+    assert "deploy" not in api, "the API sends jobs and reads the registry: it needs no GPU"
+    # /v1 lists the installed models and checks requests against their configs: the model volume, read-only.
+    assert "models:/models:ro" in api["volumes"]
 
 
 def test_api_is_published_on_loopback_by_default(services: dict[str, dict[str, Any]]) -> None:

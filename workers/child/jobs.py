@@ -59,6 +59,7 @@ class EmbedTask(FleetTask[EmbedRequest]):
             "dim": len(output.vectors[0]),
             "normalized": request.normalize,
             "prompt_tokens": output.tokens,
+            "text_tokens": output.text_tokens,
         }
 
 

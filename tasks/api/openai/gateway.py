@@ -94,7 +94,7 @@ class JobGateway:
     # ------------------------------------------------------------------------------------------------ sending
 
     @contextlib.contextmanager
-    def _slot(self, model: str) -> Iterator[None]:
+    def slot(self, model: str) -> Iterator[None]:
         """Count one in-flight job of ``model``; 429 past the bound, so the queues cannot grow without end."""
         if self.pending[model] >= self.max_pending_per_model:
             raise OpenAIError(
@@ -134,8 +134,14 @@ class JobGateway:
 
     # ------------------------------------------------------------------------------------------------ results
 
-    async def run(self, task: TaskName, body: dict[str, Any], disconnected: Disconnected) -> Finished:
+    async def run(
+        self, task: TaskName, body: dict[str, Any], disconnected: Disconnected, *, counted: bool = True
+    ) -> Finished:
         """Send a job and wait for its result.
+
+        Args:
+            counted: take a place in the model's bound for the job (False: the caller holds places for its
+                requests, as the embedding coalescer does).
 
         Raises:
             OpenAIError: 429, too many jobs of the model in flight.
@@ -146,7 +152,7 @@ class JobGateway:
         job_id = str(uuid.uuid4())
         raw_key = self.backend.get_key_for_task(job_id)
         key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-        with self._slot(str(body["model"])):
+        with self.slot(str(body["model"])) if counted else contextlib.nullcontext():
             waiter = await self._watch(key)
             try:
                 queue = await self._send(task, job_id, body)
@@ -278,7 +284,7 @@ class JobGateway:
         """
         job_id = str(uuid.uuid4())
         model = str(body["model"])
-        slot = self._slot(model)
+        slot = self.slot(model)
         slot.__enter__()
         try:
             queue = await self._send(TaskName.GENERATE, job_id, {**body, "stream": True})

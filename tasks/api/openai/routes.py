@@ -25,6 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from gpufleet.gpu.errors import GpuError
 from gpufleet.gpu.repository import list_models, resolve_model
+from gpufleet.tasks.api.openai.coalescing import EmbedCoalescer
 from gpufleet.tasks.api.openai.errors import SERVER, UNAVAILABLE, OpenAIError, from_fleet_error, invalid
 from gpufleet.tasks.api.openai.gateway import ClientGone, Finished, JobGateway
 from gpufleet.tasks.api.openai.keys import Caller, KeyRing
@@ -92,6 +93,7 @@ class OpenAIFrontDoor:
         max_body_bytes: larger bodies are answered 413.
         default_max_tokens: a chat request's max_tokens when it sets none.
         unavailable: why there is no gateway.
+        coalescer: merges concurrent embedding requests into shared jobs; None sends one job a request.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class OpenAIFrontDoor:
         max_body_bytes: int,
         default_max_tokens: int,
         unavailable: str = "",
+        coalescer: EmbedCoalescer | None = None,
     ) -> None:
         self.gateway = gateway
         self.keys = keys
@@ -112,6 +115,7 @@ class OpenAIFrontDoor:
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
         self.unavailable = unavailable
+        self.coalescer = coalescer
         self.usage = Usage()
 
     async def aclose(self) -> None:
@@ -287,14 +291,17 @@ class OpenAIFrontDoor:
         body = parse(EmbeddingRequest, raw)
         texts = body.texts()
         assert self.gateway is not None
-        finished = await self.gateway.run(
-            TaskName.EMBED, {"model": body.model, "texts": texts, "normalize": True}, request.is_disconnected
-        )
+        if self.coalescer is not None:
+            share = await self.coalescer.embed(body.model, texts, request.is_disconnected)
+            finished, vectors, tokens = share.finished, share.vectors, share.tokens
+        else:
+            finished = await self.gateway.run(
+                TaskName.EMBED, {"model": body.model, "texts": texts, "normalize": True}, request.is_disconnected
+            )
+            vectors, tokens = finished.result["embeddings"], int(finished.result.get("prompt_tokens", 0))
         result = finished.result
-        vectors: list[list[float]] = result["embeddings"]
         encode: Callable[[list[float]], Any] = pack_base64 if body.encoding_format == "base64" else list
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
-        tokens = int(result.get("prompt_tokens", 0))
         self.usage.tokens(caller.name, body.model, prompt=tokens)
         return _json(
             {
