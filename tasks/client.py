@@ -34,7 +34,7 @@ from gpufleet.tasks.streams import StreamDelta, read_stream
 
 ROUTE_ATTRIBUTE = "fleet_route"
 # Request fields added after the first release of their task (see FleetClient.submit).
-_NEWER_FIELDS: dict[TaskName, tuple[str, ...]] = {TaskName.GENERATE: ("stop", "stream")}
+_NEWER_FIELDS: dict[TaskName, tuple[str, ...]] = {TaskName.GENERATE: ("stop", "stream"), TaskName.EMBED: ("encoding",)}
 
 
 def route_of(result: Any) -> RouteDecision | None:
@@ -119,9 +119,19 @@ class FleetClient:
                 raise
             raise self._unreachable(action, exc, backend=True) from exc
 
-    def embed(self, model: str, texts: list[str], *, normalize: bool = True, queue: str | None = None) -> AsyncResult:
-        """Enqueue ``fleet.embed``."""
-        return self.submit(TaskName.EMBED, queue=queue, model=model, texts=texts, normalize=normalize)
+    def embed(
+        self,
+        model: str,
+        texts: list[str],
+        *,
+        normalize: bool = True,
+        encoding: str = "float",
+        queue: str | None = None,
+    ) -> AsyncResult:
+        """Enqueue ``fleet.embed`` (``encoding="base64"``: vectors as float32 little-endian, base64)."""
+        return self.submit(
+            TaskName.EMBED, queue=queue, model=model, texts=texts, normalize=normalize, encoding=encoding
+        )
 
     def generate(self, model: str, *, queue: str | None = None, **kwargs: Any) -> AsyncResult:
         """Enqueue ``fleet.generate`` (``prompt=`` or ``messages=``, plus ``max_new_tokens`` etc.)."""

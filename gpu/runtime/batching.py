@@ -35,13 +35,18 @@ class EmbedJob:
 
     texts: Sequence[str]
     normalize: bool = True
+    # Each vector as float32 little-endian bytes (``Embedded.packed``) instead of a list of floats: a quarter of the
+    # size of its JSON and no float formatting or parsing on either side of the queue.
+    packed: bool = False
 
 
 @dataclass(frozen=True)
 class Embedded:
-    """One job's answer from an embedding batch: a vector per text, and the tokens its texts came to."""
+    """One job's answer from an embedding batch: a vector per text (as floats, or packed), and the tokens its texts
+    came to."""
 
-    vectors: list[list[float]]
+    vectors: list[list[float]]  # empty when the job asked for packed vectors
+    packed: list[bytes]  # float32 little-endian, one per text; empty unless asked for
     # Per text, special tokens included, after truncation: what the model read (OpenAI's prompt_tokens).
     text_tokens: list[int]
 
@@ -94,7 +99,11 @@ def embed_batch(loaded: LoadedModel, jobs: Sequence[EmbedJob], *, max_batch_toke
         block = torch.stack(rows[start:end])
         if job.normalize:
             block = torch.nn.functional.normalize(block, p=2, dim=1)
-        answers.append(Embedded(block.tolist(), lengths[start:end]))
+        if job.packed:
+            little = block.to(torch.float32).numpy().astype("<f4", copy=False)
+            answers.append(Embedded([], [row.tobytes() for row in little], lengths[start:end]))
+        else:
+            answers.append(Embedded(block.tolist(), [], lengths[start:end]))
         start = end
     return answers
 

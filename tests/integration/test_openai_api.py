@@ -239,7 +239,7 @@ def test_a_client_that_leaves_a_stream_cancels_its_job(v1: V1) -> None:
     with httpx.stream(
         "POST",
         v1.url + "/completions",
-        json={"model": CHAT, "prompt": "once upon a time", "max_tokens": 2000, "stream": True},
+        json={"model": CHAT, "prompt": "once upon a time", "max_tokens": 2000, "stream": True, "temperature": 0},
         headers={"Authorization": f"Bearer {ALICE}"},
         timeout=60,
     ) as response:
@@ -317,14 +317,18 @@ def test_timeout_and_backpressure(v1: V1, tmp_path: Path) -> None:
     try:
         client = openai.OpenAI(base_url=api.base + "/v1", api_key="none", max_retries=0, timeout=60)
         with pytest.raises(openai.InternalServerError, match="request timeout") as timed_out:
-            client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=2000)
+            # Greedy from this prompt runs its whole 2000 tokens (test_generation relies on it too): seconds.
+            client.completions.create(model=CHAT, prompt="once upon a time", max_tokens=2000, temperature=0)
         assert timed_out.value.status_code == 504
 
         async def crowd() -> list[int]:
             async with httpx.AsyncClient(base_url=api.base, timeout=60) as http:
                 answers = await asyncio.gather(
                     *(
-                        http.post("/v1/completions", json={"model": CHAT, "prompt": "x", "max_tokens": 400})
+                        http.post(
+                            "/v1/completions",
+                            json={"model": CHAT, "prompt": "once upon a time", "max_tokens": 400, "temperature": 0},
+                        )
                         for _ in range(6)
                     )
                 )

@@ -8,6 +8,7 @@ with ``GPUFLEET_DIAGNOSTICS=true``.
 
 from __future__ import annotations
 
+import base64
 import random
 import time
 from collections.abc import Sequence
@@ -48,15 +49,22 @@ class EmbedTask(FleetTask[EmbedRequest]):
     engine = EngineKind.BATCHED
 
     def prepare(self, loaded: LoadedModel, request: EmbedRequest) -> EmbedJob:
-        return EmbedJob(request.texts, request.normalize)
+        return EmbedJob(request.texts, request.normalize, packed=request.encoding == "base64")
 
     def compute_batch(self, runtime: WorkerRuntime, loaded: LoadedModel, items: Sequence[EmbedJob]) -> list[Any]:
         return embed_batch(loaded, items, max_batch_tokens=runtime.settings.batching.max_batch_tokens)
 
     def result_fields(self, request: EmbedRequest, output: Embedded) -> dict[str, Any]:
+        if output.packed:
+            vectors: dict[str, Any] = {
+                "embeddings": [],
+                "embeddings_base64": [base64.b64encode(vector).decode("ascii") for vector in output.packed],
+                "dim": len(output.packed[0]) // 4,
+            }
+        else:
+            vectors = {"embeddings": output.vectors, "dim": len(output.vectors[0])}
         return {
-            "embeddings": output.vectors,
-            "dim": len(output.vectors[0]),
+            **vectors,
             "normalized": request.normalize,
             "prompt_tokens": output.tokens,
             "text_tokens": output.text_tokens,

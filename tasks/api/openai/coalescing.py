@@ -38,7 +38,7 @@ WAIT_POLL_S = 0.25  # how soon a waiting request notices its client has gone
 class Share:
     """One request's part of a merged job: its vectors and token counts, and the job."""
 
-    vectors: list[list[float]]
+    vectors: list[str]  # float32 little-endian, base64: OpenAI's encoding_format=base64 as it is
     tokens: int
     finished: Finished
 
@@ -131,7 +131,10 @@ class EmbedCoalescer:
         texts = [text for entry in batch for text in entry.texts]
         try:
             finished = await self.gateway.run(
-                TaskName.EMBED, {"model": model, "texts": texts, "normalize": True}, everyone_gone, counted=False
+                TaskName.EMBED,
+                {"model": model, "texts": texts, "normalize": True, "encoding": "base64"},
+                everyone_gone,
+                counted=False,
             )
             self._split(batch, finished)
         except BaseException as exc:  # every request of the job gets the job's error
@@ -151,7 +154,7 @@ class EmbedCoalescer:
     @staticmethod
     def _split(batch: list[_Waiting], finished: Finished) -> None:
         result: dict[str, Any] = finished.result
-        vectors: list[list[float]] = result["embeddings"]
+        vectors: list[str] = result["embeddings_base64"]
         tokens: list[int] = result.get("text_tokens") or []
         start = 0
         for entry in batch:

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -58,6 +58,15 @@ class Finished:
     queue: str | None
 
 
+@dataclass
+class _Mailbox:
+    """The newest state published for one job: states only move forward (STARTED, then the result), so a reader
+    that was slow to look only ever needs the latest, never one it missed in between."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: bytes | None = None
+
+
 def _no_subscription(*_: Any, **__: Any) -> None:
     """Celery's per-send result subscription, switched off: the gateway subscribes itself (see the module)."""
 
@@ -88,7 +97,7 @@ class JobGateway:
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._waiters: dict[str, asyncio.Future[bytes]] = {}
+        self._mailboxes: dict[str, _Mailbox] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------------------------------------------ sending
@@ -153,17 +162,15 @@ class JobGateway:
         raw_key = self.backend.get_key_for_task(job_id)
         key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
         with self.slot(str(body["model"])) if counted else contextlib.nullcontext():
-            waiter = await self._watch(key)
+            mailbox = await self._watch(key)
             try:
                 queue = await self._send(task, job_id, body)
-                meta = await self._wait(job_id, key, waiter, disconnected)
+                meta = await self._wait(job_id, key, mailbox, disconnected)
             finally:
                 await self._unwatch(key)
         return Finished(job_id, self._result(job_id, meta), queue)
 
-    async def _wait(
-        self, job_id: str, key: str, waiter: asyncio.Future[bytes], disconnected: Disconnected
-    ) -> dict[str, Any]:
+    async def _wait(self, job_id: str, key: str, mailbox: _Mailbox, disconnected: Disconnected) -> dict[str, Any]:
         deadline = time.monotonic() + self.request_timeout_s
         next_poll = time.monotonic() + FALLBACK_POLL_S
         while True:
@@ -175,14 +182,14 @@ class JobGateway:
                     "(GPUFLEET_API__REQUEST_TIMEOUT_S); it was cancelled. Retry with a smaller max_tokens, or "
                     "when the fleet is less busy"
                 )
-            done, _ = await asyncio.wait({waiter}, timeout=min(DISCONNECT_POLL_S, left_s))
-            if done:
-                meta = self._decode(waiter.result())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(mailbox.arrived.wait(), min(DISCONNECT_POLL_S, left_s))
+            if mailbox.arrived.is_set():
+                mailbox.arrived.clear()
+                meta = self._decode(mailbox.latest) if mailbox.latest is not None else None
                 if meta is not None:
                     return meta
-                # A state that is not ready (STARTED, REROUTED): wait for the next one.
-                waiter = self._rearm(key)
-                continue
+                continue  # a state that is not ready (STARTED, REROUTED): wait for the next one
             if await disconnected():
                 await self.revoke(job_id)
                 raise ClientGone(job_id)
@@ -240,32 +247,28 @@ class JobGateway:
                 if confirmation is not None and not confirmation.done():
                     confirmation.set_result(None)
             elif message["type"] == "message":
-                waiter = self._waiters.get(channel)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message["data"])
+                mailbox = self._mailboxes.get(channel)
+                if mailbox is not None:
+                    mailbox.latest = message["data"]
+                    mailbox.arrived.set()
 
-    async def _watch(self, key: str) -> asyncio.Future[bytes]:
+    async def _watch(self, key: str) -> _Mailbox:
         """Subscribe to a result key; returns once Redis confirmed it (so the job may be sent)."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             await self._ensure_reader()
-            waiter: asyncio.Future[bytes] = loop.create_future()
+            mailbox = _Mailbox()
             confirmation: asyncio.Future[None] = loop.create_future()
-            self._waiters[key] = waiter
+            self._mailboxes[key] = mailbox
             self._confirmations[key] = confirmation
             await self._pubsub.subscribe(key)
         # Unconfirmed after this long: send anyway; the key poll finds the result all the same.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(confirmation), SUBSCRIBE_CONFIRM_S)
-        return waiter
-
-    def _rearm(self, key: str) -> asyncio.Future[bytes]:
-        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiters[key] = waiter
-        return waiter
+        return mailbox
 
     async def _unwatch(self, key: str) -> None:
-        self._waiters.pop(key, None)
+        self._mailboxes.pop(key, None)
         self._confirmations.pop(key, None)
         with anyio.CancelScope(shield=True):
             async with self._lock:

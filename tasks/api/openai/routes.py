@@ -76,9 +76,10 @@ def _headers(job_ids: list[str], queue: str | None, worker: str | None = None) -
     return headers
 
 
-def pack_base64(vector: list[float]) -> str:
-    """A vector as OpenAI's ``encoding_format=base64`` sends it: float32, little-endian, base64."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+def unpack_base64(packed: str) -> list[float]:
+    """A vector in OpenAI's ``encoding_format=base64`` (float32, little-endian, base64) as a list of floats."""
+    raw = base64.b64decode(packed)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 class OpenAIFrontDoor:
@@ -291,16 +292,17 @@ class OpenAIFrontDoor:
         body = parse(EmbeddingRequest, raw)
         texts = body.texts()
         assert self.gateway is not None
+        # Vectors come from the worker packed (float32, base64: what OpenAI's base64 format is), so a base64
+        # request passes them through untouched and a float one unpacks them, with no JSON floats on the way.
         if self.coalescer is not None:
             share = await self.coalescer.embed(body.model, texts, request.is_disconnected)
             finished, vectors, tokens = share.finished, share.vectors, share.tokens
         else:
-            finished = await self.gateway.run(
-                TaskName.EMBED, {"model": body.model, "texts": texts, "normalize": True}, request.is_disconnected
-            )
-            vectors, tokens = finished.result["embeddings"], int(finished.result.get("prompt_tokens", 0))
+            job = {"model": body.model, "texts": texts, "normalize": True, "encoding": "base64"}
+            finished = await self.gateway.run(TaskName.EMBED, job, request.is_disconnected)
+            vectors, tokens = finished.result["embeddings_base64"], int(finished.result.get("prompt_tokens", 0))
         result = finished.result
-        encode: Callable[[list[float]], Any] = pack_base64 if body.encoding_format == "base64" else list
+        encode: Callable[[str], Any] = str if body.encoding_format == "base64" else unpack_base64
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
         self.usage.tokens(caller.name, body.model, prompt=tokens)
         return _json(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,13 @@ def test_embed_batch_equals_each_job_alone(minilm: LoadedModel, max_batch_tokens
         assert_close(answer.vectors, embed(minilm, list(job.texts), normalize=job.normalize))
         # What the job's own texts tokenize to, [CLS] and [SEP] included, whatever it was batched with.
         assert answer.text_tokens == [len(ids) for ids in minilm.tokenizer(list(job.texts))["input_ids"]]
+
+
+def test_packed_vectors_are_the_float32_values(minilm: LoadedModel) -> None:
+    floats, packed = embed_batch(minilm, [EmbedJob(SENTENCES[:3]), EmbedJob(SENTENCES[:3], packed=True)])
+    assert floats.packed == [] and packed.vectors == [] and packed.text_tokens == floats.text_tokens
+    for vector, raw in zip(floats.vectors, packed.packed, strict=True):
+        assert list(struct.unpack(f"<{len(raw) // 4}f", raw)) == vector  # exact: both are the float32 values
 
 
 def test_length_chunks_respect_the_token_budget() -> None:

@@ -16,7 +16,7 @@ from gpufleet.tasks.names import TaskName
 
 
 class HeldGateway:
-    """Runs each job when the test releases it: vector i is [len(text i)], a text's tokens its length + 2."""
+    """Runs each job when the test releases it: text i's vector is "v<len(text i)>", its tokens its length + 2."""
 
     def __init__(self) -> None:
         self.jobs: list[list[str]] = []
@@ -35,13 +35,13 @@ class HeldGateway:
     async def run(
         self, task: TaskName, body: dict[str, Any], disconnected: Disconnected, *, counted: bool = True
     ) -> Finished:
-        assert task is TaskName.EMBED and not counted
+        assert task is TaskName.EMBED and not counted and body["encoding"] == "base64"
         self.jobs.append(list(body["texts"]))
         await self.release.wait()
         if self.fail is not None:
             raise self.fail
         texts = body["texts"]
-        result = {"embeddings": [[float(len(t))] for t in texts], "text_tokens": [len(t) + 2 for t in texts]}
+        result = {"embeddings_base64": [f"v{len(t)}" for t in texts], "text_tokens": [len(t) + 2 for t in texts]}
         return Finished(f"job-{len(self.jobs)}", result, "cpu")
 
 
@@ -72,7 +72,7 @@ def test_requests_merge_while_jobs_are_in_flight() -> None:
         gateway.release.set()
         shares = await asyncio.gather(*first, *later)
         assert gateway.jobs[2] == ["aaa", "b", "aaaa", "b", "aaaaa", "b"]  # merged into one job
-        assert [s.vectors for s in shares[2:]] == [[[3.0], [1.0]], [[4.0], [1.0]], [[5.0], [1.0]]]
+        assert [s.vectors for s in shares[2:]] == [["v3", "v1"], ["v4", "v1"], ["v5", "v1"]]
         assert [s.tokens for s in shares] == [3, 4, 5 + 3, 6 + 3, 7 + 3]
         assert len({s.finished.job_id for s in shares[2:]}) == 1
         assert merging.models == {} and gateway.slots == 0
