@@ -13,6 +13,7 @@ import base64
 import contextlib
 import functools
 import json
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,10 +38,12 @@ from gpufleet.tasks.api.openai.schema import (
     parse,
 )
 from gpufleet.tasks.api.openai.usage import Usage
-from gpufleet.tasks.errors import FleetError, JobError
+from gpufleet.tasks.errors import FleetError, JobError, ModelNotFoundError
 from gpufleet.tasks.fleet import FleetSnapshot
 from gpufleet.tasks.names import TaskName
 from gpufleet.tasks.streams import StreamDelta
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # what the usage counters record for a client that left before its answer (nginx's code)
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -158,11 +161,11 @@ class OpenAIFrontDoor:
     async def _serve(self, request: Request, endpoint: str, handler: Handler, *, body: bool = True) -> Response:
         """Authenticate, admit, read the body, run ``handler``; every error as OpenAI's error object."""
         caller_name = "anonymous"
+        raw: dict[str, Any] = {}
         stack = contextlib.ExitStack()
         try:
             caller = self.keys.authenticate(request.headers.get("authorization"))
             caller_name = caller.name
-            raw: dict[str, Any] = {}
             if body:
                 raw = await self._body(request)
                 model = raw.get("model")
@@ -176,12 +179,21 @@ class OpenAIFrontDoor:
             response = exc.response()
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)
+        except ModelNotFoundError as exc:
+            # The fleet's message names directories on its machines: the operator's log gets it, the client not.
+            log.info("a /v1/%s request named a model that is not installed: %s", endpoint, exc)
+            response = OpenAIError(
+                404,
+                f"model {raw.get('model')!r} is not installed on this fleet; GET /v1/models lists the models it "
+                "can serve",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            ).response()
         except (FleetError, TimeoutError) as exc:
             response = from_fleet_error(exc).response()
-        except Exception as exc:
-            import logging
-
-            logging.getLogger(__name__).exception("a /v1/%s request failed", endpoint)
+        except Exception as exc:  # answer in OpenAI's format; the traceback goes to the log
+            log.exception("a /v1/%s request failed", endpoint)
             response = OpenAIError(500, f"the API failed: {exc}; see its log", type=SERVER).response()
         finally:
             # A stream's generator took the stack over (pop_all) and closes it when the stream ends.
