@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -63,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ from typing import Any
 import httpx
 import openai
 
-from benchmarks.generation_bench import SHAPE, make_model, median_of, model_id, workload_prompts
+from benchmarks.generation_bench import SHAPE, cell, get, make_model, median_of, model_id, workload_prompts
 from benchmarks.overhead_bench import machine, percentile
 from gpufleet.workers.tools import bench_fleet
 from gpufleet.workers.tools.checkpoints import is_complete, publish_atomically
@@ -362,43 +363,43 @@ def peer_env() -> dict[str, str]:
 
 
 @contextmanager
-def transformers_server(peer: Peer, models: dict[str, Path], work: Path) -> Iterator[Target]:
-    port = free_port()
-    chat = str(models[CHAT_MODEL])
+def peer_server(peer: Peer, arguments: list[str], port: int, log_path: Path, *, api_path: str) -> Iterator[str]:
+    """Run a peer's server from its venv until the block ends; yields its OpenAI base URL once ``/health`` answers."""
     bin_dir = peer.venv / "bin"
-    command = [str(bin_dir / peer.script), "serve", chat, "--continuous-batching", "--device", "cpu"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    log_path = work / "transformers-serve.log"
-    started = time.perf_counter()
+    command = [str(bin_dir / peer.script), *arguments]
     process = start_process(command, {**peer_env(), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}, log_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", process, log_path)
-        yield Target("transformers", f"http://127.0.0.1:{port}/v1", chat, None, started, [" ".join(command)])
+        yield f"http://127.0.0.1:{port}{api_path}"
     except Exception:
-        print(f"--- transformers serve log\n{tail(log_path)}", file=sys.stderr)
+        print(f"--- {peer.name} log\n{tail(log_path)}", file=sys.stderr)
         raise
     finally:
         stop_process(process)
 
 
 @contextmanager
+def transformers_server(peer: Peer, models: dict[str, Path], work: Path) -> Iterator[Target]:
+    port = free_port()
+    chat = str(models[CHAT_MODEL])
+    arguments = ["serve", chat, "--continuous-batching", "--device", "cpu"]
+    arguments += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    started = time.perf_counter()
+    with peer_server(peer, arguments, port, work / "transformers-serve.log", api_path="/v1") as base_url:
+        command = " ".join([str(peer.venv / "bin" / peer.script), *arguments])
+        yield Target("transformers", base_url, chat, None, started, [command])
+
+
+@contextmanager
 def infinity_server(peer: Peer, models: dict[str, Path], work: Path) -> Iterator[Target]:
     port = free_port()
-    bin_dir = peer.venv / "bin"
-    command = [str(bin_dir / peer.script), "v2", "--model-id", str(models[EMBED_MODEL])]
-    command += ["--served-model-name", EMBED_MODEL, "--engine", "torch", "--device", "cpu", "--port", str(port)]
-    command += ["--host", "127.0.0.1", "--log-level", "warning", "--no-model-warmup"]
-    log_path = work / "infinity.log"
+    arguments = ["v2", "--model-id", str(models[EMBED_MODEL])]
+    arguments += ["--served-model-name", EMBED_MODEL, "--engine", "torch", "--device", "cpu", "--port", str(port)]
+    arguments += ["--host", "127.0.0.1", "--log-level", "warning", "--no-model-warmup"]
     started = time.perf_counter()
-    process = start_process(command, {**peer_env(), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}, log_path)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", process, log_path)
-        yield Target("infinity", f"http://127.0.0.1:{port}", None, EMBED_MODEL, started, [" ".join(command)])
-    except Exception:
-        print(f"--- infinity log\n{tail(log_path)}", file=sys.stderr)
-        raise
-    finally:
-        stop_process(process)
+    with peer_server(peer, arguments, port, work / "infinity.log", api_path="") as base_url:
+        command = " ".join([str(peer.venv / "bin" / peer.script), *arguments])
+        yield Target("infinity", base_url, None, EMBED_MODEL, started, [command])
 
 
 class Fleet:
@@ -896,57 +897,36 @@ async def probe_routes(base_url: str, chat_model: str, embed_model: str) -> dict
     return out
 
 
-def run_peer_chat(models: dict[str, Path], work: Path, sizes: Sizes, jobs: list[tuple[str, int]]) -> dict[str, Any]:
-    peer = PEERS["transformers"]
+def run_peer(
+    name: str,
+    server: Callable[[Peer, dict[str, Path], Path], contextlib.AbstractContextManager[Target]],
+    workload: str,
+    measure: Callable[[Target], Coroutine[Any, Any, dict[str, Any]]],
+    *,
+    models: dict[str, Path],
+    work: Path,
+) -> dict[str, Any]:
+    """Install (or reuse) a peer, start its server, measure its start-up and one workload, stop it."""
+    peer = PEERS[name]
     install = ensure_peer(peer)
-    figures: dict[str, Any] = {"label": LABELS["transformers"], "install": install}
+    figures: dict[str, Any] = {"label": LABELS[name], "install": install}
     if not install.get("ok"):
         figures["skipped"] = f"install failed: {install.get('error', '')[:400]}"
         return figures
     try:
-        progress("transformers", "starting transformers serve --continuous-batching")
-        with transformers_server(peer, models, work) as target:
+        progress(name, f"starting {peer.script}")
+        with server(peer, models, work) as target:
             figures["command"] = target.notes[0].replace(str(ROOT) + "/", "")
             figures["startup"] = asyncio.run(startup(target))
-            figures["chat"] = asyncio.run(measure_chat(target, sizes, jobs))
+            figures[workload] = asyncio.run(measure(target))
     except Exception as exc:
         figures["skipped"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
-        progress("transformers", f"FAILED: {figures['skipped'][:400]}")
+        progress(name, f"FAILED: {figures['skipped'][:400]}")
     return figures
-
-
-def run_peer_embed(models: dict[str, Path], work: Path, sizes: Sizes) -> dict[str, Any]:
-    peer = PEERS["infinity"]
-    install = ensure_peer(peer)
-    figures: dict[str, Any] = {"label": LABELS["infinity"], "install": install}
-    if not install.get("ok"):
-        figures["skipped"] = f"install failed: {install.get('error', '')[:400]}"
-        return figures
-    try:
-        progress("infinity", "starting infinity_emb v2")
-        with infinity_server(peer, models, work) as target:
-            figures["command"] = target.notes[0].replace(str(ROOT) + "/", "")
-            figures["startup"] = asyncio.run(startup(target))
-            figures["embed"] = asyncio.run(measure_embed(target, sizes))
-    except Exception as exc:
-        figures["skipped"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
-        progress("infinity", f"FAILED: {figures['skipped'][:400]}")
-    return figures
-
-
-def front_door_missing() -> str | None:
-    """None when the front door's routes exist; else why gpufleet's half cannot run."""
-    if not (ROOT / "tasks" / "api" / "openai" / "routes.py").is_file():
-        return "the front door is not there yet (tasks/api/openai/routes.py is missing)"
-    return None
 
 
 def run_fleet(models: Path, work: Path, sizes: Sizes, jobs: list[tuple[str, int]]) -> dict[str, Any]:
     figures: dict[str, Any] = {"label": LABELS["gpufleet"]}
-    missing = front_door_missing()
-    if missing:
-        figures["skipped"] = missing
-        return figures
     fleet = Fleet(models, work)
     try:
         progress("gpufleet", "starting redis-server, gpufleet worker --cpu and gpufleet api")
@@ -991,15 +971,6 @@ def run_fleet(models: Path, work: Path, sizes: Sizes, jobs: list[tuple[str, int]
 # --- the report -----------------------------------------------------------------------------------------------
 
 
-def get(figures: dict[str, Any], *path: str) -> float | None:
-    value: Any = figures
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def clean(figures: dict[str, Any], *path: str) -> bool:
     """The workload at ``path`` ran and none of its requests failed."""
     value: Any = figures
@@ -1042,11 +1013,6 @@ def target_met(key: str, value: float | None) -> bool | None:
         return None
     sign, bound = TARGETS[key]
     return value <= bound if sign == "<=" else value >= bound
-
-
-def cell(figures: dict[str, Any], *path: str, fmt: str = "{:.1f}") -> str:
-    value = get(figures, *path)
-    return "n/a" if value is None else fmt.format(value)
 
 
 def why_not(figures: dict[str, Any]) -> str | None:
@@ -1341,8 +1307,30 @@ def main(argv: list[str] | None = None) -> int:
     not_run: dict[str, Any] = {"skipped": "not run (--only)"}
     with tempfile.TemporaryDirectory(prefix="openai-bench-", dir=BENCH) as scratch:
         work = Path(scratch)
-        t = run_peer_chat(models, work, sizes, jobs) if "transformers" in only else {**not_run}
-        i = run_peer_embed(models, work, sizes) if "infinity" in only else {**not_run}
+        t = (
+            run_peer(
+                "transformers",
+                transformers_server,
+                "chat",
+                lambda target: measure_chat(target, sizes, jobs),
+                models=models,
+                work=work,
+            )
+            if "transformers" in only
+            else {**not_run}
+        )
+        i = (
+            run_peer(
+                "infinity",
+                infinity_server,
+                "embed",
+                lambda target: measure_embed(target, sizes),
+                models=models,
+                work=work,
+            )
+            if "infinity" in only
+            else {**not_run}
+        )
         g = run_fleet(models_root, work, sizes, jobs) if "gpufleet" in only else {**not_run}
         for log in work.glob("*.log"):
             shutil.copyfile(log, BENCH / "logs" / log.name)

@@ -30,6 +30,27 @@ class _Body(BaseModel):
 _BodyT = TypeVar("_BodyT", bound=_Body)
 
 
+def text_list(value: str | list[Any], field: str, *, limit: int) -> list[str]:
+    """A string-or-list-of-strings field as a list of texts, each non-empty and within the character limit.
+
+    Raises:
+        OpenAIError: 400 naming ``field``: token ids instead of text, an empty list or text, too many or too long.
+    """
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        raise invalid(f"{field} is an empty list; send a string or a list of strings", field)
+    if not all(isinstance(text, str) for text in texts):
+        raise invalid(f"{field} must be a string or a list of strings; token-id {field} is not supported", field)
+    if len(texts) > limit:
+        raise invalid(f"{field} has {len(texts)} texts; the limit is {limit} a request", field)
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise invalid(f"{field}[{index}] is empty: every text must contain something", field)
+        if len(text) > MAX_TEXT_CHARS:
+            raise invalid(f"{field}[{index}] has {len(text)} characters; the limit is {MAX_TEXT_CHARS}", field)
+    return texts
+
+
 def parse(model: type[_BodyT], raw: Any) -> _BodyT:
     """A request body as ``model``.
 
@@ -215,20 +236,9 @@ class CompletionRequest(_Sampling):
             raise invalid("best_of must be 1: the fleet returns one choice per prompt", "best_of")
         if self.suffix:
             raise invalid("suffix (insertion) is not supported by the fleet; leave it unset", "suffix")
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts:
-            raise invalid("prompt is an empty list; send a string or a list of strings", "prompt")
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise invalid("prompt must be a string or a list of strings; token-id prompts are not supported", "prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise invalid(f"prompt has {len(prompts)} prompts; the limit is {MAX_PROMPTS} a request", "prompt")
+        prompts = text_list(self.prompt, "prompt", limit=MAX_PROMPTS)
         if self.streaming and len(prompts) > 1:
             raise invalid("streaming takes one prompt a request; send the prompts as separate requests", "prompt")
-        for index, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise invalid(f"prompt[{index}] is empty", "prompt")
-            if len(prompt) > MAX_TEXT_CHARS:
-                raise invalid(f"prompt[{index}] has {len(prompt)} characters; the limit is {MAX_TEXT_CHARS}", "prompt")
         return prompts
 
     def job_body(self, prompt: str) -> dict[str, Any]:
@@ -255,19 +265,7 @@ class EmbeddingRequest(_Body):
             raise invalid(
                 "dimensions is not supported: the fleet returns the model's own size; leave it unset", "dimensions"
             )
-        texts = [self.input] if isinstance(self.input, str) else self.input
-        if not texts:
-            raise invalid("input is an empty list; send a string or a list of strings", "input")
-        if not all(isinstance(text, str) for text in texts):
-            raise invalid("input must be a string or a list of strings; token-id input is not supported", "input")
-        if len(texts) > MAX_TEXTS:
-            raise invalid(f"input has {len(texts)} texts; the limit is {MAX_TEXTS} a request", "input")
-        for index, text in enumerate(texts):
-            if not text.strip():
-                raise invalid(f"input[{index}] is empty: every text must contain something to embed", "input")
-            if len(text) > MAX_TEXT_CHARS:
-                raise invalid(f"input[{index}] has {len(text)} characters; the limit is {MAX_TEXT_CHARS}", "input")
-        return texts
+        return text_list(self.input, "input", limit=MAX_TEXTS)
 
 
 __all__ = [
