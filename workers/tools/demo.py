@@ -66,6 +66,7 @@ def _openai_api(env: dict[str, str], workdir: Path) -> None:
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop_process signals the group
         )
     base = f"http://127.0.0.1:{port}"
     try:

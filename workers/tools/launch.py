@@ -5,7 +5,6 @@ Used by ``gpufleet demo`` and the integration tests.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -72,12 +71,20 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> N
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        _signal(process, signal.SIGTERM)
         process.wait(timeout=timeout_s)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:
+        _signal(process, signal.SIGKILL)
         process.wait()
+
+
+def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """``sig`` to the process's group, or to the process alone when it leads none (started without a session of
+    its own): a group signal would then reach nothing, and the wait after it would never end."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        process.send_signal(sig)
 
 
 def tail(path: Path, lines: int = 40) -> str:
