@@ -57,6 +57,7 @@ def _worker_env(redis: LocalRedis, model_root: Path, broker_db: int, extra: dict
 
 
 WorkerFactory = Callable[..., RunningWorker]
+TEARDOWN_GRACE_S = 4.0
 
 
 class WorkerLauncher:
@@ -95,7 +96,10 @@ class WorkerLauncher:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(worker.process.pid, signal.SIGTERM)
         for worker in self.started:
-            stop_process(worker.process)
+            # A warm shutdown takes about a second; one still going after this is finishing a job its test left
+            # running (a long generation, a slow load): the test is over and the worker's database is its own, so
+            # it is killed rather than waited for (20 s each, several minutes of a CI run).
+            stop_process(worker.process, timeout_s=TEARDOWN_GRACE_S)
         self.started.clear()
 
 
