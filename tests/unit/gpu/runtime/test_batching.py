@@ -9,6 +9,7 @@ import pytest
 
 from gpufleet.gpu.errors import ForwardError
 from gpufleet.gpu.runtime.batching import (
+    MIN_CHUNK_ROWS,
     EmbedJob,
     _length_chunks,
     embed_batch,
@@ -72,6 +73,17 @@ def test_length_chunks_respect_the_token_budget() -> None:
     for chunk in chunks:
         assert len(chunk) == 1 or len(chunk) * max(lengths[i] for i in chunk) <= 24
     assert [1] in chunks  # the one text over the budget runs alone
+
+
+def test_length_chunks_keep_padding_low_once_a_forward_is_large_enough() -> None:
+    lengths = [9 + (i % 9) for i in range(256)]  # one-sentence texts: 9 to 17 tokens
+    chunks = _length_chunks(lengths, max_batch_tokens=16384)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(256))
+    padded = sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks)
+    assert padded <= 1.15 * sum(lengths)  # one forward padded to 17 would be 1.31x
+    assert all(len(chunk) >= MIN_CHUNK_ROWS for chunk in chunks[:-1])  # never tiny forwards for it
+    # Few texts stay in one forward whatever their spread: splitting them would cost more than the padding.
+    assert _length_chunks([3, 40, 9], max_batch_tokens=16384) == [[0, 2, 1]]
 
 
 def test_embed_batch_refuses_a_causal_lm(llama: LoadedModel) -> None:
