@@ -236,7 +236,7 @@ def front_door_from_settings(settings: Settings, snapshots: SnapshotSource) -> O
         gateway,
         keys,
         snapshots=snapshots,
-        model_root=settings.model_root,
+        settings=settings,
         max_body_bytes=settings.api.max_body_bytes,
         default_max_tokens=settings.api.default_max_tokens,
         unavailable=unavailable,

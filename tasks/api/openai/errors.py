@@ -8,6 +8,7 @@ and what to do, as every gpufleet message does.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -22,6 +23,8 @@ RATE_LIMIT = "rate_limit_error"
 UNAVAILABLE = "service_unavailable"
 TIMEOUT = "timeout"
 SERVER = "server_error"
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIError(Exception):
@@ -65,12 +68,20 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return OpenAIError(400, message, param=param, code=code)
 
 
-def from_fleet_error(exc: BaseException, *, retry_after_s: int = 5) -> OpenAIError:
-    """The answer for an error the fleet raised while a request's job was sent or run."""
+def from_fleet_error(exc: BaseException, *, model: str | None = None, retry_after_s: int = 5) -> OpenAIError:
+    """The answer for an error the fleet raised while a request's job was sent or run.
+
+    Args:
+        model: the request's model; given, a model that is not installed is answered with its id only, since the
+            fleet's own message names directories on its machines (those go to this API's log).
+    """
     message = str(exc) or type(exc).__name__
     if isinstance(exc, fleet_errors.InvalidRequestError):
         return OpenAIError(400, message, code="invalid_request")
     if isinstance(exc, fleet_errors.ModelNotFoundError):
+        if model is not None:
+            log.info("a /v1 request named a model that is not installed: %s", message)
+            message = f"model {model!r} is not installed on this fleet; GET /v1/models lists the models it can serve"
         return OpenAIError(404, message, type=NOT_FOUND, param="model", code="model_not_found")
     if isinstance(exc, (fleet_errors.RoutingError, fleet_errors.CapacityError)):
         # Nothing live can run the model (now): a client may retry later, when a bigger worker has joined.

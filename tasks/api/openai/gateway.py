@@ -4,9 +4,9 @@ A job is sent exactly as every producer sends one (:meth:`FleetClient.submit`: v
 fleet, enqueued). The send itself is a short blocking call to the broker and runs in the thread pool; waiting never
 takes a thread. One pub/sub connection, read by one task, carries every result: the Celery Redis backend publishes
 each state on the result's own key, so a request subscribes to its job's key *before* the job is sent (no result
-can be missed) and its future resolves when a ready state arrives. Should a message still be lost (a Redis
-reconnect), the request reads the key itself every few seconds. A streamed job is read from its token stream
-(:mod:`gpufleet.tasks.streams`) with the asyncio Redis client.
+can be missed), and the reader puts each state published there in the request's mailbox. Should a message still
+be lost (a Redis reconnect), the request reads the key itself every few seconds. A streamed job is read from its
+token stream (:mod:`gpufleet.tasks.streams`) with the asyncio Redis client.
 
 Celery's own result consumer, which subscribes a sync connection per sent job, is switched off for the gateway's
 app: this module is the only reader of its results.
@@ -232,9 +232,7 @@ class JobGateway:
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # not CancelledError (a BaseException): aclose still stops the reader
                 log.warning("the result subscription failed (%s); reconnecting", exc)
                 await asyncio.sleep(0.5)
                 continue

@@ -25,7 +25,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from gpufleet.gpu.errors import GpuError
-from gpufleet.gpu.repository import list_models, resolve_model
+from gpufleet.gpu.plan.specs import load_spec
+from gpufleet.gpu.repository import list_models
 from gpufleet.tasks.api.openai.coalescing import EmbedCoalescer
 from gpufleet.tasks.api.openai.errors import SERVER, UNAVAILABLE, OpenAIError, from_fleet_error, invalid
 from gpufleet.tasks.api.openai.gateway import ClientGone, Finished, JobGateway
@@ -38,16 +39,26 @@ from gpufleet.tasks.api.openai.schema import (
     parse,
 )
 from gpufleet.tasks.api.openai.usage import Usage
-from gpufleet.tasks.errors import FleetError, JobError, ModelNotFoundError
+from gpufleet.tasks.errors import FleetError, JobError
 from gpufleet.tasks.fleet import FleetSnapshot
 from gpufleet.tasks.names import TaskName
+from gpufleet.tasks.planning import plan_target
+from gpufleet.tasks.settings import Settings
 from gpufleet.tasks.streams import StreamDelta
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # what the usage counters record for a client that left before its answer (nginx's code)
-CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 Handler = Callable[[Caller, dict[str, Any], Request, contextlib.ExitStack], Awaitable[Response]]
+
+
+@functools.lru_cache(maxsize=256)
+def _context_of(target: Path) -> int | None:
+    """The planner's reading of a model directory's context length (once per directory: requests ask it often)."""
+    try:
+        return load_spec(target).max_position_embeddings
+    except GpuError:
+        return None
 
 
 def _json(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -93,7 +104,7 @@ class OpenAIFrontDoor:
             answered 503 with ``unavailable``).
         keys: the API keys.
         snapshots: reads the live fleet (for the models its workers hold).
-        model_root: the models this API sees installed; None for none.
+        settings: this API's settings: its model root (the models it sees installed) and HF cache.
         max_body_bytes: larger bodies are answered 413.
         default_max_tokens: a chat request's max_tokens when it sets none.
         unavailable: why there is no gateway.
@@ -106,7 +117,7 @@ class OpenAIFrontDoor:
         keys: KeyRing,
         *,
         snapshots: Callable[[], FleetSnapshot],
-        model_root: Path | None,
+        settings: Settings,
         max_body_bytes: int,
         default_max_tokens: int,
         unavailable: str = "",
@@ -115,7 +126,7 @@ class OpenAIFrontDoor:
         self.gateway = gateway
         self.keys = keys
         self.snapshots = snapshots
-        self.model_root = model_root
+        self.settings = settings
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
         self.unavailable = unavailable
@@ -179,19 +190,9 @@ class OpenAIFrontDoor:
             response = exc.response()
         except ClientGone:
             response = Response(status_code=CLIENT_CLOSED)
-        except ModelNotFoundError as exc:
-            # The fleet's message names directories on its machines: the operator's log gets it, the client not.
-            log.info("a /v1/%s request named a model that is not installed: %s", endpoint, exc)
-            response = OpenAIError(
-                404,
-                f"model {raw.get('model')!r} is not installed on this fleet; GET /v1/models lists the models it "
-                "can serve",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            ).response()
         except (FleetError, TimeoutError) as exc:
-            response = from_fleet_error(exc).response()
+            model = raw.get("model")
+            response = from_fleet_error(exc, model=model if isinstance(model, str) else None).response()
         except Exception as exc:  # answer in OpenAI's format; the traceback goes to the log
             log.exception("a /v1/%s request failed", endpoint)
             response = OpenAIError(500, f"the API failed: {exc}; see its log", type=SERVER).response()
@@ -232,9 +233,10 @@ class OpenAIFrontDoor:
 
     async def _model_list(self) -> list[dict[str, Any]]:
         installed: dict[str, float] = {}
-        if self.model_root is not None:
-            for model_id in await anyio.to_thread.run_sync(list_models, self.model_root):
-                path = self.model_root / model_id
+        root = self.settings.model_root
+        if root is not None:
+            for model_id in await anyio.to_thread.run_sync(list_models, root):
+                path = root / model_id
                 with contextlib.suppress(OSError):
                     installed[model_id] = path.stat().st_mtime
         held: dict[str, list[str]] = {}
@@ -274,19 +276,12 @@ class OpenAIFrontDoor:
         )
 
     def _context_tokens(self, model: str) -> int | None:
-        """The model's context length from its ``config.json`` under the API's model root, when it has one."""
-        if self.model_root is None:
-            return None
+        """The model's context length when this API sees its directory (what the router plans it from)."""
         try:
-            config = json.loads((resolve_model(model, self.model_root).path / "config.json").read_text())
-        except (GpuError, OSError, ValueError):
-            return None
-        for section in (config, config.get("text_config") or {}):
-            for field in CONTEXT_FIELDS:
-                value = section.get(field)
-                if isinstance(value, int) and value > 0:
-                    return value
-        return None
+            target = plan_target(model, self.settings)
+        except FleetError:
+            return None  # not installed, or a bad id: the job's send says so
+        return _context_of(target) if isinstance(target, Path) else None
 
     def _check_max_tokens(self, model: str, max_tokens: int) -> None:
         context = self._context_tokens(model)
@@ -462,7 +457,7 @@ class OpenAIFrontDoor:
                 yield "data: [DONE]\n\n"
             except (JobError, TimeoutError) as exc:
                 # The status line has gone: OpenAI's clients raise on an error event.
-                yield _sse(from_fleet_error(exc).body())
+                yield _sse(from_fleet_error(exc, model=model).body())
             finally:
                 with anyio.CancelScope(shield=True):
                     await reader.aclose()
